@@ -1,0 +1,32 @@
+# The two set-up commands of README.md: `make demo` and `make test`.
+VENV := .venv
+BK := $(VENV)/bin/beekeeper
+KUBECTL := $(BK) dev kubectl --
+
+.PHONY: install demo down test lint format crds
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(BK) dev up
+	$(KUBECTL) apply -f examples/
+	$(KUBECTL) get nodes
+	$(KUBECTL) get beekeeper -A
+
+down:
+	$(BK) dev down
+
+test: install lint
+	$(VENV)/bin/pytest
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+crds:
+	$(VENV)/bin/python -m beekeeper.crds.generate

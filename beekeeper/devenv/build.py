@@ -1,0 +1,201 @@
+"""Build the local control plane (kube-apiserver, kubectl, etcd) from the Go module proxy.
+
+There is no Docker engine and no prebuilt binary download on the machines we target,
+so the control plane is compiled from pinned module versions and cached per version:
+the first run takes minutes, every later run finds the binaries and starts in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from beekeeper.devenv.paths import cache_dir
+
+KUBERNETES_VERSION = "v1.34.4"
+ETCD_VERSION = "v3.6.16"
+
+# The controller manager runs only the namespace and garbage-collector controllers, so
+# namespaces really go away and ownerReferences are honoured as on a real cluster.
+_KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kubectl")
+
+_ETCD_MAIN = """\
+// Command etcd is etcd's own server entry point, wrapped so it builds from the module proxy.
+package main
+
+import (
+\t"os"
+
+\t"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+"""
+
+
+class BuildError(RuntimeError):
+    """A control-plane build step failed; the message says which and what to check."""
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Paths of the built control-plane binaries."""
+
+    kube_apiserver: Path
+    kube_controller_manager: Path
+    kubectl: Path
+    etcd: Path
+
+
+def binaries() -> Binaries:
+    """Where the pinned binaries live (whether or not they are built yet)."""
+    k8s = cache_dir() / "bin" / f"kubernetes-{KUBERNETES_VERSION}"
+    etcd = cache_dir() / "bin" / f"etcd-{ETCD_VERSION}"
+    return Binaries(k8s / "kube-apiserver", k8s / "kube-controller-manager", k8s / "kubectl", etcd / "etcd")
+
+
+def ensure_built(progress=print) -> Binaries:
+    """Build whatever pinned binary is missing; idempotent and cheap when cached."""
+    bins = binaries()
+    if not all(p.exists() for p in (bins.kube_apiserver, bins.kube_controller_manager, bins.kubectl)):
+        _build_kubernetes(bins.kube_apiserver.parent, progress)
+    if not bins.etcd.exists():
+        _build_etcd(bins.etcd.parent, progress)
+    return bins
+
+
+def staging_modules(kubernetes_go_mod: str) -> list[str]:
+    """The k8s.io staging modules the release replaces with its own tree.
+
+    Outside the kubernetes repo those replaces do not apply, so each staging module has
+    to be pinned to its published v0.Y.Z twin instead.
+    """
+    return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.\-/]+)\s+=>\s+\./staging/", kubernetes_go_mod, re.M)))
+
+
+def staging_version(kubernetes_version: str) -> str:
+    """v1.34.4 -> v0.34.4: the staging modules' tag for a Kubernetes release."""
+    major, minor, patch = kubernetes_version.lstrip("v").split(".")
+    assert major == "1", kubernetes_version
+    return f"v0.{minor}.{patch}"
+
+
+def kubernetes_ldflags(version: str) -> str:
+    """Version stamps so /version and `kubectl version` report the real release."""
+    _, minor, _ = version.lstrip("v").split(".")
+    stamps = {
+        "gitVersion": version,
+        "gitMajor": "1",
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "buildDate": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    flags = ["-s", "-w"]
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X '{pkg}.{key}={value}'" for key, value in stamps.items()]
+    return " ".join(flags)
+
+
+def _go(args: list[str], cwd: Path, progress, what: str) -> str:
+    if shutil.which("go") is None:
+        raise BuildError("`go` is not on PATH: install Go >= 1.24 (the control plane is built from source)")
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    progress(f"[build] {what}: go {' '.join(args)}")
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["go", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = [*tail[-39:], line.rstrip()]
+        if line.startswith("go: downloading"):
+            progress(f"[build]   {line.strip()}")
+    if proc.wait() != 0:
+        raise BuildError(f"{what} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+    progress(f"[build] {what}: done in {time.monotonic() - started:.0f}s")
+    return "\n".join(tail)
+
+
+def _build_kubernetes(out: Path, progress) -> None:
+    src = cache_dir() / "src" / f"kubernetes-{KUBERNETES_VERSION}"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "go.mod").write_text("module beekeeper.dev/controlplane\n\ngo 1.24.0\n")
+    _go(["mod", "download", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], src, progress, "fetch kubernetes go.mod")
+    gomod_path = subprocess.run(
+        ["go", "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    gomod_file = re.search(r'"GoMod":\s*"([^"]+)"', gomod_path)
+    if gomod_file is None:
+        raise BuildError(f"cannot locate go.mod of k8s.io/kubernetes@{KUBERNETES_VERSION}")
+    staging = staging_modules(Path(gomod_file.group(1)).read_text())
+    twin = staging_version(KUBERNETES_VERSION)
+    lines = [
+        "module beekeeper.dev/controlplane",
+        "",
+        "go 1.24.0",
+        "",
+        "godebug default=go1.24",
+        "",
+        f"require k8s.io/kubernetes {KUBERNETES_VERSION}",
+        "",
+        "replace (",
+        *[f"\t{mod} => {mod} {twin}" for mod in staging],
+        ")",
+        "",
+    ]
+    (src / "go.mod").write_text("\n".join(lines))
+    progress(f"[build] kubernetes {KUBERNETES_VERSION}: pinned {len(staging)} staging modules at {twin}")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ldflags = kubernetes_ldflags(KUBERNETES_VERSION)
+    for cmd in _KUBERNETES_COMMANDS:
+        _go(
+            ["build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp / cmd), f"k8s.io/kubernetes/cmd/{cmd}"],
+            src,
+            progress,
+            f"build {cmd} {KUBERNETES_VERSION}",
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _build_etcd(out: Path, progress) -> None:
+    src = cache_dir() / "src" / f"etcd-{ETCD_VERSION}"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "go.mod").write_text(
+        f"module beekeeper.dev/etcd\n\ngo 1.24.0\n\nrequire go.etcd.io/etcd/server/v3 {ETCD_VERSION}\n"
+    )
+    (src / "main.go").write_text(_ETCD_MAIN)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    _go(
+        [
+            "build",
+            "-trimpath",
+            "-ldflags",
+            f"-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA={ETCD_VERSION}",
+            "-o",
+            str(tmp / "etcd"),
+            ".",
+        ],
+        src,
+        progress,
+        f"build etcd {ETCD_VERSION}",
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    print(ensure_built(lambda msg: print(msg, file=sys.stderr, flush=True)))

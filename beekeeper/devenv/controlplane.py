@@ -1,0 +1,199 @@
+"""A real local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager.
+
+envtest-style: no kubelet, no scheduler; everything listens on 127.0.0.1 on random free
+ports, with TLS, client-certificate authentication and RBAC authorization. Used by
+`beekeeper dev up` and by the test suite (each with its own state directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from beekeeper.devenv import build, processes
+from beekeeper.devenv.certs import Pki, ensure_pki
+
+log = logging.getLogger(__name__)
+
+SERVICE_CIDR = "10.96.0.0/16"
+
+
+@dataclass
+class ControlPlaneState:
+    """What is running, persisted so `dev status`/`dev down` work from another shell."""
+
+    etcd_pid: int | None = None
+    etcd_port: int | None = None
+    etcd_peer_port: int | None = None
+    apiserver_pid: int | None = None
+    apiserver_port: int | None = None
+    controller_manager_pid: int | None = None
+
+
+class ControlPlane:
+    """Owns one control plane's state directory and processes."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.logs = state_dir / "logs"
+        self.kubeconfig = state_dir / "kubeconfig"
+        self._state_file = state_dir / "controlplane.json"
+
+    def load_state(self) -> ControlPlaneState:
+        if self._state_file.exists():
+            return ControlPlaneState(**json.loads(self._state_file.read_text()))
+        return ControlPlaneState()
+
+    def _save(self, state: ControlPlaneState) -> None:
+        self._state_file.write_text(json.dumps(asdict(state), indent=2))
+
+    def running(self) -> bool:
+        state = self.load_state()
+        return processes.alive(state.apiserver_pid) and processes.alive(state.etcd_pid) and self._ready(state)
+
+    def start(self, progress=print) -> None:
+        """Start whatever is not running; idempotent."""
+        if self.running():
+            progress(f"[control-plane] already running, kubeconfig {self.kubeconfig}")
+            self._ensure_controller_manager(self.load_state())
+            return
+        self.stop()
+        bins = build.ensure_built(progress)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pki = ensure_pki(self.dir / "pki")
+        state = ControlPlaneState()
+
+        state.etcd_port, state.etcd_peer_port = processes.free_port(), processes.free_port()
+        etcd_url = f"http://127.0.0.1:{state.etcd_port}"
+        peer_url = f"http://127.0.0.1:{state.etcd_peer_port}"
+        etcd_log = self.logs / "etcd.log"
+        state.etcd_pid = processes.spawn(
+            [
+                str(bins.etcd),
+                "--name=beekeeper-dev",
+                f"--data-dir={self.dir / 'etcd-data'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=beekeeper-dev={peer_url}",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+            etcd_log,
+        )
+        self._save(state)
+        progress(f"[control-plane] etcd {build.ETCD_VERSION} pid {state.etcd_pid} on {etcd_url}")
+        processes.wait_until(lambda: _http_ok(f"{etcd_url}/health"), "etcd", 60, state.etcd_pid, etcd_log)
+
+        state.apiserver_port = processes.free_port()
+        api_log = self.logs / "kube-apiserver.log"
+        state.apiserver_pid = processes.spawn(
+            [
+                str(bins.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={state.apiserver_port}",
+                f"--cert-dir={self.dir / 'apiserver-certs'}",
+                f"--tls-cert-file={pki.serving_cert}",
+                f"--tls-private-key-file={pki.serving_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                f"--service-account-key-file={pki.sa_pub}",
+                f"--service-account-signing-key-file={pki.sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=RBAC",
+                "--allow-privileged=true",
+                # No kubelet or SA-token controller here: pods are API objects only.
+                "--disable-admission-plugins=ServiceAccount",
+                "--v=1",
+            ],
+            api_log,
+        )
+        self._save(state)
+        progress(
+            f"[control-plane] kube-apiserver {build.KUBERNETES_VERSION} pid {state.apiserver_pid} "
+            f"on https://127.0.0.1:{state.apiserver_port}"
+        )
+        self._write_kubeconfig(pki, state.apiserver_port)
+        processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
+        self._ensure_controller_manager(state)
+        progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
+
+    def _ensure_controller_manager(self, state: ControlPlaneState) -> None:
+        if processes.alive(state.controller_manager_pid):
+            return
+        bins = build.binaries()
+        pki = Pki(self.dir / "pki")
+        state.controller_manager_pid = processes.spawn(
+            [
+                str(bins.kube_controller_manager),
+                f"--kubeconfig={self.kubeconfig}",
+                "--controllers=namespace-controller,garbage-collector-controller",
+                "--leader-elect=false",
+                "--secure-port=0",  # no metrics/health endpoint needed; nothing else to expose
+                f"--service-account-private-key-file={pki.sa_key}",
+                f"--root-ca-file={pki.ca_cert}",
+                "--v=1",
+            ],
+            self.logs / "kube-controller-manager.log",
+        )
+        self._save(state)
+
+    def stop(self) -> None:
+        """Stop every process of this control plane (data stays for a fast restart)."""
+        state = self.load_state()
+        for pid in (state.controller_manager_pid, state.apiserver_pid, state.etcd_pid):
+            processes.stop(pid)
+        if self._state_file.exists():
+            self._save(ControlPlaneState())
+
+    def _ready(self, state: ControlPlaneState) -> bool:
+        if not state.apiserver_port:
+            return False
+        pki = Pki(self.dir / "pki")
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+        ctx.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
+        return _http_ok(f"https://127.0.0.1:{state.apiserver_port}/readyz", ctx)
+
+    def _write_kubeconfig(self, pki: Pki, port: int) -> None:
+        def b64(path: Path) -> str:
+            return base64.b64encode(path.read_bytes()).decode()
+
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "beekeeper-dev",
+                    "cluster": {"server": f"https://127.0.0.1:{port}", "certificate-authority-data": b64(pki.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "beekeeper-admin",
+                    "user": {"client-certificate-data": b64(pki.admin_cert), "client-key-data": b64(pki.admin_key)},
+                }
+            ],
+            "contexts": [{"name": "beekeeper-dev", "context": {"cluster": "beekeeper-dev", "user": "beekeeper-admin"}}],
+            "current-context": "beekeeper-dev",
+        }
+        self.kubeconfig.write_text(yaml.safe_dump(config))
+        self.kubeconfig.chmod(0o600)
+
+
+def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False

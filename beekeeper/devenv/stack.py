@@ -1,0 +1,120 @@
+"""`beekeeper dev up|down|status`: control plane + CRDs + operator + one node daemon.
+
+Everything runs as background processes of this machine; state (pids, logs, kubeconfig)
+lives in one directory so any shell can inspect or stop it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from beekeeper import kube
+from beekeeper.devenv import build, processes
+from beekeeper.devenv.controlplane import ControlPlane
+from beekeeper.devenv.host import prepare_host
+from beekeeper.devenv.paths import state_dir
+
+
+@dataclass
+class Components:
+    """Pids of the beekeeper processes `dev up` started."""
+
+    operator_pid: int | None = None
+    node_daemons: dict[str, int] = field(default_factory=dict)
+
+
+class DevEnvironment:
+    """The developer environment rooted at one state directory."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or state_dir()
+        self.control_plane = ControlPlane(self.root)
+        self.node_name = socket.gethostname()
+        self._file = self.root / "components.json"
+
+    def _load(self) -> Components:
+        if self._file.exists():
+            return Components(**json.loads(self._file.read_text()))
+        return Components()
+
+    def _save(self, components: Components) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._file.write_text(json.dumps(asdict(components), indent=2))
+
+    def up(self, progress=print) -> None:
+        """Start what is not running yet; safe to run again."""
+        from beekeeper.crds.generate import crd_manifests
+
+        prepare_host(progress)
+        self.control_plane.start(progress)
+        api = kube.api_client(self.control_plane.kubeconfig)
+        names = kube.install_crds(api, crd_manifests())
+        progress(f"[crds] installed and established: {', '.join(names)}")
+        kube.register_node(api, self.node_name, {"beekeeper.dev/dev-node": "true"})
+        progress(f"[node] Node/{self.node_name} registered")
+
+        components = self._load()
+        env = {"KUBECONFIG": str(self.control_plane.kubeconfig)}
+        beekeeper = [sys.executable, "-m", "beekeeper.cli"]
+        if not processes.alive(components.operator_pid):
+            components.operator_pid = processes.spawn(
+                [*beekeeper, "operator"], self.root / "logs" / "operator.log", env
+            )
+        daemon_pid = components.node_daemons.get(self.node_name)
+        if not processes.alive(daemon_pid):
+            components.node_daemons[self.node_name] = processes.spawn(
+                [*beekeeper, "node-daemon", "--node-name", self.node_name],
+                self.root / "logs" / f"node-daemon-{self.node_name}.log",
+                env,
+            )
+        self._save(components)
+        progress(self.status())
+
+    def down(self, progress=print) -> None:
+        """Stop every process `up` started; cached binaries and PKI stay for a fast next start."""
+        components = self._load()
+        for node, pid in components.node_daemons.items():
+            progress(f"[stop] node daemon {node} (pid {pid})")
+            processes.stop(pid)
+        if components.operator_pid:
+            progress(f"[stop] operator (pid {components.operator_pid})")
+            processes.stop(components.operator_pid)
+        progress("[stop] control plane")
+        self.control_plane.stop()
+        self._save(Components())
+        progress("[stop] done")
+
+    def status(self) -> str:
+        """A human summary of what runs, with pids, ports and log locations."""
+        cp = self.control_plane.load_state()
+        components = self._load()
+
+        def line(name: str, pid: int | None, detail: str = "") -> str:
+            state = "running" if processes.alive(pid) else "stopped"
+            return f"  {name:<26} {state:<8} pid={pid or '-':<8} {detail}"
+
+        rows = [
+            f"beekeeper dev environment ({self.root})",
+            line(f"etcd {build.ETCD_VERSION}", cp.etcd_pid, f"http://127.0.0.1:{cp.etcd_port}" if cp.etcd_port else ""),
+            line(
+                f"kube-apiserver {build.KUBERNETES_VERSION}",
+                cp.apiserver_pid,
+                f"https://127.0.0.1:{cp.apiserver_port}" if cp.apiserver_port else "",
+            ),
+            line("kube-controller-manager", cp.controller_manager_pid),
+            line("operator", components.operator_pid, str(self.root / "logs" / "operator.log")),
+        ]
+        rows += [
+            line(f"node-daemon {node}", pid, str(self.root / "logs" / f"node-daemon-{node}.log"))
+            for node, pid in components.node_daemons.items()
+        ]
+        rows += [
+            f"  kubeconfig: {self.control_plane.kubeconfig}",
+            f"  kubectl:    {build.binaries().kubectl}",
+            "  try:        KUBECONFIG=$(beekeeper dev kubeconfig) kubectl get beekeeper",
+        ]
+        return "\n".join(rows)

@@ -1,0 +1,81 @@
+"""Kubernetes client plumbing shared by the CLI, the operator and the node daemon."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+
+log = logging.getLogger(__name__)
+
+FIELD_MANAGER = "beekeeper"
+
+
+def api_client(kubeconfig: Path | str | None = None) -> client.ApiClient:
+    """A client from an explicit kubeconfig, $KUBECONFIG/~/.kube/config, or the in-cluster service account."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+def apply(api: client.ApiClient, manifest: dict, field_manager: str = FIELD_MANAGER) -> dict:
+    """Server-side apply one object; the apiserver merges and owns conflicts per field manager."""
+    dyn = DynamicClient(api)
+    resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+    namespace = manifest["metadata"].get("namespace") if resource.namespaced else None
+    result = dyn.server_side_apply(
+        resource,
+        body=manifest,
+        name=manifest["metadata"]["name"],
+        namespace=namespace,
+        field_manager=field_manager,
+        force_conflicts=True,
+    )
+    return result.to_dict()
+
+
+def install_crds(api: client.ApiClient, manifests: Iterable[dict], timeout: float = 60.0) -> list[str]:
+    """Apply CRDs and wait until each is Established (served), so clients can use them at once."""
+    ext = client.ApiextensionsV1Api(api)
+    names = []
+    for manifest in manifests:
+        apply(api, manifest)
+        names.append(manifest["metadata"]["name"])
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending:
+        for name in sorted(pending):
+            crd = ext.read_custom_resource_definition(name)
+            conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+            if conditions.get("Established") == "True":
+                pending.discard(name)
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"CRDs not Established after {timeout:.0f}s: {sorted(pending)}")
+        if pending:
+            time.sleep(0.1)
+    # Discovery caches are stale right after CRD creation.
+    DynamicClient(api).resources.invalidate_cache()
+    return names
+
+
+def register_node(api: client.ApiClient, name: str, labels: dict[str, str] | None = None) -> None:
+    """Create or relabel a Node object; on a real cluster the kubelet does this, here we stand in for it."""
+    core = client.CoreV1Api(api)
+    all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **(labels or {})}
+    body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}
+    try:
+        core.create_node(body)
+        log.info("registered node", extra={"node": name})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.patch_node(name, {"metadata": {"labels": all_labels}})

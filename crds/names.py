@@ -1,0 +1,62 @@
+"""API group, version and resource names, importable without pulling in the models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "beekeeper.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "beekeeper"
+
+
+@dataclass(frozen=True)
+class ResourceNames:
+    """The names one CRD is known by; the generator and every client read them from here."""
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    namespaced: bool
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+    @property
+    def list_kind(self) -> str:
+        return f"{self.kind}List"
+
+
+BPF_PROGRAM = ResourceNames(
+    kind="BpfProgram",
+    plural="bpfprograms",
+    singular="bpfprogram",
+    short_names=("bpfprog", "bpfp"),
+    namespaced=False,
+)
+NETWORK_IDENTITY_POLICY = ResourceNames(
+    kind="NetworkIdentityPolicy",
+    plural="networkidentitypolicies",
+    singular="networkidentitypolicy",
+    short_names=("nip",),
+    namespaced=True,
+)
+BPF_NODE_STATE = ResourceNames(
+    kind="BpfNodeState",
+    plural="bpfnodestates",
+    singular="bpfnodestate",
+    short_names=("bns",),
+    namespaced=False,
+)
+
+ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE)
+
+# Flat aliases for call sites that only need one string (kopf decorators, CustomObjectsApi).
+BPF_PROGRAM_KIND = BPF_PROGRAM.kind
+BPF_PROGRAM_PLURAL = BPF_PROGRAM.plural
+NETWORK_IDENTITY_POLICY_KIND = NETWORK_IDENTITY_POLICY.kind
+NETWORK_IDENTITY_POLICY_PLURAL = NETWORK_IDENTITY_POLICY.plural
+BPF_NODE_STATE_KIND = BPF_NODE_STATE.kind
+BPF_NODE_STATE_PLURAL = BPF_NODE_STATE.plural

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a Debian machine for beekeeper: system packages, the Python
+# environment, kernel interfaces for eBPF, and the Go-built local control plane.
+# Safe to run again: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[install] %s\n' "$*" >&2; }
+
+# bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
+# iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane.
+PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+    say "Debian packages present"
+fi
+command -v go >/dev/null || { say "Go >= 1.24 is required to build the control plane (install golang-go or Go from go.dev)"; exit 1; }
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    say "creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+say "installing beekeeper and test tools into .venv"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+# bcc is not on PyPI: expose only Debian's bcc module to the venv, not all of dist-packages.
+shim=.venv/system-bcc
+mkdir -p "$shim"
+ln -sfn /usr/lib/python3/dist-packages/bcc "$shim/bcc"
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/$shim" >"$site/system-bcc.pth"
+.venv/bin/python -c 'import bcc' || { say "bcc is not importable from .venv"; exit 1; }
+
+.venv/bin/beekeeper dev prepare-host
+.venv/bin/beekeeper dev build >/dev/null
+say "ready"

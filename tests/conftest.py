@@ -1,0 +1,71 @@
+"""Shared fixtures: one real control plane per test run, a fresh namespace per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from beekeeper import kube
+from beekeeper.devenv import build
+from beekeeper.devenv.controlplane import ControlPlane
+
+
+@dataclass
+class Cluster:
+    """A running local control plane and the pinned kubectl that talks to it."""
+
+    control_plane: ControlPlane
+    kubectl_path: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def api(self):
+        return kube.api_client(self.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    """etcd + kube-apiserver + kube-controller-manager from the cached build, CRDs installed."""
+    from beekeeper.crds.generate import crd_manifests
+
+    root = Path(tempfile.mkdtemp(prefix="beekeeper-test-cp-"))
+    control_plane = ControlPlane(root)
+    try:
+        control_plane.start(lambda msg: print(msg, flush=True))
+        kube.install_crds(kube.api_client(control_plane.kubeconfig), crd_manifests())
+        yield Cluster(control_plane, build.binaries().kubectl)
+    finally:
+        control_plane.stop()
+        if not os.environ.get("BEEKEEPER_KEEP_TEST_STATE"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace, deleted (without waiting) after the test."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
