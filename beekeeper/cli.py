@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
+from pathlib import Path
+
+from kubernetes.client.rest import ApiException
 
 from beekeeper import logs
 
@@ -52,7 +56,14 @@ def _operator(args: argparse.Namespace) -> int:
 def _node_daemon(args: argparse.Namespace) -> int:
     from beekeeper.node_daemon.main import run
 
-    run(node_name=args.node_name, kubeconfig=args.kubeconfig)
+    run(
+        node_name=args.node_name,
+        kubeconfig=args.kubeconfig,
+        bpffs_root=args.bpffs_root,
+        state_dir=args.state_dir,
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+    )
     return 0
 
 
@@ -81,6 +92,14 @@ def parser() -> argparse.ArgumentParser:
     nd = sub.add_parser("node-daemon", help="run the node daemon (compiles, verifies, attaches this node's programs)")
     nd.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(), help="env NODE_NAME")
     nd.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    nd.add_argument(
+        "--bpffs-root", type=Path, default=None, help="bpffs directory for pins (default /sys/fs/bpf/beekeeper)"
+    )
+    nd.add_argument(
+        "--state-dir", type=Path, default=None, help="metadata next to the pins (default /var/lib/beekeeper)"
+    )
+    nd.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 disables")
+    nd.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
     nd.set_defaults(func=_node_daemon)
     return root
 
@@ -95,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as exc:
         _progress(f"beekeeper: error: {exc}")
         return 1
+    except ApiException as exc:
+        _progress(
+            f"beekeeper: error: the Kubernetes API refused a request ({exc.status} {exc.reason}): {_api_message(exc)}"
+        )
+        return 1
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(exc.body)
 
 
 if __name__ == "__main__":

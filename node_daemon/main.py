@@ -1,57 +1,120 @@
-"""Entry point of the node daemon: watch this node's BpfNodeState and reconcile the kernel to it."""
+"""Entry point of the node daemon: watch this node's BpfNodeState, converge the kernel to it.
+
+Only our own object is watched (server-side field selector on metadata.name), so the
+daemon's load does not grow with the cluster. Events are coalesced: only the newest
+object matters. A periodic resync re-applies it, which picks up interfaces that appeared
+since (interface patterns) and repairs anything detached behind our back.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.node_daemon.agent import NodeAgent
+from beekeeper.node_daemon.metrics import BpfCollector, serve
 
 log = logging.getLogger(__name__)
 
+RESYNC_SECONDS = 30.0
+DELETED = object()
 
-def run(node_name: str, kubeconfig: Path | str | None = None) -> None:
-    """Watch only our own BpfNodeState (server-side field selector), until SIGTERM."""
-    api = client.CustomObjectsApi(kube.api_client(kubeconfig))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("node daemon starting", extra={"node": node_name})
-    selector = f"metadata.name={node_name}"
-    resource_version: str | None = None
+
+def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: threading.Event) -> None:
+    """List+watch our BpfNodeState forever, pushing each newest object (or DELETED) into `events`."""
+    selector = f"metadata.name={node}"
     while not stop.is_set():
-        stream = watch.Watch()
         try:
+            listing = api.list_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, field_selector=selector)
+            for item in listing["items"]:
+                events.put(item)
+            version = listing["metadata"]["resourceVersion"]
+            stream = watch.Watch()
             for event in stream.stream(
                 api.list_cluster_custom_object,
                 GROUP,
                 VERSION,
-                PLURAL,
+                BPF_NODE_STATE_PLURAL,
                 field_selector=selector,
-                resource_version=resource_version,
-                timeout_seconds=30,
+                resource_version=version,
+                timeout_seconds=300,
+                allow_watch_bookmarks=True,
             ):
-                obj = event["object"]
-                resource_version = obj["metadata"]["resourceVersion"]
-                log.info(
-                    "bpfnodestate event",
-                    extra={"node": node_name, "type": event["type"], "generation": obj["metadata"].get("generation")},
-                )
                 if stop.is_set():
                     stream.stop()
+                    break
+                if event["type"] == "ERROR":
+                    break  # e.g. 410 Gone: relist
+                if event["type"] == "BOOKMARK":
+                    continue
+                events.put(DELETED if event["type"] == "DELETED" else event["object"])
         except ApiException as exc:
-            if exc.status == 410:  # our resourceVersion is too old: relist
-                resource_version = None
-                continue
-            log.warning("watch failed, retrying", extra={"node": node_name, "status": exc.status, "reason": exc.reason})
+            log.warning("watch failed, retrying", extra={"node": node, "status": exc.status, "reason": exc.reason})
             stop.wait(2)
-        except Exception as exc:  # network errors: keep the daemon alive and retry
-            log.warning("watch interrupted, retrying", extra={"node": node_name, "error": str(exc)})
+        except Exception as exc:  # connection resets: keep going
+            log.warning("watch interrupted, retrying", extra={"node": node, "error": str(exc)})
             stop.wait(2)
-    log.info("node daemon stopped", extra={"node": node_name})
+
+
+def run(
+    node_name: str,
+    kubeconfig: Path | str | None = None,
+    bpffs_root: Path | None = None,
+    state_dir: Path | None = None,
+    metrics_port: int = 9464,
+    metrics_address: str = "0.0.0.0",
+) -> None:
+    """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
+    from beekeeper.node_daemon.bcc_backend import BccBackend
+
+    api = kube.api_client(kubeconfig)
+    backend = BccBackend(node_name=node_name, bpffs_root=bpffs_root, state_dir=state_dir)
+    collector = BpfCollector(backend, node_name)
+    agent = NodeAgent(node_name, backend, api, collector)
+    if metrics_port:
+        serve(collector, metrics_port, metrics_address)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    events: queue.Queue[Any] = queue.Queue()
+    threading.Thread(
+        target=_watch, args=(client.CustomObjectsApi(api), node_name, events, stop), daemon=True, name="watch"
+    ).start()
+    log.info(
+        "node daemon started",
+        extra={"node": node_name, "kernel": agent.capabilities["kernelVersion"], "adopted": len(backend.adopted())},
+    )
+
+    current: dict[str, Any] | None = None
+    while not stop.is_set():
+        try:
+            item = events.get(timeout=RESYNC_SECONDS)
+            while True:  # coalesce a burst: only the newest object matters
+                try:
+                    item = events.get_nowait()
+                except queue.Empty:
+                    break
+        except queue.Empty:
+            item = current  # resync
+        if stop.is_set():
+            break
+        if item is DELETED:
+            current = None
+            agent.remove_all()
+        elif item is not None:
+            current = item
+            try:
+                agent.reconcile(item)
+            except Exception:
+                log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
+    log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

@@ -1,27 +1,88 @@
-"""kopf handlers: thin glue between API events and the pure desired-state functions."""
+"""kopf handlers: thin glue between API events, the cache and the reconciler.
+
+Watch events only update the cache and wake the reconciler; the single decision-making
+path lives in reconciler.py over the pure functions of desired_state.py and
+program_status.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import kopf
 
-from beekeeper.crds.names import BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper import kube
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.operator.cache import ClusterCache
+from beekeeper.operator.reconciler import Notice, Reconciler
 
 log = logging.getLogger(__name__)
 
+FINALIZER = "beekeeper.dev/detach"
+
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: object) -> None:
-    """Keep kopf's bookkeeping out of status (status belongs to the API) and bound retries."""
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Configure kopf, prime the cache with one full list, then start the reconcile loop."""
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="beekeeper.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="beekeeper.dev")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    memo.cache = ClusterCache()
+    memo.reconciler = Reconciler(kube.api_client(), memo.cache)
+    await memo.reconciler.prime()
+
+    def post(notice: Notice) -> None:
+        kopf.event(dict(notice.body), type=notice.type, reason=notice.reason, message=notice.message[:1024])
+
+    memo.loop_task = asyncio.create_task(memo.reconciler.run(post), name="beekeeper-reconciler")
 
 
-@kopf.on.resume(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-@kopf.on.create(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-@kopf.on.update(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-def bpfprogram_seen(name: str, spec: kopf.Spec, **_: object) -> None:
-    log.info("bpfprogram observed", extra={"bpfprogram": name, "programs": len(spec.get("programs", []))})
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("loop_task")
+    if task is not None:
+        task.cancel()
+
+
+@kopf.on.event(GROUP, VERSION, BPF_PROGRAM_PLURAL)
+def bpfprogram_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("BpfProgram", event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("Node", event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, BPF_NODE_STATE_PLURAL)
+def nodestate_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("BpfNodeState", event.get("type"), event["object"])
+
+
+def _referenced(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> bool:
+    for body in memo.cache.bpfprograms.values():
+        ref = ((body.get("spec") or {}).get("source") or {}).get("configMapRef") or {}
+        if ref.get("name") == name and ref.get("namespace") == namespace:
+            return True
+    return False
+
+
+@kopf.on.event("", "v1", "configmaps", when=_referenced)
+def configmap_event(memo: kopf.Memo, **_: Any) -> None:
+    """A ConfigMap holding some BpfProgram's source changed: roll it out like a spec change."""
+    memo.cache.changed.set()
+
+
+@kopf.on.delete(GROUP, VERSION, BPF_PROGRAM_PLURAL)
+def detach_everywhere(name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Hold the finalizer until no existing node still reports the program."""
+    memo.cache.changed.set()
+    waiting = sorted(node for node in memo.cache.reports_for(name) if node in memo.cache.nodes)
+    if waiting:
+        shown = ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+        raise kopf.TemporaryError(f"waiting for {len(waiting)} node(s) to detach: {shown}", delay=1)
+    log.info("detached from every node", extra={"bpfprogram": name})

@@ -1,0 +1,598 @@
+"""BpfProgram: eBPF C source plus where to attach its functions, on a selected set of nodes."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from beekeeper.crds.common import (
+    AGE_COLUMN,
+    ApiModel,
+    CIdentifier,
+    Condition,
+    DnsSubdomain,
+    LabelSelector,
+    PrinterColumn,
+    Resource,
+    cel,
+    cel_list,
+    conditions_field,
+    human_list,
+    list_map,
+    list_set,
+    validations,
+)
+from beekeeper.crds.names import BPF_PROGRAM
+
+MAX_PROGRAMS = 64
+MAX_METRICS = 64
+MAX_INLINE_SOURCE = 256 * 1024
+
+# --------------------------------------------------------------------------------------
+# Source
+# --------------------------------------------------------------------------------------
+
+CONFIGMAP_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+
+
+class ConfigMapKeyRef(ApiModel):
+    """A key of a ConfigMap holding the C source (BpfProgram is cluster-scoped, so the namespace is explicit)."""
+
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")] = Field(
+        description="Namespace of the ConfigMap."
+    )
+    name: DnsSubdomain = Field(description="Name of the ConfigMap.")
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=CONFIGMAP_KEY_PATTERN)] = Field(
+        description="Key within the ConfigMap's data whose value is the C source, e.g. `program.c`."
+    )
+
+
+class Source(ApiModel):
+    """Where the eBPF C code comes from; it is compiled on each node by bcc against that node's kernel."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.inline) != has(self.configMapRef)",
+                "exactly one of inline or configMapRef must be set",
+            )
+        )
+    )
+
+    inline: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_INLINE_SOURCE,
+        description="The C source itself (bcc dialect: BPF_HASH, BPF_PERCPU_ARRAY, ...). Exclusive with configMapRef.",
+    )
+    config_map_ref: ConfigMapKeyRef | None = Field(
+        None,
+        description="Read the C source from a ConfigMap key; changes to the ConfigMap roll out like spec changes. "
+        "Exclusive with inline.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        if (self.inline is None) == (self.config_map_ref is None):
+            raise ValueError("exactly one of inline or configMapRef must be set")
+        return self
+
+
+CFlag = Annotated[str, Field(min_length=2, max_length=256, pattern=r"^-[A-Za-z]")]
+
+# --------------------------------------------------------------------------------------
+# Programs and attach points
+# --------------------------------------------------------------------------------------
+
+
+class ProgramType(StrEnum):
+    """The kernel hook a function attaches to; it decides which attach fields apply."""
+
+    XDP = "xdp"
+    TC = "tc"
+    TRACEPOINT = "tracepoint"
+    RAW_TRACEPOINT = "raw_tracepoint"
+    UPROBE = "uprobe"
+    URETPROBE = "uretprobe"
+    KPROBE = "kprobe"
+    KRETPROBE = "kretprobe"
+    CGROUP_SKB = "cgroup_skb"
+    CGROUP_SOCK_ADDR = "cgroup_sock_addr"
+
+
+class Direction(StrEnum):
+    """Traffic direction at the hook, seen from the interface or cgroup."""
+
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class XdpMode(StrEnum):
+    """native runs in the driver (fast, needs driver support); generic runs after skb allocation (works everywhere)."""
+
+    NATIVE = "native"
+    GENERIC = "generic"
+
+
+class CgroupSockAddrAttachType(StrEnum):
+    """The socket call a cgroup_sock_addr program intercepts (address family 4 or 6)."""
+
+    CONNECT4 = "connect4"
+    CONNECT6 = "connect6"
+    BIND4 = "bind4"
+    BIND6 = "bind6"
+    SENDMSG4 = "sendmsg4"
+    SENDMSG6 = "sendmsg6"
+    RECVMSG4 = "recvmsg4"
+    RECVMSG6 = "recvmsg6"
+    GETPEERNAME4 = "getpeername4"
+    GETPEERNAME6 = "getpeername6"
+    GETSOCKNAME4 = "getsockname4"
+    GETSOCKNAME6 = "getsockname6"
+
+
+# Which attach fields each program type requires and which it may use; everything else is
+# rejected so a misplaced field never silently does nothing. Keys are wire (camelCase) names.
+ATTACH_FIELDS: dict[ProgramType, tuple[frozenset[str], frozenset[str]]] = {
+    ProgramType.XDP: (frozenset({"interfaceSelector"}), frozenset({"xdpMode"})),
+    ProgramType.TC: (frozenset({"interfaceSelector", "direction"}), frozenset({"priority"})),
+    ProgramType.TRACEPOINT: (frozenset({"tracepoint"}), frozenset()),
+    ProgramType.RAW_TRACEPOINT: (frozenset({"tracepoint"}), frozenset()),
+    ProgramType.UPROBE: (frozenset({"binary", "symbol"}), frozenset({"offset", "pid"})),
+    ProgramType.URETPROBE: (frozenset({"binary", "symbol"}), frozenset({"pid"})),
+    ProgramType.KPROBE: (frozenset({"symbol"}), frozenset({"offset"})),
+    ProgramType.KRETPROBE: (frozenset({"symbol"}), frozenset()),
+    ProgramType.CGROUP_SKB: (frozenset({"cgroupPath", "direction"}), frozenset()),
+    ProgramType.CGROUP_SOCK_ADDR: (frozenset({"cgroupPath", "attachType"}), frozenset()),
+}
+ATTACH_FIELD_NAMES = (
+    "interfaceSelector",
+    "direction",
+    "xdpMode",
+    "priority",
+    "tracepoint",
+    "binary",
+    "symbol",
+    "offset",
+    "pid",
+    "cgroupPath",
+    "attachType",
+)
+
+
+def _types_requiring(field: str) -> list[str]:
+    return [t.value for t, (req, _) in ATTACH_FIELDS.items() if field in req]
+
+
+def _types_allowing(field: str) -> list[str]:
+    return [t.value for t, (req, opt) in ATTACH_FIELDS.items() if field in req | opt]
+
+
+def _attach_rules() -> list[dict[str, str]]:
+    """Per-field CEL rules derived from ATTACH_FIELDS: required-for and only-valid-for."""
+    rules = []
+    for field in ATTACH_FIELD_NAMES:
+        allowed = _types_allowing(field)
+        rules.append(
+            cel(
+                f"!has(self.{field}) || self.type in {cel_list(allowed)}",
+                f"{field} is only valid for {human_list(allowed)} programs",
+                field_path=f".{field}",
+                reason="FieldValueForbidden",
+            )
+        )
+        required = _types_requiring(field)
+        if required:
+            rules.append(
+                cel(
+                    f"!(self.type in {cel_list(required)}) || has(self.{field})",
+                    f"{field} is required for {human_list(required)} programs",
+                    field_path=f".{field}",
+                    reason="FieldValueRequired",
+                )
+            )
+    rules.append(
+        cel(
+            "self.type != 'tracepoint' || !has(self.tracepoint) || self.tracepoint.contains(':')",
+            "tracepoint programs need tracepoint as category:name, e.g. raw_syscalls:sys_enter",
+            field_path=".tracepoint",
+        )
+    )
+    rules.append(
+        cel(
+            "self.type != 'raw_tracepoint' || !has(self.tracepoint) || !self.tracepoint.contains(':')",
+            "raw_tracepoint programs need the bare tracepoint name, e.g. sys_enter",
+            field_path=".tracepoint",
+        )
+    )
+    return rules
+
+
+INTERFACE_NAME_PATTERN = r"^[^\s/:]{1,15}$"
+INTERFACE_GLOB_PATTERN = r"^[^\s/:]{1,64}$"
+ABSOLUTE_PATH_PATTERN = r"^/"
+# Paths start with "/", so every ".." segment is "/../" or a trailing "/.."; contains() is far
+# cheaper than matches() in the CEL cost estimate, which counts for the nested BpfNodeState copy.
+NO_DOTDOT_RULE = cel(
+    "!self.contains('/../') && !self.endsWith('/..')",
+    "must not contain '..' path segments",
+)
+
+
+class InterfaceSelector(ApiModel):
+    """Network interfaces on the node to attach to: the named ones plus those matching the pattern."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.interfaces) || has(self.pattern)",
+                "interfaceSelector needs interfaces or pattern",
+            )
+        )
+    )
+
+    interfaces: list[Annotated[str, Field(pattern=INTERFACE_NAME_PATTERN, max_length=15)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Interface names, e.g. eth0. Interfaces missing on a node are reported in status, not an error.",
+        json_schema_extra=list_set(),
+    )
+    pattern: str | None = Field(
+        None,
+        pattern=INTERFACE_GLOB_PATTERN,
+        max_length=64,
+        description="Shell-style glob over interface names (`*`, `?`, `[...]`), e.g. `veth*`; interfaces that "
+        "appear later are attached as they show up.",
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> InterfaceSelector:
+        if not self.interfaces and self.pattern is None:
+            raise ValueError("interfaceSelector needs interfaces or pattern")
+        return self
+
+
+class Program(ApiModel):
+    """One function of the C source and the hook it attaches to; attach fields depend on type."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*_attach_rules()))
+
+    name: CIdentifier = Field(description="Name of the C function in the source (unique within the list).")
+    type: ProgramType = Field(
+        description="Kernel hook type; decides which attach fields are required and which are allowed."
+    )
+    interface_selector: InterfaceSelector | None = Field(
+        None, description="xdp, tc: the network interfaces to attach to (required)."
+    )
+    direction: Direction | None = Field(None, description="tc, cgroup_skb: ingress or egress (required).")
+    xdp_mode: XdpMode | None = Field(
+        None, description="xdp: native (driver, default) or generic (skb, works on any interface)."
+    )
+    priority: int | None = Field(None, ge=1, le=1000, description="tc: filter priority, lower runs first (default 1).")
+    tracepoint: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_]+(:[A-Za-z0-9_]+)?$",
+        description="tracepoint: category:name, e.g. raw_syscalls:sys_enter; raw_tracepoint: the bare name, "
+        "e.g. sys_enter (required).",
+    )
+    binary: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=ABSOLUTE_PATH_PATTERN,
+        description="uprobe, uretprobe: absolute path of the executable or library on the node (required).",
+        json_schema_extra=validations(NO_DOTDOT_RULE),
+    )
+    symbol: str | None = Field(
+        None,
+        max_length=256,
+        pattern=r"^[A-Za-z_.$@][A-Za-z0-9_.$@]*$",
+        description="uprobe, uretprobe: function symbol in binary; kprobe, kretprobe: kernel function (required).",
+    )
+    offset: int | None = Field(
+        None, ge=0, description="uprobe, kprobe: byte offset from the start of symbol (default 0)."
+    )
+    pid: int | None = Field(
+        None, ge=1, le=4194304, description="uprobe, uretprobe: only fire in this process (default: every process)."
+    )
+    cgroup_path: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=ABSOLUTE_PATH_PATTERN,
+        description="cgroup_skb, cgroup_sock_addr: absolute path of a cgroup v2 directory, e.g. "
+        "/sys/fs/cgroup/kubepods.slice (required).",
+        json_schema_extra=validations(NO_DOTDOT_RULE),
+    )
+    attach_type: CgroupSockAddrAttachType | None = Field(
+        None, description="cgroup_sock_addr: the socket call to intercept, e.g. connect4 (required)."
+    )
+
+    @model_validator(mode="after")
+    def _attach_fields_match_type(self) -> Program:
+        problems = attach_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def effective_xdp_mode(self) -> XdpMode:
+        return self.xdp_mode or XdpMode.NATIVE
+
+    @property
+    def effective_priority(self) -> int:
+        return self.priority or 1
+
+
+def attach_field_problems(program: Program) -> list[str]:
+    """The same checks as the CEL rules on Program, as messages naming the field."""
+    wire = program.model_dump(by_alias=True, exclude_none=True)
+    present = {name for name in ATTACH_FIELD_NAMES if name in wire}
+    required, optional = ATTACH_FIELDS[program.type]
+    problems = []
+    for field in ATTACH_FIELD_NAMES:
+        if field in present and field not in required | optional:
+            problems.append(f"{field}: {field} is only valid for {human_list(_types_allowing(field))} programs")
+        if field in required and field not in present:
+            problems.append(f"{field}: {field} is required for {human_list(_types_requiring(field))} programs")
+    if program.tracepoint is not None:
+        if program.type == ProgramType.TRACEPOINT and ":" not in program.tracepoint:
+            problems.append("tracepoint: tracepoint programs need tracepoint as category:name")
+        if program.type == ProgramType.RAW_TRACEPOINT and ":" in program.tracepoint:
+            problems.append("tracepoint: raw_tracepoint programs need the bare tracepoint name")
+    for field in ("binary", "cgroupPath"):
+        value = wire.get(field)
+        if value is not None and ".." in value.split("/"):
+            problems.append(f"{field}: must not contain '..' path segments")
+    return problems
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+METRIC_NAME_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
+# Prometheus label names; names starting with "__" are reserved for Prometheus itself.
+METRIC_LABEL_PATTERN = r"^([a-zA-Z]|_[a-zA-Z0-9])[a-zA-Z0-9_]*$"
+MetricLabel = Annotated[str, Field(min_length=1, max_length=128, pattern=METRIC_LABEL_PATTERN)]
+
+
+class MetricType(StrEnum):
+    """Prometheus metric type of the exported series."""
+
+    COUNTER = "counter"
+    GAUGE = "gauge"
+
+
+class KeyKind(StrEnum):
+    """How to turn a map key into labels: one scalar (int, ipv4, string) or a C struct of fields."""
+
+    INT = "int"
+    IPV4 = "ipv4"
+    STRING = "string"
+    STRUCT = "struct"
+
+
+class KeyFieldType(StrEnum):
+    """C type of one struct field: unsigned integers, an IPv4 address (network byte order) or a char array."""
+
+    U8 = "u8"
+    U16 = "u16"
+    U32 = "u32"
+    U64 = "u64"
+    IPV4 = "ipv4"
+    STRING = "string"
+
+
+class KeyField(ApiModel):
+    """One field of a struct map key, exported as one label."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.size) || self.type == 'string'",
+                "size is only valid for string fields",
+                field_path=".size",
+                reason="FieldValueForbidden",
+            )
+        )
+    )
+
+    name: CIdentifier = Field(description="Name of the struct member in the C source.")
+    type: KeyFieldType = Field(description="C type of the member; ipv4 is a __be32 rendered as dotted quad.")
+    size: int | None = Field(
+        None, ge=1, le=256, description="string: size of the char array (default: from the map's key type)."
+    )
+    label: MetricLabel = Field(description="Prometheus label name the member's value is exported as.")
+
+    @model_validator(mode="after")
+    def _size_for_strings(self) -> KeyField:
+        if self.size is not None and self.type != KeyFieldType.STRING:
+            raise ValueError("size is only valid for string fields")
+        return self
+
+
+class MetricKey(ApiModel):
+    """How the map key becomes Prometheus labels."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.kind != 'struct' || has(self.fields)",
+                "struct keys need fields",
+                field_path=".fields",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "self.kind == 'struct' || !has(self.fields)",
+                "fields is only valid for struct keys",
+                field_path=".fields",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "self.kind == 'struct' || has(self.label)",
+                "int, ipv4 and string keys need label",
+                field_path=".label",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "self.kind != 'struct' || !has(self.label)",
+                "label is not valid for struct keys: each field has its own label",
+                field_path=".label",
+                reason="FieldValueForbidden",
+            ),
+        )
+    )
+
+    kind: KeyKind = Field(description="int, ipv4 and string keys map to one label; struct keys to one label per field.")
+    label: MetricLabel | None = Field(None, description="int, ipv4, string: the Prometheus label name of the key.")
+    fields: list[KeyField] | None = Field(
+        None,
+        min_length=1,
+        max_length=16,
+        description="struct: the members of the key struct to export; labels are unique.",
+        json_schema_extra=list_map("label"),
+    )
+
+    @model_validator(mode="after")
+    def _shape_matches_kind(self) -> MetricKey:
+        if self.kind == KeyKind.STRUCT:
+            if not self.fields:
+                raise ValueError("struct keys need fields")
+            if self.label is not None:
+                raise ValueError("label is not valid for struct keys: each field has its own label")
+            _unique([f.label for f in self.fields], "label")
+        else:
+            if self.label is None:
+                raise ValueError("int, ipv4 and string keys need label")
+            if self.fields is not None:
+                raise ValueError("fields is only valid for struct keys")
+        return self
+
+
+class Metric(ApiModel):
+    """A BPF map exported as a Prometheus metric by the node daemon: one series per map key.
+
+    The value is the map value read as an unsigned integer; per-CPU maps are summed over CPUs.
+    """
+
+    map_name: CIdentifier = Field(alias="map", description="Name of the map in the C source, e.g. `counts`.")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=METRIC_NAME_PATTERN,
+        description="Prometheus metric name, e.g. syscalls_total (unique within the list).",
+    )
+    type: MetricType = Field(description="counter (monotonic) or gauge.")
+    help: str | None = Field(None, max_length=1024, description="Prometheus HELP text.")
+    key: MetricKey = Field(description="How the map key is turned into labels.")
+
+
+# --------------------------------------------------------------------------------------
+# Spec, status, resource
+# --------------------------------------------------------------------------------------
+
+
+def _unique(items: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"duplicate {what} {item!r}")
+        seen.add(item)
+
+
+class BpfProgramSpec(ApiModel):
+    """Desired state: what code runs where."""
+
+    node_selector: LabelSelector | None = Field(
+        None, description="Nodes to run on, by node labels; empty or absent selects every node."
+    )
+    source: Source = Field(description="The eBPF C source, compiled on each node by bcc.")
+    cflags: list[CFlag] | None = Field(
+        None,
+        max_length=32,
+        description="Extra compiler flags for bcc, e.g. -DMAX_ENTRIES=1024; each must start with '-'.",
+    )
+    programs: list[Program] = Field(
+        min_length=1,
+        max_length=MAX_PROGRAMS,
+        description="Functions of the source to load and where to attach each; names are unique.",
+        json_schema_extra=list_map("name"),
+    )
+    metrics: list[Metric] | None = Field(
+        None,
+        max_length=MAX_METRICS,
+        description="Maps exported as Prometheus metrics on each node daemon's /metrics; names are unique.",
+        json_schema_extra=list_map("name"),
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> BpfProgramSpec:
+        _unique([p.name for p in self.programs], "program name")
+        _unique([m.name for m in self.metrics or []], "metric name")
+        return self
+
+
+class BpfProgramPhase(StrEnum):
+    """Summary of the conditions for `kubectl get`."""
+
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+    DELETING = "Deleting"
+
+
+class NodeCounts(ApiModel):
+    """How many nodes the program is meant for and how they are doing."""
+
+    selected: int = Field(0, ge=0, description="Nodes matched by nodeSelector.")
+    ready: int = Field(0, ge=0, description="Selected nodes with every program loaded and attached.")
+    failed: int = Field(0, ge=0, description="Selected nodes where at least one program failed.")
+
+
+class FailingNode(ApiModel):
+    """Why one node is not running the program."""
+
+    node: str = Field(max_length=253, description="Node name.")
+    program: str | None = Field(
+        None, max_length=64, description="Function that failed; absent when the whole source failed (e.g. compile)."
+    )
+    reason: str = Field(
+        max_length=128, description="CamelCase cause, e.g. CompileError, VerifierError, InterfaceNotFound."
+    )
+    message: str = Field(
+        max_length=4096, description="Details: compiler error with line, verifier log excerpt, missing interface."
+    )
+
+
+class BpfProgramStatus(ApiModel):
+    """Observed state aggregated by the operator from every selected node's BpfNodeState."""
+
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
+    conditions: list[Condition] | None = conditions_field(["Ready", "Progressing", "Degraded"])
+    nodes: NodeCounts | None = Field(None, description="Node counts.")
+    ready: str | None = Field(None, max_length=32, description="ready/selected nodes, e.g. 2/3 (for kubectl get).")
+    phase: BpfProgramPhase | None = Field(None, description="Ready, Progressing, Degraded or Deleting.")
+    failing_nodes: list[FailingNode] | None = Field(
+        None, max_length=10, description="Up to 10 failing nodes with the reason; nodes.failed has the full count."
+    )
+
+
+class BpfProgram(Resource):
+    """BpfProgram runs eBPF programs, compiled from C on each node, on the nodes its nodeSelector picks.
+
+    Cluster-scoped because programs act on nodes, not on a namespace.
+    """
+
+    names: ClassVar = BPF_PROGRAM
+    printer_columns: ClassVar = (
+        PrinterColumn("Ready", ".status.ready", "string", "Nodes ready / nodes selected"),
+        PrinterColumn("Status", ".status.phase", "string", "Ready, Progressing, Degraded or Deleting"),
+        AGE_COLUMN,
+    )
+
+    kind: Literal["BpfProgram"] = Field("BpfProgram", description="BpfProgram")
+    spec: BpfProgramSpec = Field(description="What code runs where.")
+    status: BpfProgramStatus | None = Field(None, description="Aggregated state across nodes, written by the operator.")

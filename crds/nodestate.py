@@ -1,0 +1,291 @@
+"""BpfNodeState: everything one node must run (spec, by the operator) and how it went (status, by its daemon).
+
+One object per node keeps writes conflict-free and bounded: the operator is the only
+writer of spec, that node's daemon the only writer of status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Sequence
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
+
+from beekeeper.crds.bpfprogram import MAX_INLINE_SOURCE, MAX_PROGRAMS, CFlag, Metric, Program
+from beekeeper.crds.common import (
+    AGE_COLUMN,
+    ApiModel,
+    Condition,
+    DnsLabel,
+    DnsSubdomain,
+    PrinterColumn,
+    Resource,
+    Time,
+    cel,
+    condition_column,
+    conditions_field,
+    list_map,
+    validations,
+)
+from beekeeper.crds.names import BPF_NODE_STATE
+from beekeeper.crds.networkpolicy import PolicyType, Protocol, parse_cidr
+
+MAX_NODE_BPF_PROGRAMS = 128
+CONTENT_HASH_PATTERN = r"^[a-f0-9]{64}$"
+POLICY_REF_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+ContentHash = Annotated[str, Field(min_length=64, max_length=64, pattern=CONTENT_HASH_PATTERN)]
+
+
+def content_hash(source: str, cflags: Sequence[str] | None, programs: Sequence[Program]) -> str:
+    """sha256 over what decides the loaded code: the resolved source, cflags and program entries.
+
+    The operator writes it into spec and the daemon echoes it in status, so "is this node
+    running what it should" is a string comparison, and an unchanged hash means no reload.
+    """
+    canonical = json.dumps(
+        {"source": source, "cflags": list(cflags or []), "programs": [p.to_dict() for p in programs]},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Spec: programs
+# --------------------------------------------------------------------------------------
+
+
+class NodeProgram(ApiModel):
+    """One BpfProgram resolved for this node: the source text is inlined so the node needs nothing else."""
+
+    bpf_program: DnsSubdomain = Field(description="Name of the BpfProgram this comes from.")
+    uid: str = Field(min_length=1, max_length=64, description="metadata.uid of that BpfProgram.")
+    generation: int = Field(ge=1, description="metadata.generation of that BpfProgram the entry was resolved from.")
+    content_hash: ContentHash = Field(description="sha256 of source, cflags and programs; unchanged means no reload.")
+    source: str = Field(
+        min_length=1, max_length=MAX_INLINE_SOURCE, description="The C source, resolved from inline or a ConfigMap."
+    )
+    cflags: list[CFlag] | None = Field(None, max_length=32, description="Extra compiler flags for bcc.")
+    programs: list[Program] = Field(
+        min_length=1,
+        max_length=MAX_PROGRAMS,
+        description="Functions to load and attach, as in the BpfProgram.",
+        json_schema_extra=list_map("name"),
+    )
+    metrics: list[Metric] | None = Field(
+        None,
+        max_length=64,
+        description="Maps to export as Prometheus metrics, as in the BpfProgram.",
+        json_schema_extra=list_map("name"),
+    )
+
+    def expected_hash(self) -> str:
+        return content_hash(self.source, self.cflags, self.programs)
+
+
+# --------------------------------------------------------------------------------------
+# Spec: network policy datapath (revised with the NetworkIdentityPolicy implementation)
+# --------------------------------------------------------------------------------------
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _check_cidr(value: str) -> str:
+    parse_cidr(value)
+    return value
+
+
+IpAddress = Annotated[str, Field(min_length=2, max_length=45), AfterValidator(_check_ip)]
+CidrString = Annotated[str, Field(min_length=3, max_length=49), AfterValidator(_check_cidr)]
+Identity = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+class Endpoint(ApiModel):
+    """A pod on this node that policies may select, with its identity."""
+
+    namespace: DnsLabel = Field(description="Namespace of the pod.")
+    pod: DnsSubdomain = Field(description="Name of the pod.")
+    ip: IpAddress = Field(description="Pod IP (status.podIP).")
+    identity: Identity = Field(description="Numeric identity of the pod's label set.")
+    ifname: str | None = Field(
+        None, max_length=15, description="Host-side interface of the pod, if known (a hint; the daemon verifies it)."
+    )
+
+
+class IpcacheEntry(ApiModel):
+    """IP prefix to identity, for the datapath's longest-prefix-match lookup of a packet's peer."""
+
+    cidr: CidrString = Field(description="Prefix, e.g. 10.244.1.7/32 for a pod.")
+    identity: Identity = Field(description="Identity of the prefix; 0 is world (outside the cluster).")
+
+
+class PolicyAction(StrEnum):
+    """What the datapath does with a matching flow; deny wins over allow."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class PolicyRule(ApiModel):
+    """One resolved policy entry: (local endpoint, direction, peer, protocol, ports) -> action."""
+
+    endpoint_identity: Identity | None = Field(None, description="Local endpoints with this identity (or endpoint).")
+    endpoint: IpAddress | None = Field(None, description="One local endpoint by IP (or endpointIdentity).")
+    direction: PolicyType = Field(description="Ingress (into the endpoint) or Egress (out of it).")
+    peer_identity: Identity | None = Field(None, description="Peer identity; 0 means any peer (or peerCidr).")
+    peer_cidr: CidrString | None = Field(None, description="Peer prefix (or peerIdentity).")
+    protocol: Protocol | None = Field(None, description="TCP, UDP or SCTP; absent means any protocol.")
+    port_start: int | None = Field(None, ge=0, le=65535, description="First port; absent or 0 means any port.")
+    port_end: int | None = Field(None, ge=0, le=65535, description="Last port (inclusive); absent means portStart.")
+    action: PolicyAction = Field(description="allow or deny.")
+    policy: str = Field(
+        max_length=317, pattern=POLICY_REF_PATTERN, description="namespace/name of the NetworkIdentityPolicy."
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PolicyRule:
+        if (self.endpoint_identity is None) == (self.endpoint is None):
+            raise ValueError("exactly one of endpointIdentity or endpoint must be set")
+        if self.peer_identity is not None and self.peer_cidr is not None:
+            raise ValueError("peerIdentity and peerCidr are exclusive")
+        if self.port_end is not None and (self.port_start or 0) > self.port_end:
+            raise ValueError("portEnd must be greater than or equal to portStart")
+        return self
+
+
+class NodeNetworkPolicy(ApiModel):
+    """Desired contents of this node's policy maps."""
+
+    endpoints: list[Endpoint] | None = Field(None, description="Local pods and their identities.")
+    ipcache: list[IpcacheEntry] | None = Field(None, description="Prefix-to-identity entries.")
+    rules: list[PolicyRule] | None = Field(None, description="Policy entries for local endpoints.")
+
+
+class BpfNodeStateSpec(ApiModel):
+    """Everything the node must run; written by the operator only."""
+
+    node_name: DnsSubdomain = Field(
+        description="The node this state is for; equals metadata.name.",
+        json_schema_extra=validations(cel("self == oldSelf", "nodeName is immutable")),
+    )
+    programs: list[NodeProgram] | None = Field(
+        None,
+        max_length=MAX_NODE_BPF_PROGRAMS,
+        description="BpfPrograms selecting this node, resolved.",
+        json_schema_extra=list_map("bpfProgram"),
+    )
+    network_policy: NodeNetworkPolicy | None = Field(
+        None, description="Endpoints, identities and policy entries for the NetworkIdentityPolicy datapath."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------
+
+
+class KernelCapabilities(ApiModel):
+    """What this node's kernel can do, probed by the daemon at start."""
+
+    kernel_version: str | None = Field(None, max_length=256, description="uname -r, e.g. 6.8.0-45-generic.")
+    btf: bool | None = Field(None, description="Whether kernel BTF (/sys/kernel/btf/vmlinux) is available.")
+    program_types: dict[str, bool] | None = Field(
+        None, description="Program type (as in BpfProgram programs[].type) to whether it can be loaded here."
+    )
+    reasons: dict[str, str] | None = Field(
+        None, description="Program type to why it is not supported, e.g. kprobes disabled in this kernel."
+    )
+
+
+class ProgramPhase(StrEnum):
+    """Where one function is in its life on the node."""
+
+    PENDING = "Pending"
+    COMPILING = "Compiling"
+    LOADED = "Loaded"
+    ATTACHED = "Attached"
+    FAILED = "Failed"
+
+
+class ProgramStatus(ApiModel):
+    """The state of one function of one BpfProgram on this node."""
+
+    bpf_program: DnsSubdomain = Field(description="Name of the BpfProgram.")
+    name: str = Field(max_length=64, description="Function name, as in programs[].name.")
+    content_hash: ContentHash | None = Field(None, description="contentHash of the spec entry this describes.")
+    phase: ProgramPhase = Field(description="Pending, Compiling, Loaded, Attached or Failed.")
+    program_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=256, description="Kernel program ids (bpftool prog show id N)."
+    )
+    attach_points: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None, max_length=256, description="Where it is attached, e.g. xdp/eth0, tracepoint/raw_syscalls:sys_enter."
+    )
+    reason: str | None = Field(
+        None, max_length=128, description="CamelCase cause when Failed, e.g. CompileError, VerifierError."
+    )
+    message: str | None = Field(
+        None, max_length=4096, description="Details when Failed: compiler error, verifier log excerpt."
+    )
+    last_transition_time: Time | None = Field(None, description="When phase last changed.")
+
+
+class BpfNodeStateStatus(ApiModel):
+    """What the node actually runs; written by that node's daemon only."""
+
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
+    conditions: list[Condition] | None = conditions_field(["Ready"])
+    capabilities: KernelCapabilities | None = Field(None, description="Kernel capabilities of the node.")
+    programs: list[ProgramStatus] | None = Field(
+        None,
+        max_length=MAX_NODE_BPF_PROGRAMS * MAX_PROGRAMS,
+        description="One entry per function of every BpfProgram in spec.",
+        json_schema_extra=list_map("bpfProgram", "name"),
+    )
+    attached: str | None = Field(
+        None, max_length=32, description="Attached functions / functions in spec, e.g. 3/4 (for kubectl get)."
+    )
+
+
+class BpfNodeState(Resource):
+    """BpfNodeState is one node's desired eBPF state (spec, from the operator) and actual state (status, from
+    the node daemon). Named after the node; not meant to be edited by hand.
+    """
+
+    names: ClassVar = BPF_NODE_STATE
+    printer_columns: ClassVar = (
+        PrinterColumn("Programs", ".status.attached", "string", "Attached functions / functions in spec"),
+        condition_column("Ready", "Ready", "Whether the node runs everything in spec", priority=1),
+        PrinterColumn("Kernel", ".status.capabilities.kernelVersion", "string", "Kernel release of the node"),
+        AGE_COLUMN,
+    )
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.metadata.name == self.spec.nodeName",
+                "spec.nodeName must equal metadata.name",
+                field_path=".spec.nodeName",
+            )
+        )
+    )
+
+    kind: Literal["BpfNodeState"] = Field("BpfNodeState", description="BpfNodeState")
+    spec: BpfNodeStateSpec = Field(description="Desired state of the node, written by the operator.")
+    status: BpfNodeStateStatus | None = Field(None, description="Actual state of the node, written by its daemon.")
+
+    @model_validator(mode="after")
+    def _named_after_node(self) -> BpfNodeState:
+        if self.metadata.name is not None and self.metadata.name != self.spec.node_name:
+            raise ValueError("spec.nodeName must equal metadata.name")
+        return self

@@ -1,0 +1,172 @@
+"""The node daemon's reconcile step: one BpfNodeState in, kernel converged, status out.
+
+The kernel work is the Backend's; this module decides what to ask it and what to report,
+and writes status only when it changed (a quiet node makes no API writes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.crds.nodestate import NodeProgram
+from beekeeper.node_daemon import translate
+from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
+from beekeeper.node_daemon.metrics import BpfCollector
+
+log = logging.getLogger(__name__)
+
+_OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NodeAgent:
+    """Converges one node. Not thread-safe: the daemon calls it from one loop."""
+
+    def __init__(self, node: str, backend: Backend, api: client.ApiClient, collector: BpfCollector) -> None:
+        self.node = node
+        self.backend = backend
+        self.custom = client.CustomObjectsApi(api)
+        self.collector = collector
+        self.capabilities = translate.capabilities(backend.capabilities())
+        self._written: dict[str, Any] | None = None
+
+    def reconcile(self, obj: Mapping[str, Any]) -> None:
+        """Make the kernel match obj.spec and report obj.status."""
+        spec = obj.get("spec") or {}
+        old_status = obj.get("status") or {}
+        if self._written is None:
+            self._written = dict(old_status)
+        previous = {(p["bpfProgram"], p["name"]): p for p in (self._written.get("programs") or [])}
+        generation = obj["metadata"].get("generation")
+
+        entries: list[NodeProgram] = []
+        broken: list[dict[str, Any]] = []
+        for raw in spec.get("programs") or []:
+            try:
+                entries.append(NodeProgram.model_validate(raw))
+            except ValidationError as exc:
+                broken.extend(self._invalid_entry(raw, exc, previous))
+
+        changed = [e for e in entries if not self._running(e, previous)]
+        if changed:
+            interim = [
+                s
+                for e in entries
+                for s in (
+                    translate.pending_statuses(e, Phase.COMPILING, previous, _now())
+                    if e in changed
+                    else [previous[(e.bpf_program, p.name)] for p in e.programs]
+                )
+            ]
+            self._write_status(generation, interim + broken, interim=True)
+            previous = {(p["bpfProgram"], p["name"]): p for p in (self._written or {}).get("programs") or []}
+
+        statuses: list[dict[str, Any]] = []
+        for entry in entries:
+            reports = self._apply(entry)
+            statuses += translate.program_statuses(entry, reports, previous, _now())
+        desired = {e.bpf_program for e in entries}
+        for key in sorted(set(self.backend.adopted()) - desired):
+            log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})
+            self.backend.remove(key)
+        self.collector.set_programs(entries)
+        self._write_status(generation, statuses + broken)
+
+    def remove_all(self) -> None:
+        """Our BpfNodeState was deleted (node leaving the cluster): detach everything."""
+        for key in sorted(self.backend.adopted()):
+            log.info("removing program, node state deleted", extra={"node": self.node, "bpfprogram": key})
+            self.backend.remove(key)
+        self.collector.set_programs([])
+        self._written = None
+
+    def _running(self, entry: NodeProgram, previous: Mapping[tuple[str, str], Mapping[str, Any]]) -> bool:
+        """Already converged on this content (e.g. re-adopted after a restart): no Compiling flash."""
+        for program in entry.programs:
+            seen = previous.get((entry.bpf_program, program.name))
+            if not seen or seen.get("contentHash") != entry.content_hash or seen.get("phase") not in _OK_PHASES:
+                return False
+        return entry.bpf_program in self.backend.adopted()
+
+    def _apply(self, entry: NodeProgram) -> list[ProgramReport]:
+        try:
+            return self.backend.apply(translate.program_unit(entry))
+        except Exception as exc:  # a backend bug must not take the other programs down
+            log.exception("apply failed", extra={"node": self.node, "bpfprogram": entry.bpf_program})
+            return [
+                ProgramReport(p.name, p.type.value, Phase.FAILED, reason="InternalError", message=str(exc)[:2048])
+                for p in entry.programs
+            ]
+
+    def _invalid_entry(self, raw: Mapping[str, Any], exc: ValidationError, previous) -> list[dict[str, Any]]:
+        first = exc.errors()[0]
+        message = f"spec entry not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        names = [p.get("name", "?") for p in raw.get("programs") or []] or ["?"]
+        return [
+            {
+                "bpfProgram": raw.get("bpfProgram", "?"),
+                "name": name,
+                "phase": Phase.FAILED.value,
+                "reason": "InvalidSpec",
+                "message": message[:2048],
+                "lastTransitionTime": _now(),
+            }
+            for name in names
+        ]
+
+    def _write_status(self, generation: int | None, programs: list[dict[str, Any]], interim: bool = False) -> None:
+        total = len(programs)
+        ok = sum(1 for p in programs if p["phase"] in _OK_PHASES)
+        failed = [p for p in programs if p["phase"] == Phase.FAILED.value]
+        if interim:
+            ready, reason, message = False, "Reconciling", "compiling and attaching"
+        elif failed:
+            ready, reason = False, "ProgramsFailed"
+            message = f"{len(failed)} of {total} failed; first: {failed[0]['bpfProgram']}/{failed[0]['name']}: "
+            message += failed[0].get("reason", "")
+        else:
+            ready, reason, message = True, "Converged", f"{ok}/{total} attached"
+        old_conditions = {c["type"]: c for c in (self._written or {}).get("conditions") or []}
+        old_ready = old_conditions.get("Ready") or {}
+        value = "True" if ready else "False"
+        condition = {
+            "type": "Ready",
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": old_ready.get("lastTransitionTime", _now())
+            if old_ready.get("status") == value
+            else _now(),
+        }
+        status = {
+            "observedGeneration": generation,
+            "conditions": [condition],
+            "capabilities": self.capabilities,
+            "programs": programs,
+            "attached": f"{ok}/{total}",
+        }
+        if status == self._written:
+            return
+        try:
+            self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, BPF_NODE_STATE_PLURAL, self.node, {"status": status}
+            )
+            self._written = status
+            log.info(
+                "status written",
+                extra={"node": self.node, "attached": status["attached"], "failed": len(failed), "interim": interim},
+            )
+        except ApiException as exc:
+            log.warning("status write failed", extra={"node": self.node, "status": exc.status, "reason": exc.reason})

@@ -1,0 +1,125 @@
+"""Turning clang diagnostics and verifier logs into short messages a user can act on.
+
+Both outputs can be megabytes; a node status has room for about 2 KiB per program. Compile
+errors keep the first errors with file:line and the offending source line. Verifier logs
+keep the rejection reason first, then the tail of the log, which is where the verifier
+explains the failing instruction. bcc compiles a rewritten copy of the source, so the
+verifier's "@ main.c:N" annotations count lines of that copy; they are translated back to
+the user's line numbers where the source text identifies the line unambiguously.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+MESSAGE_LIMIT = 2048
+
+_DIAG = re.compile(
+    r"^(?P<path>[^\s:][^:]*):(?P<line>\d+):(?P<col>\d+): (?P<severity>fatal error|error|warning|note): (?P<text>.*)$"
+)
+_ANNOTATION = re.compile(r"^; (?P<text>.*?) @ (?P<file>[^\s@]+):(?P<line>\d+)$")
+_STATS_PREFIXES = ("processed ", "verification time", "stack depth", "max_states_per_insn", "Func#")
+_VIRTUAL_PREFIX = "/virtual/"
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    path: str
+    line: int
+    column: int
+    severity: str
+    text: str
+    context: tuple[str, ...] = ()
+    """The source line and caret clang prints under the diagnostic."""
+
+    def render(self) -> str:
+        head = f"{self.path}:{self.line}:{self.column}: {self.severity}: {self.text}"
+        return "\n".join((head, *self.context))
+
+
+def parse_clang_diagnostics(output: str) -> list[Diagnostic]:
+    """Diagnostics in clang's output, with bcc's /virtual/ prefix removed from paths."""
+    diags: list[Diagnostic] = []
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        m = _DIAG.match(line)
+        if not m:
+            continue
+        context = []
+        for follow in lines[i + 1 : i + 3]:
+            if _DIAG.match(follow) or re.match(r"^\d+ (errors?|warnings?) generated", follow):
+                break
+            context.append(follow)
+        path = m["path"].removeprefix(_VIRTUAL_PREFIX)
+        diags.append(Diagnostic(path, int(m["line"]), int(m["col"]), m["severity"], m["text"], tuple(context)))
+    return diags
+
+
+def compile_error_message(output: str, limit: int = MESSAGE_LIMIT) -> str:
+    """The errors of a failed compile, first ones first, bounded to limit bytes."""
+    errors = [d for d in parse_clang_diagnostics(output) if d.severity in ("error", "fatal error")]
+    if not errors:
+        tail = [line for line in output.splitlines() if line.strip()]
+        text = "\n".join(tail) if tail else "bcc could not compile the source and printed no diagnostics"
+        return bound_tail(text, limit)
+    head = f"{len(errors)} compile error(s); first at {errors[0].path}:{errors[0].line}"
+    return bound_head("\n".join([head, *(d.render() for d in errors)]), limit)
+
+
+def verifier_message(
+    function: str, log: str, source: str, hints: Iterable[str] = (), limit: int = MESSAGE_LIMIT
+) -> str:
+    """Why the verifier rejected function: reason and source line first, then the log's tail."""
+    index: dict[str, list[int]] = {}
+    for number, text in enumerate(source.splitlines(), start=1):
+        index.setdefault(text.strip(), []).append(number)
+    lines = [_to_user_line(line, index) for line in log.rstrip().splitlines()]
+    while lines and (not lines[-1].strip() or lines[-1].startswith(_STATS_PREFIXES)):
+        lines.pop()
+    if not lines:
+        return f"the verifier rejected {function} without a log"
+    reason = lines[-1]
+    where = next((line for line in reversed(lines) if line.startswith("; ")), "")
+    head = f"verifier rejected {function}: {reason}"
+    if where:
+        head += f"\n  at {where[2:]}"
+    parts = [head, *hints, "verifier log (tail):"]
+    budget = limit - len("\n".join(parts).encode()) - 1
+    return "\n".join(parts) + "\n" + bound_tail("\n".join(lines), budget)
+
+
+def _to_user_line(line: str, index: dict[str, list[int]]) -> str:
+    """Rewrite "; text @ main.c:N" (N counts bcc's rewritten copy) to the user's line."""
+    m = _ANNOTATION.match(line)
+    if not m:
+        return line
+    matches = index.get(m["text"].strip(), [])
+    if len(matches) == 1:
+        return f"; {m['text']} @ line {matches[0]}"
+    return f"; {m['text']}"
+
+
+def bound_head(text: str, limit: int) -> str:
+    """At most limit UTF-8 bytes of text, keeping the start (cut on a line if possible)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    marker = "\n[...]"
+    cut = data[: max(0, limit - len(marker))].decode(errors="ignore")
+    if "\n" in cut:
+        cut = cut[: cut.rindex("\n")]
+    return cut + marker
+
+
+def bound_tail(text: str, limit: int) -> str:
+    """At most limit UTF-8 bytes of text, keeping the end (cut on a line if possible)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    marker = "[...]\n"
+    cut = data[len(data) - max(0, limit - len(marker)) :].decode(errors="ignore")
+    if "\n" in cut:
+        cut = cut[cut.index("\n") + 1 :]
+    return marker + cut

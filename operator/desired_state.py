@@ -1,0 +1,110 @@
+"""From (BpfPrograms, Nodes, ConfigMaps) to what each node must run: pure functions.
+
+The operator's handlers only gather inputs and write outputs; everything that decides
+lives here so it is unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from beekeeper.crds.bpfprogram import BpfProgram, BpfProgramSpec
+from beekeeper.crds.nodestate import NodeProgram, content_hash
+from beekeeper.operator.selectors import matches
+
+Body = Mapping[str, Any]
+ConfigMapLookup = Callable[[str, str], Mapping[str, str] | None]
+
+
+class SourceError(ValueError):
+    """The program's code cannot be resolved (e.g. its ConfigMap or key is missing)."""
+
+
+@dataclass
+class Placement:
+    """The outcome for one BpfProgram: its resolved node entry and the nodes selected for it."""
+
+    name: str
+    generation: int | None
+    deleting: bool = False
+    nodes: list[str] = field(default_factory=list)
+    entry: NodeProgram | None = None
+    error: str | None = None
+
+
+def resolve_source(spec: BpfProgramSpec, configmap: ConfigMapLookup) -> str:
+    """The C text of a BpfProgram: inline, or read from the referenced ConfigMap key."""
+    if spec.source.inline is not None:
+        return spec.source.inline
+    ref = spec.source.config_map_ref
+    assert ref is not None  # the model guarantees exactly one source
+    data = configmap(ref.namespace, ref.name)
+    where = f"spec.source.configMapRef: ConfigMap {ref.namespace}/{ref.name}"
+    if data is None:
+        raise SourceError(f"{where} not found")
+    if ref.key not in data:
+        raise SourceError(f"{where} has no key {ref.key!r} (keys: {', '.join(sorted(data)) or 'none'})")
+    if not data[ref.key].strip():
+        raise SourceError(f"{where} key {ref.key!r} is empty")
+    return data[ref.key]
+
+
+def node_entry(program: BpfProgram, source: str) -> NodeProgram:
+    """The BpfNodeState.spec.programs[] entry for one BpfProgram."""
+    spec = program.spec
+    return NodeProgram(
+        bpf_program=program.metadata.name,
+        uid=program.metadata.uid or "",
+        generation=program.metadata.generation or 1,
+        content_hash=content_hash(source, spec.cflags, spec.programs),
+        source=source,
+        cflags=spec.cflags,
+        programs=spec.programs,
+        metrics=spec.metrics,
+    )
+
+
+def place(
+    bpfprograms: Iterable[Body], node_labels: Mapping[str, Mapping[str, str]], configmap: ConfigMapLookup
+) -> list[Placement]:
+    """Resolve every BpfProgram and the nodes its nodeSelector picks.
+
+    Programs being deleted are placed nowhere, so every node detaches them and the
+    finalizer can complete.
+    """
+    placements = []
+    for body in sorted(bpfprograms, key=lambda b: b["metadata"]["name"]):
+        meta = body["metadata"]
+        placement = Placement(meta["name"], meta.get("generation"), deleting=bool(meta.get("deletionTimestamp")))
+        placements.append(placement)
+        if placement.deleting:
+            continue
+        try:
+            program = BpfProgram.from_dict({k: v for k, v in body.items() if k != "status"})
+        except ValidationError as exc:
+            placement.error = f"spec is not valid: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}"
+            continue
+        selector = program.spec.node_selector.to_dict() if program.spec.node_selector else None
+        placement.nodes = sorted(n for n, labels in node_labels.items() if matches(selector, labels))
+        try:
+            placement.entry = node_entry(program, resolve_source(program.spec, configmap))
+        except SourceError as exc:
+            placement.error = str(exc)
+    return placements
+
+
+def node_programs(placements: Iterable[Placement], nodes: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per node, the wire form of the entries it must run, in a stable order (stable bytes, no rewrites)."""
+    per_node: dict[str, list[dict[str, Any]]] = {node: [] for node in nodes}
+    for placement in placements:
+        if placement.entry is None:
+            continue
+        wire = placement.entry.to_dict()
+        for node in placement.nodes:
+            if node in per_node:
+                per_node[node].append(wire)
+    return per_node

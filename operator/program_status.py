@@ -1,0 +1,109 @@
+"""BpfProgram.status from the nodes' reports: pure aggregation.
+
+Conditions follow metav1.Condition. Ready/Progressing/Degraded are what people read;
+Reconciling/Stalled mirror them because kstatus (Flux, kpt, cli-utils) keys on those
+two names, so health works in GitOps tools without a custom check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from beekeeper.crds.common import Condition, set_condition
+from beekeeper.operator.desired_state import Placement
+
+MAX_FAILING_NODES = 10
+MAX_MESSAGE = 512
+
+
+def _node_verdict(entry_hash: str, reports: Sequence[Mapping[str, Any]], expected: int) -> tuple[str, Mapping | None]:
+    """('ready'|'failed'|'pending', first failure) for one node, judging only current-hash reports."""
+    current = [r for r in reports if r.get("contentHash") == entry_hash]
+    failed = next((r for r in current if r.get("phase") == "Failed"), None)
+    if failed is not None:
+        return "failed", failed
+    attached = [r for r in current if r.get("phase") == "Attached"]
+    return ("ready", None) if len(attached) >= expected and expected > 0 else ("pending", None)
+
+
+def aggregate(
+    placement: Placement,
+    reports: Mapping[str, Sequence[Mapping[str, Any]]],
+    previous: Mapping[str, Any] | None,
+    deleting: bool,
+    now: str,
+) -> dict[str, Any]:
+    """Compute the whole status; `reports[node]` holds that node's entries for this BpfProgram."""
+    previous = previous or {}
+    conditions = [Condition.model_validate(c) for c in previous.get("conditions") or []]
+    gen = placement.generation
+    selected = placement.nodes
+    ready, failing = [], []
+    if placement.entry is not None:
+        expected = len(placement.entry.programs)
+        for node in selected:
+            verdict, failure = _node_verdict(placement.entry.content_hash, reports.get(node, ()), expected)
+            if verdict == "ready":
+                ready.append(node)
+            elif verdict == "failed" and failure is not None:
+                failing.append(
+                    {
+                        "node": node,
+                        "program": failure.get("name", ""),
+                        "reason": failure.get("reason") or "Failed",
+                        "message": (failure.get("message") or "")[:MAX_MESSAGE],
+                    }
+                )
+    pending = len(selected) - len(ready) - len(failing)
+
+    if placement.error:
+        phase, ready_ok, ready_reason, ready_msg = "Degraded", False, "SourceError", placement.error
+        progressing, prog_reason, prog_msg = False, "SourceError", placement.error
+        degraded, deg_reason, deg_msg = True, "SourceError", placement.error
+    else:
+        progressing = pending > 0
+        degraded = bool(failing)
+        if not selected:
+            ready_ok, ready_reason, ready_msg = True, "NoMatchingNodes", "no node matches spec.nodeSelector"
+        elif len(ready) == len(selected):
+            ready_ok, ready_reason, ready_msg = True, "AllNodesReady", f"attached on {len(ready)}/{len(selected)} nodes"
+        else:
+            ready_ok, ready_reason = False, "NodesNotReady"
+            ready_msg = f"attached on {len(ready)}/{len(selected)} nodes"
+        prog_reason, prog_msg = ("Attaching", f"{pending} node(s) still working") if progressing else ("Done", "")
+        if failing:
+            first = failing[0]
+            deg_reason = first["reason"]
+            deg_msg = f"failed on {len(failing)} node(s); {first['node']}: {first['program']}: {first['message']}"
+        else:
+            deg_reason, deg_msg = "NoFailures", ""
+        phase = "Degraded" if degraded else "Progressing" if progressing else "Ready"
+    if deleting:
+        phase = "Deleting"
+
+    for type_, value, reason, message in (
+        ("Ready", ready_ok, ready_reason, ready_msg),
+        ("Progressing", progressing, prog_reason, prog_msg),
+        ("Degraded", degraded, deg_reason, deg_msg[:MAX_MESSAGE]),
+        ("Reconciling", progressing, prog_reason, prog_msg),
+        ("Stalled", degraded, deg_reason, deg_msg[:MAX_MESSAGE]),
+    ):
+        new = Condition(
+            type=type_,
+            status="True" if value else "False",
+            reason=reason,
+            message=message,
+            observed_generation=gen,
+            last_transition_time=now,
+        )
+        conditions = set_condition(conditions, new)
+
+    return {
+        "observedGeneration": gen,
+        "conditions": sorted((c.to_dict() for c in conditions), key=lambda c: c["type"]),
+        "nodes": {"selected": len(selected), "ready": len(ready), "failed": len(failing)},
+        "ready": f"{len(ready)}/{len(selected)}",
+        "phase": phase,
+        "failingNodes": failing[:MAX_FAILING_NODES],
+    }

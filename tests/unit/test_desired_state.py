@@ -1,0 +1,92 @@
+"""Desired-state computation: which node runs what, and when nothing changes."""
+
+from __future__ import annotations
+
+import copy
+
+from beekeeper.operator.desired_state import node_programs, place
+
+SOURCE = "TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return 0; }"
+
+
+NODES = {"n1": {"role": "edge"}, "n2": {"role": "core"}, "n3": {"role": "edge"}}
+
+
+def no_configmaps(namespace: str, name: str) -> None:
+    return None
+
+
+def test_node_selector_picks_nodes(bpfprogram) -> None:
+    placements = place([bpfprogram("p", {"matchLabels": {"role": "edge"}})], NODES, no_configmaps)
+    assert placements[0].nodes == ["n1", "n3"]
+    per_node = node_programs(placements, NODES)
+    assert [e["bpfProgram"] for e in per_node["n1"]] == ["p"]
+    assert per_node["n2"] == []
+
+
+def test_no_selector_means_every_node(bpfprogram) -> None:
+    placements = place([bpfprogram("p")], NODES, no_configmaps)
+    assert placements[0].nodes == ["n1", "n2", "n3"]
+
+
+def test_label_change_moves_program(bpfprogram) -> None:
+    prog = bpfprogram("p", {"matchLabels": {"role": "edge"}})
+    relabelled = {**NODES, "n2": {"role": "edge"}, "n1": {"role": "core"}}
+    assert place([prog], relabelled, no_configmaps)[0].nodes == ["n2", "n3"]
+
+
+def test_hash_is_stable_and_tracks_content(bpfprogram) -> None:
+    a = place([bpfprogram("p")], NODES, no_configmaps)[0].entry
+    b = place([copy.deepcopy(bpfprogram("p"))], NODES, no_configmaps)[0].entry
+    changed = bpfprogram("p", cflags=["-DX=1"])
+    c = place([changed], NODES, no_configmaps)[0].entry
+    assert a is not None and b is not None and c is not None
+    assert a.content_hash == b.content_hash
+    assert a.content_hash != c.content_hash
+
+
+def test_metadata_only_change_keeps_hash(bpfprogram) -> None:
+    base = bpfprogram("p")
+    relabelled = copy.deepcopy(base)
+    relabelled["metadata"]["labels"] = {"team": "x"}
+    relabelled["metadata"]["generation"] = 1
+    one = place([base], NODES, no_configmaps)[0].entry
+    two = place([relabelled], NODES, no_configmaps)[0].entry
+    assert one is not None and two is not None and one.content_hash == two.content_hash
+
+
+def test_deleting_program_is_placed_nowhere(bpfprogram) -> None:
+    prog = bpfprogram("p")
+    prog["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    placement = place([prog], NODES, no_configmaps)[0]
+    assert placement.deleting and placement.nodes == [] and placement.entry is None
+    assert node_programs([placement], NODES) == {"n1": [], "n2": [], "n3": []}
+
+
+def test_configmap_source_resolved(bpfprogram) -> None:
+    prog = bpfprogram("p", source={"configMapRef": {"namespace": "ns", "name": "code", "key": "prog.c"}})
+
+    def lookup(namespace: str, name: str) -> dict[str, str] | None:
+        return {"prog.c": SOURCE} if (namespace, name) == ("ns", "code") else None
+
+    entry = place([prog], NODES, lookup)[0].entry
+    assert entry is not None and entry.source == SOURCE
+
+
+def test_missing_configmap_names_the_field(bpfprogram) -> None:
+    prog = bpfprogram("p", source={"configMapRef": {"namespace": "ns", "name": "code", "key": "prog.c"}})
+    placement = place([prog], NODES, no_configmaps)[0]
+    assert placement.entry is None
+    assert placement.error is not None and "spec.source.configMapRef" in placement.error
+    assert "ns/code not found" in placement.error
+
+
+def test_missing_configmap_key_lists_keys(bpfprogram) -> None:
+    prog = bpfprogram("p", source={"configMapRef": {"namespace": "ns", "name": "code", "key": "prog.c"}})
+    placement = place([prog], NODES, lambda ns, n: {"other.c": SOURCE})[0]
+    assert placement.error is not None and "other.c" in placement.error
+
+
+def test_entries_ordered_by_name_for_stable_bytes(bpfprogram) -> None:
+    per_node = node_programs(place([bpfprogram("b"), bpfprogram("a")], NODES, no_configmaps), NODES)
+    assert [e["bpfProgram"] for e in per_node["n1"]] == ["a", "b"]
