@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -46,8 +47,9 @@ def apply(api: client.ApiClient, manifest: dict, field_manager: str = FIELD_MANA
 def install_crds(api: client.ApiClient, manifests: Iterable[dict], timeout: float = 60.0) -> list[str]:
     """Apply CRDs and wait until each is Established (served), so clients can use them at once."""
     ext = client.ApiextensionsV1Api(api)
+    manifests_list = list(manifests)
     names = []
-    for manifest in manifests:
+    for manifest in manifests_list:
         apply(api, manifest)
         names.append(manifest["metadata"]["name"])
     deadline = time.monotonic() + timeout
@@ -62,9 +64,48 @@ def install_crds(api: client.ApiClient, manifests: Iterable[dict], timeout: floa
             raise TimeoutError(f"CRDs not Established after {timeout:.0f}s: {sorted(pending)}")
         if pending:
             time.sleep(0.1)
+    _wait_openapi_published(api, manifests_by_group(manifests_list), deadline)
     # Discovery caches are stale right after CRD creation.
     DynamicClient(api).resources.invalidate_cache()
     return names
+
+
+def manifests_by_group(manifests: list[dict]) -> dict[str, set[str]]:
+    """{"group/version": {kind, ...}} of the served versions of some CRDs."""
+    wanted: dict[str, set[str]] = {}
+    for crd in manifests:
+        for version in crd["spec"]["versions"]:
+            if version.get("served", True):
+                gv = f"{crd['spec']['group']}/{version['name']}"
+                wanted.setdefault(gv, set()).add(crd["spec"]["names"]["kind"])
+    return wanted
+
+
+def _wait_openapi_published(api: client.ApiClient, wanted: dict[str, set[str]], deadline: float) -> None:
+    """Established is not enough for `kubectl explain`: the OpenAPI v3 document lags a few seconds."""
+    for gv, kinds in wanted.items():
+        group, version = gv.split("/")
+        suffix = {f"{'.'.join(reversed(group.split('.')))}.{version}.{kind}" for kind in kinds}
+        while True:
+            try:
+                method, url, headers, body, post = api.param_serialize(
+                    "GET",
+                    f"/openapi/v3/apis/{gv}",
+                    header_params={"Accept": "application/json"},
+                    auth_settings=["BearerToken"],
+                )
+                response = api.call_api(method, url, headers, body, post)
+                response.read()
+                doc = json.loads(response.data) if response.status == 200 else {}
+                schemas = set((doc or {}).get("components", {}).get("schemas", {}))
+                if suffix <= schemas:
+                    break
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"OpenAPI for {gv} not published in time (kinds {sorted(kinds)})")
+            time.sleep(0.2)
 
 
 def register_node(api: client.ApiClient, name: str, labels: dict[str, str] | None = None) -> None:

@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# kopf attaches its settings object and object refs to every record: not useful per line.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "settings", "k8s_skip", "k8s_ref"}
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
@@ -57,5 +58,5 @@ def setup(level: str | None = None, fmt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("urllib3", "kubernetes.client.rest", "asyncio"):
+    for noisy in ("urllib3", "kubernetes.client.rest", "asyncio", "kopf.objects", "kopf._cogs", "kopf._core"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

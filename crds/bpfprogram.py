@@ -571,7 +571,10 @@ class BpfProgramStatus(ApiModel):
     """Observed state aggregated by the operator from every selected node's BpfNodeState."""
 
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
-    conditions: list[Condition] | None = conditions_field(["Ready", "Progressing", "Degraded"])
+    conditions: list[Condition] | None = conditions_field(
+        ["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"],
+        "Reconciling and Stalled mirror Progressing and Degraded for kstatus (Flux, Argo CD, kpt).",
+    )
     nodes: NodeCounts | None = Field(None, description="Node counts.")
     ready: str | None = Field(None, max_length=32, description="ready/selected nodes, e.g. 2/3 (for kubectl get).")
     phase: BpfProgramPhase | None = Field(None, description="Ready, Progressing, Degraded or Deleting.")

@@ -344,12 +344,13 @@ def find_condition(conditions: Sequence[Condition] | None, type_: str) -> Condit
     return next((c for c in conditions or [] if c.type == type_), None)
 
 
-def conditions_field(types: Sequence[str]) -> Any:
+def conditions_field(types: Sequence[str], note: str = "") -> Any:
     """The standard `conditions` field: a list keyed by type, so server-side apply merges per condition."""
+    description = f"Standard conditions ({human_list(list(types))}), each with observedGeneration."
     return Field(
         None,
         max_length=16,
-        description=f"Standard conditions ({human_list(list(types))}), each with observedGeneration.",
+        description=f"{description} {note}".strip(),
         json_schema_extra=list_map("type"),
     )
 

@@ -135,12 +135,18 @@ class PolicyPort(ApiModel):
 
 def parse_cidr(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """Parse a CIDR like the apiserver's CEL isCIDR(): a prefix length is required, host bits may be set."""
-    if "/" not in value:
+    _, slash, prefix = value.partition("/")
+    if not slash:
         raise ValueError(f"{value!r} is not a CIDR: want address/prefix-length, e.g. 10.0.0.0/8")
+    if not prefix.isdigit() or (len(prefix) > 1 and prefix.startswith("0")):
+        raise ValueError(f"{value!r} is not a CIDR: the prefix length must be a plain decimal number")
     try:
-        return ipaddress.ip_network(value, strict=False)
+        network = ipaddress.ip_network(value, strict=False)
     except ValueError as exc:
         raise ValueError(f"{value!r} is not a CIDR: {exc}") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
+        raise ValueError(f"{value!r} is not a CIDR: IPv4-mapped IPv6 prefixes are not accepted, use the IPv4 form")
+    return network
 
 
 def _check_cidr(value: str) -> str:

@@ -15,7 +15,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from beekeeper.crds.bpfprogram import MAX_INLINE_SOURCE, MAX_PROGRAMS, CFlag, Metric, Program
+from beekeeper.crds.bpfprogram import MAX_INLINE_SOURCE, MAX_METRICS, MAX_PROGRAMS, CFlag, Metric, Program
 from beekeeper.crds.common import (
     AGE_COLUMN,
     ApiModel,
@@ -80,7 +80,7 @@ class NodeProgram(ApiModel):
     )
     metrics: list[Metric] | None = Field(
         None,
-        max_length=64,
+        max_length=MAX_METRICS,
         description="Maps to export as Prometheus metrics, as in the BpfProgram.",
         json_schema_extra=list_map("name"),
     )

@@ -40,15 +40,24 @@ class NodeAgent:
         self.collector = collector
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
+        self._applied: dict[str, str] = {}
+        self._generation: int | None = None
 
-    def reconcile(self, obj: Mapping[str, Any]) -> None:
-        """Make the kernel match obj.spec and report obj.status."""
+    def reconcile(self, obj: Mapping[str, Any], resync: bool = False) -> None:
+        """Make the kernel match obj.spec and report obj.status.
+
+        Events that only carry our own status writes (same generation) are skipped, or the
+        daemon would rebuild failing programs in a loop; the periodic resync retries them.
+        """
+        generation = obj["metadata"].get("generation")
+        if not resync and generation == self._generation:
+            return
+        self._generation = generation
         spec = obj.get("spec") or {}
         old_status = obj.get("status") or {}
         if self._written is None:
             self._written = dict(old_status)
         previous = {(p["bpfProgram"], p["name"]): p for p in (self._written.get("programs") or [])}
-        generation = obj["metadata"].get("generation")
 
         entries: list[NodeProgram] = []
         broken: list[dict[str, Any]] = []
@@ -58,7 +67,9 @@ class NodeAgent:
             except ValidationError as exc:
                 broken.extend(self._invalid_entry(raw, exc, previous))
 
-        changed = [e for e in entries if not self._running(e, previous)]
+        changed = [
+            e for e in entries if self._applied.get(e.bpf_program) != e.content_hash and not self._running(e, previous)
+        ]
         if changed:
             interim = [
                 s
@@ -75,11 +86,13 @@ class NodeAgent:
         statuses: list[dict[str, Any]] = []
         for entry in entries:
             reports = self._apply(entry)
+            self._applied[entry.bpf_program] = entry.content_hash
             statuses += translate.program_statuses(entry, reports, previous, _now())
         desired = {e.bpf_program for e in entries}
         for key in sorted(set(self.backend.adopted()) - desired):
             log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})
             self.backend.remove(key)
+            self._applied.pop(key, None)
         self.collector.set_programs(entries)
         self._write_status(generation, statuses + broken)
 
@@ -90,6 +103,8 @@ class NodeAgent:
             self.backend.remove(key)
         self.collector.set_programs([])
         self._written = None
+        self._applied.clear()
+        self._generation = None
 
     def _running(self, entry: NodeProgram, previous: Mapping[tuple[str, str], Mapping[str, Any]]) -> bool:
         """Already converged on this content (e.g. re-adopted after a restart): no Compiling flash."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from beekeeper.node_daemon.map_codec import Field, Layout
 
 __all__ = [
     "ATTACH_TYPES",
+    "MESSAGE_LIMIT",
     "AttachSpec",
     "Backend",
     "Field",
@@ -98,6 +100,8 @@ ATTACH_TYPES: dict[str, tuple[str, ...]] = {
 }
 """Valid AttachSpec.attach_type (cgroup_sock_addr) / direction (cgroup_skb) values."""
 
+_TRACEPOINT = re.compile(r"^\w+[:/]\w+$")
+_RAW_TRACEPOINT = re.compile(r"^\w+$")
 _NEEDS_INTERFACES = (ProgramType.XDP, ProgramType.TC)
 _NEEDS_CGROUP = (ProgramType.CGROUP_SKB, ProgramType.CGROUP_SOCK_ADDR)
 _PROBES = (ProgramType.UPROBE, ProgramType.URETPROBE)
@@ -152,8 +156,10 @@ class AttachSpec:
             return f"direction must be ingress or egress, not {self.direction!r}"
         if t in (ProgramType.TRACEPOINT, ProgramType.RAW_TRACEPOINT) and not self.tracepoint:
             return f"{t} program {self.name!r} needs a tracepoint"
-        if t == ProgramType.TRACEPOINT and len(self.tracepoint.replace("/", ":").split(":")) != 2:
+        if t == ProgramType.TRACEPOINT and not _TRACEPOINT.match(self.tracepoint):
             return f"tracepoint must be category:name, not {self.tracepoint!r}"
+        if t == ProgramType.RAW_TRACEPOINT and not _RAW_TRACEPOINT.match(self.tracepoint):
+            return f"raw tracepoint must be a bare tracepoint name, not {self.tracepoint!r}"
         if t in _PROBES and not (self.binary and (self.symbol or self.offset)):
             return f"{t} program {self.name!r} needs a binary and a symbol or offset"
         if t in (ProgramType.KPROBE, ProgramType.KRETPROBE) and not self.symbol:
@@ -169,10 +175,10 @@ class AttachSpec:
         """Identity of the kernel program this spec needs: the same function loaded as a
         different program type or expected attach type is a different program."""
         if self.type == ProgramType.CGROUP_SKB:
-            return f"{self.name}.{self.type}.{self.direction}"
+            return f"{self.name}:{self.type}:{self.direction}"
         if self.type == ProgramType.CGROUP_SOCK_ADDR:
-            return f"{self.name}.{self.type}.{self.attach_type}"
-        return f"{self.name}.{self.type}"
+            return f"{self.name}:{self.type}:{self.attach_type}"
+        return f"{self.name}:{self.type}"
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,7 @@ class ProgramUnit:
     """One compilation unit (one BpfProgram): C source, flags, and the programs in it.
 
     Programs of a unit share the unit's maps. Changing the source, the flags or the set of
-    kernel programs (function × type) is a new build, swapped in without a gap; changing
+    kernel programs (function x type) is a new build, swapped in without a gap; changing
     only where programs attach is converged in place without recompiling.
     """
 

@@ -97,11 +97,14 @@ class CompiledModule:
 
     def __init__(self, source: str, cflags: Sequence[str]) -> None:
         self.source = source
+        failure: Exception | None = None
         with captured_stderr() as out:
             try:
                 self._bpf = _UnattachedBPF(text=source.encode(), cflags=list(cflags))
             except Exception as exc:  # bcc raises bare Exception; the detail is on stderr
-                raise CompileFailed(compile_error_message(out.text or str(exc))) from None
+                failure = exc
+        if failure is not None:
+            raise CompileFailed(compile_error_message(out.text or str(failure)))
 
     def load(self, function: str, prog_type: int, expected_attach_type: int | None = None) -> OwnedFd:
         """Load and verify one function as a program of prog_type; raises LoadFailed."""

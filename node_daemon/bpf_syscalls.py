@@ -59,10 +59,8 @@ ATTACH_TCX_INGRESS = 46
 ATTACH_TCX_EGRESS = 47
 
 # enum bpf_link_type
-LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_CGROUP = 3
 LINK_TYPE_XDP = 6
-LINK_TYPE_PERF_EVENT = 7
 LINK_TYPE_TCX = 11
 
 # enum bpf_map_type values whose lookups return one value slot per possible CPU
@@ -202,6 +200,7 @@ class ProgInfo:
     name: str
     run_time_ns: int
     run_cnt: int
+    btf_id: int
 
 
 @dataclass(frozen=True)
@@ -212,6 +211,7 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    btf_id: int
 
 
 @dataclass(frozen=True)
@@ -238,13 +238,15 @@ def prog_info(fd: int) -> ProgInfo:
     raw = _info(fd, 232, "program info")  # sizeof(struct bpf_prog_info) in Linux 6.1 uapi
     ptype, pid = struct.unpack_from("<II", raw, 0)
     run_time_ns, run_cnt = struct.unpack_from("<QQ", raw, 192)
-    return ProgInfo(id=pid, type=ptype, name=_cstr(raw[64:80]), run_time_ns=run_time_ns, run_cnt=run_cnt)
+    btf_id = struct.unpack_from("<I", raw, 128)[0]
+    return ProgInfo(pid, ptype, _cstr(raw[64:80]), run_time_ns, run_cnt, btf_id)
 
 
 def map_info(fd: int) -> MapInfo:
     raw = _info(fd, 88, "map info")
     mtype, mid, key_size, value_size, max_entries = struct.unpack_from("<IIIII", raw, 0)
-    return MapInfo(mid, mtype, key_size, value_size, max_entries, _cstr(raw[24:40]))
+    btf_id = struct.unpack_from("<I", raw, 64)[0]
+    return MapInfo(mid, mtype, key_size, value_size, max_entries, _cstr(raw[24:40]), btf_id)
 
 
 def link_info(fd: int) -> LinkInfo:
@@ -299,7 +301,9 @@ def perf_event_open(pmu_type: int, config: int, config1: int = 0, config2: int =
     struct.pack_into("<I", attr, 48, 1)  # wakeup_events
     struct.pack_into("<QQ", attr, 56, config1, config2)
     cpu = 0 if pid == -1 else -1
-    fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, attr, ct.c_int(pid), ct.c_int(cpu), ct.c_int(-1), ct.c_ulong(_PERF_FLAG_FD_CLOEXEC))
+    fd = _libc.syscall(
+        _SYS_PERF_EVENT_OPEN, attr, ct.c_int(pid), ct.c_int(cpu), ct.c_int(-1), ct.c_ulong(_PERF_FLAG_FD_CLOEXEC)
+    )
     return OwnedFd(_check(fd, "perf_event_open"))
 
 

@@ -140,14 +140,20 @@ def probe(tracefs: str | None, cgroup2: str | None) -> NodeCapabilities:
     def all_of(*checks: HookSupport) -> HookSupport:
         return next((c for c in checks if not c.supported), HookSupport(True))
 
-    no_perf_link = HookSupport(False, "kernel lacks BPF perf-event links (Linux >= 5.15), so attachments could not be pinned")
+    no_perf_link = HookSupport(
+        False, "kernel lacks BPF perf-event links (Linux >= 5.15), so attachments could not be pinned"
+    )
     perf_link = HookSupport(True) if _perf_link_supported() else no_perf_link
     cgroup = HookSupport(True) if cgroup2 else HookSupport(False, "no cgroup v2 filesystem is mounted")
     kprobe_prog = prog_type(bpf.PROG_TYPE_KPROBE, "kprobe")
     kprobe = all_of(kprobe_prog, perf_link, _probe_pmu("kprobe", tracefs))
     uprobe = all_of(kprobe_prog, perf_link, _probe_pmu("uprobe", tracefs))
     sched_cls = prog_type(bpf.PROG_TYPE_SCHED_CLS, "tc (sched_cls)")
-    tcx = HookSupport(True) if sched_cls.supported and _tcx_supported() else HookSupport(False, "kernel lacks tcx links (Linux >= 6.6)")
+    tcx = (
+        HookSupport(True)
+        if sched_cls.supported and _tcx_supported()
+        else HookSupport(False, "kernel lacks tcx links (Linux >= 6.6)")
+    )
     tracepoints = HookSupport(True) if tracefs else HookSupport(False, "tracefs is not mounted and cannot be")
     hooks = {
         ProgramType.XDP: prog_type(bpf.PROG_TYPE_XDP, "XDP"),

@@ -10,11 +10,12 @@ the user's line numbers where the source text identifies the line unambiguously.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-MESSAGE_LIMIT = 2048
+from beekeeper.node_daemon.backend import MESSAGE_LIMIT
 
 _DIAG = re.compile(
     r"^(?P<path>[^\s:][^:]*):(?P<line>\d+):(?P<col>\d+): (?P<severity>fatal error|error|warning|note): (?P<text>.*)$"
@@ -72,10 +73,7 @@ def verifier_message(
     function: str, log: str, source: str, hints: Iterable[str] = (), limit: int = MESSAGE_LIMIT
 ) -> str:
     """Why the verifier rejected function: reason and source line first, then the log's tail."""
-    index: dict[str, list[int]] = {}
-    for number, text in enumerate(source.splitlines(), start=1):
-        index.setdefault(text.strip(), []).append(number)
-    lines = [_to_user_line(line, index) for line in log.rstrip().splitlines()]
+    lines = _with_user_lines(log.rstrip().splitlines(), source)
     while lines and (not lines[-1].strip() or lines[-1].startswith(_STATS_PREFIXES)):
         lines.pop()
     if not lines:
@@ -90,15 +88,40 @@ def verifier_message(
     return "\n".join(parts) + "\n" + bound_tail("\n".join(lines), budget)
 
 
-def _to_user_line(line: str, index: dict[str, list[int]]) -> str:
-    """Rewrite "; text @ main.c:N" (N counts bcc's rewritten copy) to the user's line."""
-    m = _ANNOTATION.match(line)
-    if not m:
-        return line
-    matches = index.get(m["text"].strip(), [])
-    if len(matches) == 1:
-        return f"; {m['text']} @ line {matches[0]}"
-    return f"; {m['text']}"
+def _with_user_lines(lines: list[str], source: str) -> list[str]:
+    """Rewrite "; text @ main.c:N" annotations (N counts bcc's rewritten copy) to the user's line.
+
+    A line whose text occurs exactly once in the source is an anchor. A line bcc rewrote
+    (map calls) gets the offset of the anchors around it when both agree, since bcc only
+    shifts lines between functions; otherwise its line number is dropped, not guessed.
+    """
+    index: dict[str, list[int]] = {}
+    for number, text in enumerate(source.splitlines(), start=1):
+        index.setdefault(text.strip(), []).append(number)
+    annotations = {i: m for i, line in enumerate(lines) if (m := _ANNOTATION.match(line))}
+    anchors: dict[int, int] = {}  # rewritten line -> offset to the user's line
+    for m in annotations.values():
+        matches = index.get(m["text"].strip(), [])
+        if len(matches) == 1:
+            anchors[int(m["line"])] = int(m["line"]) - matches[0]
+    ordered = sorted(anchors)
+    out = []
+    for i, line in enumerate(lines):
+        m = annotations.get(i)
+        if m is None:
+            out.append(line)
+            continue
+        text, rewritten = m["text"], int(m["line"])
+        if not text.strip():
+            continue  # "; @ main.c:0": compiler-generated code, no source line
+        offset = anchors.get(rewritten)
+        if offset is None:
+            pos = bisect.bisect(ordered, rewritten)
+            below, above = ordered[pos - 1 : pos], ordered[pos : pos + 1]
+            if below and above and anchors[below[0]] == anchors[above[0]]:
+                offset = anchors[below[0]]
+        out.append(f"; {text} @ line {rewritten - offset}" if offset is not None else f"; {text}")
+    return out
 
 
 def bound_head(text: str, limit: int) -> str:

@@ -74,10 +74,14 @@ def run(
     metrics_address: str = "0.0.0.0",
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
-    from beekeeper.node_daemon.bcc_backend import BccBackend
+    from beekeeper.node_daemon.bcc_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, BccBackend
 
     api = kube.api_client(kubeconfig)
-    backend = BccBackend(node_name=node_name, bpffs_root=bpffs_root, state_dir=state_dir)
+    backend = BccBackend(
+        base_dir=str(bpffs_root or DEFAULT_BASE_DIR),
+        state_dir=str(state_dir or DEFAULT_STATE_DIR),
+        collect_run_stats=True,
+    )
     collector = BpfCollector(backend, node_name)
     agent = NodeAgent(node_name, backend, api, collector)
     if metrics_port:
@@ -104,8 +108,9 @@ def run(
                     item = events.get_nowait()
                 except queue.Empty:
                     break
+            resync = False
         except queue.Empty:
-            item = current  # resync
+            item, resync = current, True
         if stop.is_set():
             break
         if item is DELETED:
@@ -114,7 +119,7 @@ def run(
         elif item is not None:
             current = item
             try:
-                agent.reconcile(item)
+                agent.reconcile(item, resync=resync)
             except Exception:
                 log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
     log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

@@ -1,6 +1,7 @@
 """kopf handlers: thin glue between API events, the cache and the reconciler.
 
-Watch events only update the cache and wake the reconciler; the single decision-making
+Watch events only update the cache and wake the reconciler (handlers are async so they
+run on the event loop that owns the cache's asyncio.Event; kopf runs sync ones in threads); the single decision-making
 path lives in reconciler.py over the pure functions of desired_state.py and
 program_status.py.
 """
@@ -16,7 +17,7 @@ import kopf
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 from beekeeper.operator.cache import ClusterCache
-from beekeeper.operator.reconciler import Notice, Reconciler
+from beekeeper.operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     memo.cache = ClusterCache()
     memo.reconciler = Reconciler(kube.api_client(), memo.cache)
     await memo.reconciler.prime()
-
-    def post(notice: Notice) -> None:
-        kopf.event(dict(notice.body), type=notice.type, reason=notice.reason, message=notice.message[:1024])
-
-    memo.loop_task = asyncio.create_task(memo.reconciler.run(post), name="beekeeper-reconciler")
+    memo.loop_task = asyncio.create_task(memo.reconciler.run(), name="beekeeper-reconciler")
 
 
 @kopf.on.cleanup()
@@ -49,17 +46,17 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-def bpfprogram_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def bpfprogram_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     memo.cache.observe("BpfProgram", event.get("type"), event["object"])
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     memo.cache.observe("Node", event.get("type"), event["object"])
 
 
 @kopf.on.event(GROUP, VERSION, BPF_NODE_STATE_PLURAL)
-def nodestate_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def nodestate_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     memo.cache.observe("BpfNodeState", event.get("type"), event["object"])
 
 
@@ -72,13 +69,13 @@ def _referenced(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> bool:
 
 
 @kopf.on.event("", "v1", "configmaps", when=_referenced)
-def configmap_event(memo: kopf.Memo, **_: Any) -> None:
+async def configmap_event(memo: kopf.Memo, **_: Any) -> None:
     """A ConfigMap holding some BpfProgram's source changed: roll it out like a spec change."""
     memo.cache.changed.set()
 
 
 @kopf.on.delete(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-def detach_everywhere(name: str, memo: kopf.Memo, **_: Any) -> None:
+async def detach_everywhere(name: str, memo: kopf.Memo, **_: Any) -> None:
     """Hold the finalizer until no existing node still reports the program."""
     memo.cache.changed.set()
     waiting = sorted(node for node in memo.cache.reports_for(name) if node in memo.cache.nodes)

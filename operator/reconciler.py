@@ -35,7 +35,7 @@ DEBOUNCE_SECONDS = 0.05
 
 @dataclass
 class Notice:
-    """A Kubernetes Event to post for a BpfProgram (posted from the event loop by kopf)."""
+    """A Kubernetes Event about a BpfProgram transition (shown by `kubectl describe`)."""
 
     body: Mapping[str, Any]
     type: str
@@ -92,7 +92,7 @@ class Reconciler:
             },
         )
 
-    async def run(self, post_event) -> None:
+    async def run(self) -> None:
         """Forever: wait for a change (or the resync period), coalesce, reconcile once."""
         await self.cache.primed.wait()
         while True:
@@ -113,7 +113,7 @@ class Reconciler:
                 self.cache.changed.set()
                 continue
             for notice in notices:
-                post_event(notice)
+                await asyncio.to_thread(self._post, notice)
 
     def reconcile(
         self,
@@ -162,6 +162,30 @@ class Reconciler:
             if status["phase"] != previous.get("phase"):
                 notices.append(self._notice(body, status))
         return notices
+
+    def _post(self, notice: Notice) -> None:
+        """Create a core/v1 Event; events of cluster-scoped objects live in `default`, as kubectl expects."""
+        meta = notice.body["metadata"]
+        now = dt.datetime.now(dt.UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace="default"),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{VERSION}", kind="BpfProgram", name=meta["name"], uid=meta.get("uid")
+            ),
+            type=notice.type,
+            reason=notice.reason,
+            message=notice.message[:1024],
+            source=client.V1EventSource(component="beekeeper-operator"),
+            reporting_component="beekeeper.dev/operator",
+            reporting_instance="beekeeper-operator",
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            self.core.create_namespaced_event("default", event)
+        except ApiException as exc:
+            log.warning("posting event failed", extra={"reason": notice.reason, "status": exc.status})
 
     def _notice(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> Notice:
         phase = status["phase"]

@@ -25,6 +25,7 @@ class Components:
 
     operator_pid: int | None = None
     node_daemons: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
 
 class DevEnvironment:
@@ -66,8 +67,19 @@ class DevEnvironment:
             )
         daemon_pid = components.node_daemons.get(self.node_name)
         if not processes.alive(daemon_pid):
+            port = processes.free_port()
+            components.metrics_ports[self.node_name] = port
             components.node_daemons[self.node_name] = processes.spawn(
-                [*beekeeper, "node-daemon", "--node-name", self.node_name],
+                [
+                    *beekeeper,
+                    "node-daemon",
+                    "--node-name",
+                    self.node_name,
+                    "--metrics-address",
+                    "127.0.0.1",
+                    "--metrics-port",
+                    str(port),
+                ],
                 self.root / "logs" / f"node-daemon-{self.node_name}.log",
                 env,
             )
@@ -109,7 +121,12 @@ class DevEnvironment:
             line("operator", components.operator_pid, str(self.root / "logs" / "operator.log")),
         ]
         rows += [
-            line(f"node-daemon {node}", pid, str(self.root / "logs" / f"node-daemon-{node}.log"))
+            line(
+                f"node-daemon {node}",
+                pid,
+                f"http://127.0.0.1:{components.metrics_ports.get(node)}/metrics "
+                f"{self.root / 'logs' / f'node-daemon-{node}.log'}",
+            )
             for node, pid in components.node_daemons.items()
         ]
         rows += [

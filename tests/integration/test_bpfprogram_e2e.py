@@ -1,0 +1,397 @@
+"""BpfProgram end to end: real apiserver, operator and node daemon processes, real kernel."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+from support import VethNamespace, wait_for
+
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+
+pytestmark = [pytest.mark.integration, pytest.mark.kernel]
+
+OPENAT_COUNTER = """
+BPF_HASH(opens, u32, u64, 1024);
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
+    u32 pid = bpf_get_current_pid_tgid() >> 32;
+    opens.increment(pid);
+    return 0;
+}
+"""
+
+XDP_COUNTER = """
+#include <uapi/linux/bpf.h>
+BPF_ARRAY(packets, u64, 1);
+int count_packets(struct xdp_md *ctx) {
+    int zero = 0;
+    u64 *value = packets.lookup(&zero);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+    return XDP_PASS;
+}
+"""
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+class Api:
+    """Thin reads and writes of the beekeeper resources for assertions."""
+
+    def __init__(self, cluster) -> None:
+        self.cluster = cluster
+        self.custom = client.CustomObjectsApi(cluster.api())
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    def program(self, name: str) -> dict[str, Any]:
+        return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name)
+
+    def nodestate(self, node: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def node_reports(self, node: str, program: str) -> list[dict[str, Any]]:
+        state = self.nodestate(node) or {}
+        return [p for p in (state.get("status") or {}).get("programs") or [] if p["bpfProgram"] == program]
+
+    def delete(self, name: str, wait: bool = True) -> None:
+        args = ["delete", "bpfprogram", name, "--ignore-not-found"]
+        self.cluster.kubectl(*args, *(["--timeout=90s"] if wait else ["--wait=false"]))
+
+    def ready(self, name: str, expected: str) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.program(name).get("status") or {}
+            return status if status.get("ready") == expected and status.get("phase") == "Ready" else None
+
+        return wait_for(check, 120, f"BpfProgram {name} READY {expected}")
+
+
+def bpfprogram(name: str, source: str, programs: list[dict], selector: dict | None = None, **spec: Any) -> dict:
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BpfProgram",
+        "metadata": {"name": name},
+        "spec": {"source": {"inline": source}, "programs": programs, **spec},
+    }
+    if selector:
+        body["spec"]["nodeSelector"] = selector
+    return body
+
+
+@pytest.fixture
+def api(cluster, operator_process) -> Api:
+    return Api(cluster)
+
+
+@pytest.fixture
+def programs(api: Api):
+    """Names of BpfPrograms a test created; deleted (finalizers honoured) afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        api.delete(name, wait=False)
+
+
+def openat_program(name: str, selector: dict | None = None) -> dict:
+    return bpfprogram(
+        name,
+        OPENAT_COUNTER,
+        [
+            {
+                "name": "tracepoint__syscalls__sys_enter_openat",
+                "type": "tracepoint",
+                "tracepoint": "syscalls:sys_enter_openat",
+            }
+        ],
+        selector,
+        metrics=[
+            {
+                "map": "opens",
+                "name": f"test_opens_{name.replace('-', '_')}",
+                "type": "counter",
+                "key": {"kind": "int", "label": "pid"},
+            }
+        ],
+    )
+
+
+def test_node_selector_places_program_on_matching_nodes(api: Api, node_daemons, programs) -> None:
+    edge = [node_daemons({"role": "edge"}) for _ in range(2)]
+    core = node_daemons({"role": "core"})
+    name = f"opens-{uid()}"
+    programs.append(name)
+    api.apply(openat_program(name, {"matchLabels": {"role": "edge", **core.test_labels}}))
+
+    status = api.ready(name, "2/2")
+    assert status["nodes"] == {"selected": 2, "ready": 2, "failed": 0}
+    for daemon in edge:
+        (report,) = api.node_reports(daemon.node, name)
+        assert report["phase"] == "Attached" and report["programIds"]
+    assert api.node_reports(core.node, name) == []
+    printed = api.cluster.kubectl("get", "bpfprograms", name).stdout
+    assert re.search(rf"{name}\s+2/2\s+Ready", printed), printed
+
+    # Relabel: the core node joins, one edge node leaves.
+    api.cluster.kubectl("label", "node", core.node, "role=edge", "--overwrite")
+    api.cluster.kubectl("label", "node", edge[1].node, "role=core", "--overwrite")
+    wait_for(
+        lambda: api.node_reports(core.node, name) and api.node_reports(core.node, name)[0]["phase"] == "Attached",
+        60,
+        "program attached on relabelled node",
+    )
+    wait_for(lambda: api.node_reports(edge[1].node, name) == [], 60, "program removed from the node that left")
+    api.ready(name, "2/2")
+
+
+def test_metrics_count_real_syscalls(api: Api, node_daemons, programs, tmp_path: Path) -> None:
+    daemon = node_daemons()
+    name = f"opens-{uid()}"
+    programs.append(name)
+    api.apply(openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}}))
+    api.ready(name, "1/1")
+    target = tmp_path / "f"
+    target.write_text("x")
+    proc = subprocess.Popen(
+        ["python3", "-c", f"import time\nfor _ in range(50): open({str(target)!r}).close()\ntime.sleep(30)"]
+    )
+    try:
+        metric = f"test_opens_{name.replace('-', '_')}"
+
+        def count() -> float | None:
+            for line in daemon.metrics().splitlines():
+                if line.startswith(f'{metric}_total{{bpfprogram="{name}",pid="{proc.pid}"}}'):
+                    value = float(line.split()[-1])
+                    return value if value >= 50 else None
+            return None
+
+        assert wait_for(count, 30, f"{metric} for pid {proc.pid} >= 50") >= 50
+        assert "beekeeper_bpf_program_runs_total" in daemon.metrics()
+    finally:
+        proc.kill()
+
+
+def test_xdp_counter_counts_real_packets(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    tag = uid()
+    ns = VethNamespace(f"bk-e2e-{tag}", f"bkx{tag}", "10.213.7.2", "10.213.7.1").create()
+    try:
+        name = f"xdp-{tag}"
+        programs.append(name)
+        api.apply(
+            bpfprogram(
+                name,
+                XDP_COUNTER,
+                [
+                    {
+                        "name": "count_packets",
+                        "type": "xdp",
+                        "xdpMode": "generic",
+                        "interfaceSelector": {"interfaces": [ns.host_if]},
+                    }
+                ],
+                {"matchLabels": {"kubernetes.io/hostname": daemon.node}},
+                metrics=[
+                    {
+                        "map": "packets",
+                        "name": f"test_xdp_{tag}",
+                        "type": "counter",
+                        "key": {"kind": "int", "label": "slot"},
+                    }
+                ],
+            )
+        )
+        api.ready(name, "1/1")
+        (report,) = api.node_reports(daemon.node, name)
+        assert any(ns.host_if in point for point in report["attachPoints"]), report
+        ns.run("ping", "-c", "5", "-i", "0.05", "-W", "1", ns.host_ip)
+
+        def packets() -> float | None:
+            for line in daemon.metrics().splitlines():
+                if line.startswith(f"test_xdp_{tag}_total{{"):
+                    value = float(line.split()[-1])
+                    return value if value >= 5 else None
+            return None
+
+        assert wait_for(packets, 20, "xdp packet counter >= 5") >= 5
+    finally:
+        ns.delete()
+
+
+BROKEN_CASES = {
+    "syntax": (
+        "int broken(void *ctx) {\n    return undefined_thing;\n}\n",
+        {"name": "broken", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_openat"},
+        "CompileError",
+        r":2:",
+    ),
+    "verifier": (
+        "BPF_HASH(m, u32, u64);\nint bad(void *ctx) {\n    u32 k = 0;\n    u64 *v = m.lookup(&k);\n    return *v;\n}\n",
+        {"name": "bad", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_openat"},
+        "Verifier",
+        r"invalid mem access|null|R\d",
+    ),
+    "interface": (
+        "int x(struct xdp_md *ctx) { return 2; }\n",
+        {"name": "x", "type": "xdp", "interfaceSelector": {"interfaces": ["bk-nope0"]}},
+        "InterfaceNotFound",
+        r"bk-nope0",
+    ),
+    "tracepoint": (
+        "int t(void *ctx) { return 0; }\n",
+        {"name": "t", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_nonexistent"},
+        "TracepointNotFound",
+        r"sys_enter_nonexistent",
+    ),
+    "kprobe": (
+        "int k(void *ctx) { return 0; }\n",
+        {"name": "k", "type": "kprobe", "symbol": "do_sys_openat2"},
+        "UnsupportedOnNode",
+        r"kprobe",
+    ),
+}
+
+
+def test_broken_programs_fail_with_reasons_while_healthy_one_stays(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    selector = {"matchLabels": {"kubernetes.io/hostname": daemon.node}}
+    healthy = f"healthy-{uid()}"
+    programs.append(healthy)
+    api.apply(openat_program(healthy, selector))
+    api.ready(healthy, "1/1")
+    healthy_ids = api.node_reports(daemon.node, healthy)[0]["programIds"]
+
+    broken = {}
+    for case, (source, program, _, _) in BROKEN_CASES.items():
+        name = f"broken-{case}-{uid()}"
+        programs.append(name)
+        broken[case] = name
+        api.apply(bpfprogram(name, source, [program], selector))
+
+    for case, (_, _, reason, pattern) in BROKEN_CASES.items():
+        name = broken[case]
+
+        def failed(name: str = name) -> dict | None:
+            status = api.program(name).get("status") or {}
+            return status if status.get("phase") == "Degraded" and status.get("failingNodes") else None
+
+        status = wait_for(failed, 90, f"{case}: Degraded")
+        failing = status["failingNodes"][0]
+        assert failing["node"] == daemon.node
+        assert reason in failing["reason"], (case, failing)
+        assert re.search(pattern, failing["message"]), (case, failing["message"])
+        assert status["ready"] == "0/1"
+
+    (report,) = api.node_reports(daemon.node, healthy)
+    assert report["phase"] == "Attached" and report["programIds"] == healthy_ids
+    caps = api.nodestate(daemon.node)["status"]["capabilities"]
+    assert caps["programTypes"]["kprobe"] is False and "kprobe" in caps["reasons"]["kprobe"].lower()
+
+
+def test_delete_waits_for_nodes_to_detach(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    name = f"del-{uid()}"
+    api.apply(openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}}))
+    api.ready(name, "1/1")
+    ids = api.node_reports(daemon.node, name)[0]["programIds"]
+    assert "beekeeper.dev/detach" in api.program(name)["metadata"]["finalizers"]
+
+    daemon.stop()  # this node cannot detach now
+    api.delete(name, wait=False)
+    time.sleep(3)
+    assert api.program(name)["metadata"].get("deletionTimestamp"), "finalizer holds the object"
+    assert api.program(name)["status"]["phase"] == "Deleting"
+    daemon.start()
+    wait_for(lambda: _gone(api, name), 60, "BpfProgram deleted after the node detached")
+    loaded = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
+    assert all(f'"id":{i},' not in loaded.replace(" ", "") for i in ids), "kernel program unloaded"
+
+
+def test_delete_completes_when_node_is_gone(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    name = f"gone-{uid()}"
+    api.apply(openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}}))
+    api.ready(name, "1/1")
+    daemon.stop()
+    api.delete(name, wait=False)
+    api.cluster.kubectl("delete", "node", daemon.node)
+    wait_for(lambda: _gone(api, name), 60, "BpfProgram deleted once its only node is gone")
+    wait_for(lambda: api.nodestate(daemon.node) is None, 60, "BpfNodeState removed with its Node")
+
+
+def _gone(api: Api, name: str) -> bool:
+    try:
+        api.program(name)
+    except client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def test_daemon_restart_readopts_without_reload(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    name = f"adopt-{uid()}"
+    programs.append(name)
+    api.apply(openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}}))
+    api.ready(name, "1/1")
+    before = api.node_reports(daemon.node, name)[0]
+    daemon.kill()
+    daemon.start()
+    wait_for(lambda: "node daemon started" in daemon.log.read_text(), 30, "daemon restarted")
+    time.sleep(2)
+    after = api.node_reports(daemon.node, name)[0]
+    assert after["programIds"] == before["programIds"]
+    assert after["phase"] == "Attached" and after["lastTransitionTime"] == before["lastTransitionTime"]
+
+
+def test_operator_restart_writes_nothing(api: Api, node_daemons, programs, operator_process) -> None:
+    daemon = node_daemons()
+    name = f"quiet-{uid()}"
+    programs.append(name)
+    api.apply(openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}}))
+    api.ready(name, "1/1")
+    time.sleep(1)
+    state_version = api.nodestate(daemon.node)["metadata"]["resourceVersion"]
+    program_version = api.program(name)["metadata"]["resourceVersion"]
+    operator_process.stop()
+    operator_process.start()
+    wait_for(lambda: "cache primed" in operator_process.log.read_text(), 60, "operator restarted")
+    time.sleep(5)
+    assert api.nodestate(daemon.node)["metadata"]["resourceVersion"] == state_version
+    assert api.program(name)["metadata"]["resourceVersion"] == program_version
+
+
+def test_source_update_converges_and_reports_new_hash(api: Api, node_daemons, programs) -> None:
+    daemon = node_daemons()
+    name = f"upd-{uid()}"
+    programs.append(name)
+    manifest = openat_program(name, {"matchLabels": {"kubernetes.io/hostname": daemon.node}})
+    api.apply(manifest)
+    api.ready(name, "1/1")
+    old = api.node_reports(daemon.node, name)[0]
+    manifest["spec"]["source"]["inline"] = OPENAT_COUNTER.replace("1024", "2048")
+    api.apply(manifest)
+    wait_for(
+        lambda: (
+            api.node_reports(daemon.node, name)[0]["contentHash"] != old["contentHash"]
+            and api.node_reports(daemon.node, name)[0]["phase"] == "Attached"
+        ),
+        60,
+        "new content attached",
+    )
+    status = api.ready(name, "1/1")
+    assert status["observedGeneration"] == api.program(name)["metadata"]["generation"]
+    assert api.node_reports(daemon.node, name)[0]["programIds"] != old["programIds"]
