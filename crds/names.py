@@ -51,7 +51,15 @@ BPF_NODE_STATE = ResourceNames(
     namespaced=False,
 )
 
-ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE)
+NETWORK_IDENTITY = ResourceNames(
+    kind="NetworkIdentity",
+    plural="networkidentities",
+    singular="networkidentity",
+    short_names=("nid",),
+    namespaced=False,
+)
+
+ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE, NETWORK_IDENTITY)
 
 # Flat aliases for call sites that only need one string (kopf decorators, CustomObjectsApi).
 BPF_PROGRAM_KIND = BPF_PROGRAM.kind
@@ -60,3 +68,5 @@ NETWORK_IDENTITY_POLICY_KIND = NETWORK_IDENTITY_POLICY.kind
 NETWORK_IDENTITY_POLICY_PLURAL = NETWORK_IDENTITY_POLICY.plural
 BPF_NODE_STATE_KIND = BPF_NODE_STATE.kind
 BPF_NODE_STATE_PLURAL = BPF_NODE_STATE.plural
+NETWORK_IDENTITY_KIND = NETWORK_IDENTITY.kind
+NETWORK_IDENTITY_PLURAL = NETWORK_IDENTITY.plural

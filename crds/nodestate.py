@@ -32,7 +32,7 @@ from beekeeper.crds.common import (
     validations,
 )
 from beekeeper.crds.names import BPF_NODE_STATE
-from beekeeper.crds.networkpolicy import PolicyType, Protocol, parse_cidr
+from beekeeper.crds.networkpolicy import PolicyType, parse_cidr
 
 MAX_NODE_BPF_PROGRAMS = 128
 CONTENT_HASH_PATTERN = r"^[a-f0-9]{64}$"
@@ -113,14 +113,21 @@ Identity = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class Endpoint(ApiModel):
-    """A pod on this node that policies may select, with its identity."""
+    """A pod on this node: its identity and whether policies isolate it per direction.
+
+    The daemon finds the pod's host-side interface itself, from the host route to `ip`
+    (the state any CNI plugin leaves), so no CNI-specific hint is needed.
+    """
 
     namespace: DnsLabel = Field(description="Namespace of the pod.")
     pod: DnsSubdomain = Field(description="Name of the pod.")
     ip: IpAddress = Field(description="Pod IP (status.podIP).")
-    identity: Identity = Field(description="Numeric identity of the pod's label set.")
-    ifname: str | None = Field(
-        None, max_length=15, description="Host-side interface of the pod, if known (a hint; the daemon verifies it)."
+    identity: Identity = Field(description="Numeric identity of the pod's label set (with its namespace's labels).")
+    ingress_enforced: bool = Field(
+        False, description="Some policy selects the pod for Ingress: inbound traffic is denied unless allowed."
+    )
+    egress_enforced: bool = Field(
+        False, description="Some policy selects the pod for Egress: outbound traffic is denied unless allowed."
     )
 
 
@@ -128,7 +135,7 @@ class IpcacheEntry(ApiModel):
     """IP prefix to identity, for the datapath's longest-prefix-match lookup of a packet's peer."""
 
     cidr: CidrString = Field(description="Prefix, e.g. 10.244.1.7/32 for a pod.")
-    identity: Identity = Field(description="Identity of the prefix; 0 is world (outside the cluster).")
+    identity: Identity = Field(description="Identity of the prefix: a pod identity, or 1 for a node (host) address.")
 
 
 class PolicyAction(StrEnum):
@@ -138,39 +145,58 @@ class PolicyAction(StrEnum):
     DENY = "deny"
 
 
-class PolicyRule(ApiModel):
-    """One resolved policy entry: (local endpoint, direction, peer, protocol, ports) -> action."""
+class RuleProtocol(StrEnum):
+    """Transport protocol of a rule; Any matches every protocol (and then ports must be any)."""
 
-    endpoint_identity: Identity | None = Field(None, description="Local endpoints with this identity (or endpoint).")
-    endpoint: IpAddress | None = Field(None, description="One local endpoint by IP (or endpointIdentity).")
-    direction: PolicyType = Field(description="Ingress (into the endpoint) or Egress (out of it).")
-    peer_identity: Identity | None = Field(None, description="Peer identity; 0 means any peer (or peerCidr).")
-    peer_cidr: CidrString | None = Field(None, description="Peer prefix (or peerIdentity).")
-    protocol: Protocol | None = Field(None, description="TCP, UDP or SCTP; absent means any protocol.")
-    port_start: int | None = Field(None, ge=0, le=65535, description="First port; absent or 0 means any port.")
-    port_end: int | None = Field(None, ge=0, le=65535, description="Last port (inclusive); absent means portStart.")
-    action: PolicyAction = Field(description="allow or deny.")
+    ANY = "Any"
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class PolicyRule(ApiModel):
+    """One resolved policy entry: (local identity, direction, peer identity, protocol, ports) -> action.
+
+    Keyed by identities, not pods: every local pod with the same labels shares the entry,
+    so pod churn changes only endpoints and ipcache.
+    """
+
+    local_identity: Identity = Field(description="Identity of the local endpoints the rule applies to.")
+    direction: PolicyType = Field(description="Ingress (into the local endpoint) or Egress (out of it).")
+    peer_identity: Identity = Field(
+        description="Identity of the peer: a pod identity, a CIDR identity (cidrIdentities), 1 host, 2 world, 0 any."
+    )
+    protocol: RuleProtocol = Field(RuleProtocol.ANY, description="TCP, UDP, SCTP or Any.")
+    port_start: int = Field(0, ge=0, le=65535, description="First destination port; 0 with portEnd 0 means any port.")
+    port_end: int = Field(0, ge=0, le=65535, description="Last destination port (inclusive).")
+    action: PolicyAction = Field(description="allow or deny; deny wins.")
     policy: str = Field(
         max_length=317, pattern=POLICY_REF_PATTERN, description="namespace/name of the NetworkIdentityPolicy."
     )
 
     @model_validator(mode="after")
-    def _one_of(self) -> PolicyRule:
-        if (self.endpoint_identity is None) == (self.endpoint is None):
-            raise ValueError("exactly one of endpointIdentity or endpoint must be set")
-        if self.peer_identity is not None and self.peer_cidr is not None:
-            raise ValueError("peerIdentity and peerCidr are exclusive")
-        if self.port_end is not None and (self.port_start or 0) > self.port_end:
+    def _ports(self) -> PolicyRule:
+        if self.port_start > self.port_end:
             raise ValueError("portEnd must be greater than or equal to portStart")
+        if self.protocol == RuleProtocol.ANY and (self.port_start or self.port_end):
+            raise ValueError("a rule for any protocol cannot restrict ports")
         return self
 
 
 class NodeNetworkPolicy(ApiModel):
-    """Desired contents of this node's policy maps."""
+    """Desired contents of this node's policy maps, computed by the operator."""
 
-    endpoints: list[Endpoint] | None = Field(None, description="Local pods and their identities.")
-    ipcache: list[IpcacheEntry] | None = Field(None, description="Prefix-to-identity entries.")
-    rules: list[PolicyRule] | None = Field(None, description="Policy entries for local endpoints.")
+    endpoints: list[Endpoint] | None = Field(None, max_length=4096, description="Local pods and their identities.")
+    ipcache: list[IpcacheEntry] | None = Field(
+        None, max_length=65536, description="Pod and node addresses the local rules need, with their identities."
+    )
+    cidr_identities: list[IpcacheEntry] | None = Field(
+        None,
+        max_length=4096,
+        description="One identity per distinct ipBlock prefix (cidr or except); the most specific prefix "
+        "containing an address gives its CIDR identity.",
+    )
+    rules: list[PolicyRule] | None = Field(None, max_length=65536, description="Policy entries for local identities.")
 
 
 class BpfNodeStateSpec(ApiModel):
@@ -241,6 +267,21 @@ class ProgramStatus(ApiModel):
     last_transition_time: Time | None = Field(None, description="When phase last changed.")
 
 
+class NetworkPolicyStatus(ApiModel):
+    """How this node's policy datapath matches spec.networkPolicy."""
+
+    enforcing: bool = Field(False, description="The datapath is loaded and every resolvable endpoint is attached.")
+    endpoints: int = Field(0, ge=0, description="Local endpoints in spec.")
+    attached: int = Field(0, ge=0, description="Endpoints whose host-side interface carries the policy programs.")
+    missing: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, max_length=64, description="Endpoint IPs with no host route to an interface yet (up to 64)."
+    )
+    rules: int = Field(0, ge=0, description="Policy rules in the maps.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation last synced into the maps.")
+    last_sync_time: Time | None = Field(None, description="When the maps were last changed.")
+    message: str | None = Field(None, max_length=2048, description="Why the datapath is not enforcing, if it is not.")
+
+
 class BpfNodeStateStatus(ApiModel):
     """What the node actually runs; written by that node's daemon only."""
 
@@ -256,6 +297,7 @@ class BpfNodeStateStatus(ApiModel):
     attached: str | None = Field(
         None, max_length=32, description="Attached functions / functions in spec, e.g. 3/4 (for kubectl get)."
     )
+    network_policy: NetworkPolicyStatus | None = Field(None, description="State of the policy datapath.")
 
 
 class BpfNodeState(Resource):

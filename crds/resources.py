@@ -6,11 +6,12 @@ from typing import Any
 
 from beekeeper.crds.bpfprogram import BpfProgram
 from beekeeper.crds.common import Resource
+from beekeeper.crds.identity import NetworkIdentity
 from beekeeper.crds.names import API_VERSION
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicy
 from beekeeper.crds.nodestate import BpfNodeState
 
-RESOURCES: tuple[type[Resource], ...] = (BpfProgram, NetworkIdentityPolicy, BpfNodeState)
+RESOURCES: tuple[type[Resource], ...] = (BpfProgram, NetworkIdentityPolicy, BpfNodeState, NetworkIdentity)
 BY_KIND: dict[str, type[Resource]] = {r.names.kind: r for r in RESOURCES}
 
 

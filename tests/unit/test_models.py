@@ -132,7 +132,7 @@ def test_resource_names() -> None:
     assert names.BPF_NODE_STATE.short_names == ("bns",)
     assert names.NETWORK_IDENTITY_POLICY.namespaced
     assert not names.BPF_PROGRAM.namespaced and not names.BPF_NODE_STATE.namespaced
-    assert set(BY_KIND) == {"BpfProgram", "NetworkIdentityPolicy", "BpfNodeState"}
+    assert set(BY_KIND) == {"BpfProgram", "NetworkIdentityPolicy", "BpfNodeState", "NetworkIdentity"}
     assert all(r.names.kind == r.model_fields["kind"].default for r in RESOURCES)
 
 
@@ -701,11 +701,21 @@ def node_state(name: str = "node-a", **spec: Any) -> dict[str, Any]:
 def test_node_state_round_trip_with_status() -> None:
     doc = node_state(
         networkPolicy={
-            "endpoints": [{"namespace": "default", "pod": "web-0", "ip": "10.244.0.5", "identity": 1001}],
-            "ipcache": [{"cidr": "10.244.0.5/32", "identity": 1001}, {"cidr": "0.0.0.0/0", "identity": 0}],
+            "endpoints": [
+                {
+                    "namespace": "default",
+                    "pod": "web-0",
+                    "ip": "10.244.0.5",
+                    "identity": 1001,
+                    "ingressEnforced": True,
+                    "egressEnforced": False,
+                }
+            ],
+            "ipcache": [{"cidr": "10.244.0.5/32", "identity": 1001}, {"cidr": "10.244.0.9/32", "identity": 1002}],
+            "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 16777216}],
             "rules": [
                 {
-                    "endpointIdentity": 1001,
+                    "localIdentity": 1001,
                     "direction": "Ingress",
                     "peerIdentity": 1002,
                     "protocol": "TCP",
@@ -747,38 +757,18 @@ def test_node_state_is_named_after_its_node() -> None:
         BpfNodeState.model_validate(node_state(name="node-b"))
 
 
+RULE = {"localIdentity": 300, "direction": "Ingress", "peerIdentity": 0, "action": "allow", "policy": "a/b"}
+
+
 @pytest.mark.parametrize(
     ("rule", "match"),
     [
-        ({"direction": "Ingress", "action": "allow", "policy": "ns/p"}, "exactly one of endpointIdentity or endpoint"),
-        (
-            {"endpoint": "10.0.0.1", "endpointIdentity": 3, "direction": "Ingress", "action": "allow", "policy": "a/b"},
-            "exactly one",
-        ),
-        (
-            {
-                "endpoint": "10.0.0.1",
-                "peerIdentity": 2,
-                "peerCidr": "10.0.0.0/8",
-                "direction": "Egress",
-                "action": "deny",
-                "policy": "a/b",
-            },
-            "exclusive",
-        ),
-        ({"endpoint": "10.0.0.300", "direction": "Ingress", "action": "allow", "policy": "a/b"}, "not an IP"),
-        (
-            {
-                "endpoint": "10.0.0.1",
-                "portStart": 90,
-                "portEnd": 80,
-                "direction": "Ingress",
-                "action": "allow",
-                "policy": "a/b",
-            },
-            "portEnd",
-        ),
-        ({"endpoint": "10.0.0.1", "direction": "Ingress", "action": "allow", "policy": "no-slash"}, "policy"),
+        ({k: v for k, v in RULE.items() if k != "localIdentity"}, "localIdentity"),
+        ({**RULE, "protocol": "TCP", "portStart": 90, "portEnd": 80}, "portEnd"),
+        ({**RULE, "portStart": 80, "portEnd": 80}, "any protocol cannot restrict ports"),
+        ({**RULE, "peerIdentity": -1}, "peerIdentity"),
+        ({**RULE, "protocol": "ICMP"}, "protocol"),
+        ({**RULE, "policy": "no-slash"}, "policy"),
     ],
 )
 def test_invalid_policy_rules(rule: dict[str, Any], match: str) -> None:
