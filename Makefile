@@ -11,6 +11,9 @@ install:
 demo: install
 	$(BK) dev up
 	$(KUBECTL) apply -f examples/
+	$(KUBECTL) wait --for=condition=Ready bpfprograms --all --timeout=300s
+	@echo "--- busiest processes by system calls (live, from the node daemon's /metrics) ---"
+	@sleep 3; $(BK) dev metrics --grep '^beekeeper_syscalls_total' --top 8
 	$(KUBECTL) get nodes
 	$(KUBECTL) get beekeeper -A
 

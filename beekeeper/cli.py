@@ -33,6 +33,8 @@ def _dev(args: argparse.Namespace) -> int:
             print(env.status())
         case "kubeconfig":
             print(env.control_plane.kubeconfig)
+        case "metrics":
+            print(env.metrics(args.grep, args.top))
         case "build":
             print(build.ensure_built(_progress))
         case "prepare-host":
@@ -79,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     dev_sub.add_parser("down", help="stop everything `up` started")
     dev_sub.add_parser("status", help="show what is running")
     dev_sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
+    metrics = dev_sub.add_parser("metrics", help="show this machine's node daemon metrics")
+    metrics.add_argument("--grep", default=None, help="only series matching this regular expression, largest first")
+    metrics.add_argument("--top", type=int, default=None, help="at most this many series")
     dev_sub.add_parser("build", help="build and cache kube-apiserver, kube-controller-manager, kubectl and etcd")
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")

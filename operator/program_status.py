@@ -23,8 +23,10 @@ def _node_verdict(entry_hash: str, reports: Sequence[Mapping[str, Any]], expecte
     failed = next((r for r in current if r.get("phase") == "Failed"), None)
     if failed is not None:
         return "failed", failed
-    attached = [r for r in current if r.get("phase") == "Attached"]
-    return ("ready", None) if len(attached) >= expected and expected > 0 else ("pending", None)
+    # Loaded counts: a program whose interface pattern matches nothing yet is converged,
+    # it attaches by itself when a matching interface appears.
+    running = [r for r in current if r.get("phase") in ("Attached", "Loaded")]
+    return ("ready", None) if len(running) >= expected and expected > 0 else ("pending", None)
 
 
 def aggregate(

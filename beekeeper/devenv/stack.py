@@ -7,8 +7,10 @@ lives in one directory so any shell can inspect or stop it.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,6 +101,19 @@ class DevEnvironment:
         self.control_plane.stop()
         self._save(Components())
         progress("[stop] done")
+
+    def metrics(self, pattern: str | None = None, top: int | None = None) -> str:
+        """This machine's node daemon /metrics, optionally only matching series, largest first."""
+        port = self._load().metrics_ports.get(self.node_name)
+        if not port:
+            raise RuntimeError("no node daemon is running here: run `beekeeper dev up` first")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            lines = resp.read().decode().splitlines()
+        series = [line for line in lines if not line.startswith("#")]
+        if pattern:
+            series = [line for line in series if re.search(pattern, line)]
+            series.sort(key=lambda line: float(line.rsplit(" ", 1)[-1]), reverse=True)
+        return "\n".join(series[:top] if top else series)
 
     def status(self) -> str:
         """A human summary of what runs, with pids, ports and log locations."""

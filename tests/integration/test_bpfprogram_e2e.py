@@ -218,7 +218,11 @@ def test_xdp_counter_counts_real_packets(api: Api, node_daemons, programs) -> No
         api.ready(name, "1/1")
         (report,) = api.node_reports(daemon.node, name)
         assert any(ns.host_if in point for point in report["attachPoints"]), report
-        send = f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(10): s.sendto(b'x', ({ns.host_ip!r}, 9))"
+        send = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for _ in range(10): s.sendto(b'x', ({ns.host_ip!r}, 9))"
+        )
         ns.run("python3", "-c", send)
 
         def packets() -> float | None:

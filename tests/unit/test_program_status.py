@@ -121,3 +121,9 @@ def test_source_error_is_degraded() -> None:
 def test_deleting_phase(placed) -> None:
     p = placed(["a"])
     assert aggregate(p, {}, None, True, NOW)["phase"] == "Deleting"
+
+
+def test_loaded_with_no_matching_interface_counts_as_ready(placed) -> None:
+    p = placed(["a"])
+    loaded = report(p, "Loaded", reason="NoMatchingInterfaces", message="pattern veth* matches no interface")
+    assert aggregate(p, {"a": [loaded]}, None, False, NOW)["phase"] == "Ready"
