@@ -59,12 +59,12 @@ class ControlPlane:
         state = self.load_state()
         return processes.alive(state.apiserver_pid) and processes.alive(state.etcd_pid) and self._ready(state)
 
-    def start(self, progress=print) -> None:
-        """Start whatever is not running; idempotent."""
+    def start(self, progress=print) -> bool:
+        """Start whatever is not running; idempotent. True when the apiserver was (re)started."""
         if self.running():
             progress(f"[control-plane] already running, kubeconfig {self.kubeconfig}")
             self._ensure_controller_manager(self.load_state())
-            return
+            return False
         self.stop()
         bins = build.ensure_built(progress)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +128,7 @@ class ControlPlane:
         processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
         self._ensure_controller_manager(state)
         progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
+        return True
 
     def _ensure_controller_manager(self, state: ControlPlaneState) -> None:
         if processes.alive(state.controller_manager_pid):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import sys
 import urllib.request
@@ -17,7 +18,7 @@ from pathlib import Path
 from beekeeper import kube
 from beekeeper.devenv import build, processes
 from beekeeper.devenv.controlplane import ControlPlane
-from beekeeper.devenv.host import prepare_host
+from beekeeper.devenv.host import BPFFS, prepare_host
 from beekeeper.devenv.paths import state_dir
 
 
@@ -38,6 +39,8 @@ class DevEnvironment:
         self.control_plane = ControlPlane(self.root)
         self.node_name = socket.gethostname()
         self._file = self.root / "components.json"
+        # Pins of the dev daemon live apart from a production daemon's /sys/fs/bpf/beekeeper.
+        self.bpffs_root = BPFFS / "beekeeper-dev" / self.node_name
 
     def _load(self) -> Components:
         if self._file.exists():
@@ -53,7 +56,7 @@ class DevEnvironment:
         from beekeeper.crds.generate import crd_manifests
 
         prepare_host(progress)
-        self.control_plane.start(progress)
+        restarted = self.control_plane.start(progress)
         api = kube.api_client(self.control_plane.kubeconfig)
         names = kube.install_crds(api, crd_manifests())
         progress(f"[crds] installed and established: {', '.join(names)}")
@@ -61,6 +64,8 @@ class DevEnvironment:
         progress(f"[node] Node/{self.node_name} registered")
 
         components = self._load()
+        if restarted:  # components still running from before talk to the old apiserver address
+            self._stop_components(components, progress)
         env = {"KUBECONFIG": str(self.control_plane.kubeconfig)}
         beekeeper = [sys.executable, "-m", "beekeeper.cli"]
         if not processes.alive(components.operator_pid):
@@ -81,6 +86,10 @@ class DevEnvironment:
                     "127.0.0.1",
                     "--metrics-port",
                     str(port),
+                    "--bpffs-root",
+                    str(self.bpffs_root),
+                    "--state-dir",
+                    str(self.root / "node-state" / self.node_name),
                 ],
                 self.root / "logs" / f"node-daemon-{self.node_name}.log",
                 env,
@@ -90,13 +99,11 @@ class DevEnvironment:
 
     def down(self, progress=print) -> None:
         """Stop every process `up` started; cached binaries and PKI stay for a fast next start."""
-        components = self._load()
-        for node, pid in components.node_daemons.items():
-            progress(f"[stop] node daemon {node} (pid {pid})")
-            processes.stop(pid)
-        if components.operator_pid:
-            progress(f"[stop] operator (pid {components.operator_pid})")
-            processes.stop(components.operator_pid)
+        self._stop_components(self._load(), progress)
+        if self.bpffs_root.exists():
+            progress(f"[stop] unpinning {self.bpffs_root}: detaches every program the dev daemon attached")
+            shutil.rmtree(self.bpffs_root, ignore_errors=True)
+            shutil.rmtree(self.root / "node-state", ignore_errors=True)
         progress("[stop] control plane")
         self.control_plane.stop()
         self._save(Components())
@@ -114,6 +121,17 @@ class DevEnvironment:
             series = [line for line in series if re.search(pattern, line)]
             series.sort(key=lambda line: float(line.rsplit(" ", 1)[-1]), reverse=True)
         return "\n".join(series[:top] if top else series)
+
+    def _stop_components(self, components: Components, progress) -> None:
+        for node, pid in components.node_daemons.items():
+            if processes.alive(pid):
+                progress(f"[stop] node daemon {node} (pid {pid}); its programs stay attached (pinned)")
+                processes.stop(pid)
+        if processes.alive(components.operator_pid):
+            progress(f"[stop] operator (pid {components.operator_pid})")
+            processes.stop(components.operator_pid)
+        components.operator_pid = None
+        components.node_daemons.clear()
 
     def status(self) -> str:
         """A human summary of what runs, with pids, ports and log locations."""
