@@ -303,6 +303,21 @@ def test_broken_programs_fail_with_reasons_while_healthy_one_stays(api: Api, nod
 
     (report,) = api.node_reports(daemon.node, healthy)
     assert report["phase"] == "Attached" and report["programIds"] == healthy_ids
+
+    def warning_event() -> str:
+        out = api.cluster.kubectl(
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            f"involvedObject.name={broken['syntax']}",
+            "-o",
+            "jsonpath={range .items[*]}{.type} {.reason}: {.message}{'\\n'}{end}",
+        ).stdout
+        return out if "Warning Degraded" in out else ""
+
+    assert ":2:" in wait_for(warning_event, 30, "a Warning event for the degraded program")
     caps = api.nodestate(daemon.node)["status"]["capabilities"]
     assert caps["programTypes"]["kprobe"] is False and "kprobe" in caps["reasons"]["kprobe"].lower()
 
