@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from beekeeper import kube
 from beekeeper.devenv import processes
 
 
@@ -73,6 +78,57 @@ class NodeDaemon(Process):
             return resp.read().decode()
 
 
+def component_env(kubeconfig: Path) -> dict[str, str]:
+    """Environment of the beekeeper processes the tests start."""
+    return {"KUBECONFIG": str(kubeconfig), "BEEKEEPER_LOG_LEVEL": "debug"}
+
+
+class NodeDaemons:
+    """daemons(labels) -> NodeDaemon: registers a Node and starts its daemon; stop_all() tears them down.
+
+    cluster is conftest's Cluster (api(), kubectl(), kubeconfig).
+    """
+
+    def __init__(self, cluster: Any, workdir: Path) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.api = cluster.api()
+        self.test_id = uuid.uuid4().hex[:6]
+        self.started: list[NodeDaemon] = []
+
+    def __call__(self, labels: dict[str, str] | None = None, name: str | None = None) -> NodeDaemon:
+        node = name or f"node-{self.test_id}-{len(self.started)}"
+        kube.register_node(self.api, node, {"beekeeper.dev/test": self.test_id, **(labels or {})})
+        bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
+        state = self.workdir / "nodes" / node
+        port = processes.free_port()
+        argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]
+        argv += ["--bpffs-root", str(bpffs_root), "--state-dir", str(state)]
+        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port)]
+        daemon = NodeDaemon(
+            f"node-daemon {node}",
+            argv,
+            self.workdir / f"node-daemon-{node}.log",
+            component_env(self.cluster.kubeconfig),
+            node=node,
+            test_labels={"beekeeper.dev/test": self.test_id},
+            metrics_port=port,
+            bpffs_root=bpffs_root,
+            state_dir=state,
+        ).start()
+        self.started.append(daemon)
+        return daemon
+
+    def stop_all(self, show_logs: bool = False) -> None:
+        for daemon in self.started:
+            if show_logs:
+                print(f"--- {daemon.name} log ---\n{daemon.log_tail()}")
+            daemon.stop()
+            self.cluster.kubectl("delete", "node", daemon.node, "--wait=false", check=False)
+            shutil.rmtree(daemon.bpffs_root, ignore_errors=True)  # unpinning the links detaches them
+        self.started.clear()
+
+
 def sh(*argv: str, check: bool = True, netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command (optionally inside a network namespace); errors show the command and stderr."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
@@ -114,3 +170,33 @@ class VethNamespace:
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return sh(*argv, check=check, netns=self.name)
+
+
+# Counts UDP packets to the compile-time PORT: shared by the kernel tests of XDP.
+XDP_COUNT_UDP = r"""
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/udp.h>
+
+BPF_ARRAY(packets, u64, 1);
+
+int count_udp(struct xdp_md *ctx) {
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return XDP_PASS;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP)
+        return XDP_PASS;
+    struct udphdr *udp = (void *)(ip + 1);
+    if ((void *)(udp + 1) > end || udp->dest != bpf_htons(PORT))
+        return XDP_PASS;
+    int zero = 0;
+    u64 *count = packets.lookup(&zero);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    return XDP_PASS;
+}
+"""

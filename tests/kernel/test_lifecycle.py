@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict
 
 import pytest
+from support import XDP_COUNT_UDP
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit
@@ -19,33 +20,6 @@ from beekeeper.node_daemon.bcc_backend import BccBackend
 
 pytestmark = pytest.mark.kernel
 
-XDP_UDP_COUNTER = r"""
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/udp.h>
-
-BPF_ARRAY(packets, u64, 1);
-
-int count_udp(struct xdp_md *ctx) {
-    void *data = (void *)(long)ctx->data;
-    void *end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-        return XDP_PASS;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP)
-        return XDP_PASS;
-    struct udphdr *udp = (void *)(ip + 1);
-    if ((void *)(udp + 1) > end || udp->dest != bpf_htons(PORT))
-        return XDP_PASS;
-    int zero = 0;
-    u64 *count = packets.lookup(&zero);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    return XDP_PASS;
-}
-"""
 
 TRACEPOINT_COUNTER = r"""
 BPF_ARRAY(calls, u64, 1);
@@ -101,7 +75,7 @@ def _xdp_unit(port: int, source: str, interface: str) -> ProgramUnit:
 
 def test_xdp_update_swaps_the_program_without_dropping_a_packet(backend, veth, kernel_objects):
     port = 40010
-    (v1,) = backend.apply(_xdp_unit(port, XDP_UDP_COUNTER, veth.host_if))
+    (v1,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP, veth.host_if))
     assert v1.phase == Phase.ATTACHED, v1
     links_before = kernel_objects.pinned(backend.base_dir)["link"]
     v1_map = bpf.obj_get(_map_pin(backend, "packets"))  # v1's map is unpinned by the update
@@ -118,7 +92,7 @@ def test_xdp_update_swaps_the_program_without_dropping_a_packet(backend, veth, k
     sender.start()
     try:
         time.sleep(0.2)
-        (v2,) = backend.apply(_xdp_unit(port, XDP_UDP_COUNTER + "// v2: same logic, new build\n", veth.host_if))
+        (v2,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP + "// v2: same logic, new build\n", veth.host_if))
         time.sleep(0.2)
     finally:
         stop.set()
@@ -178,8 +152,8 @@ def test_tracepoint_update_attaches_the_new_program_before_detaching_the_old(bac
 
 def test_a_failed_update_keeps_the_previous_build_attached(backend, veth):
     port = 40011
-    (good,) = backend.apply(_xdp_unit(port, XDP_UDP_COUNTER, veth.host_if))
-    (broken,) = backend.apply(_xdp_unit(port, XDP_UDP_COUNTER + "int oops(void) { return undefined; }\n", veth.host_if))
+    (good,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP, veth.host_if))
+    (broken,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP + "int oops(void) { return undefined; }\n", veth.host_if))
     assert (broken.phase, broken.reason) == (Phase.FAILED, "CompileError")
     assert broken.message.startswith("previous build stays attached at 1 point(s)")
     assert broken.program_ids == good.program_ids
@@ -188,7 +162,7 @@ def test_a_failed_update_keeps_the_previous_build_attached(backend, veth):
     (entry,) = backend.read_map("xdp-update", "packets")
     assert entry.values[0] == 10
 
-    (rolled_back,) = backend.apply(_xdp_unit(port, XDP_UDP_COUNTER, veth.host_if))
+    (rolled_back,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP, veth.host_if))
     assert rolled_back == good, "rolling back to a build still pinned reuses it as is"
 
 

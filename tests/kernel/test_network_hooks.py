@@ -7,38 +7,12 @@ import socket
 import subprocess
 
 import pytest
+from support import XDP_COUNT_UDP
 
 from beekeeper.node_daemon.backend import AttachSpec, Field, Layout, Phase, ProgramUnit, Reason
 
 pytestmark = pytest.mark.kernel
 
-XDP_COUNT_UDP = r"""
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/ip.h>
-#include <uapi/linux/udp.h>
-
-BPF_ARRAY(packets, u64, 1);
-
-int count_udp(struct xdp_md *ctx) {
-    void *data = (void *)(long)ctx->data;
-    void *end = (void *)(long)ctx->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
-        return XDP_PASS;
-    struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP)
-        return XDP_PASS;
-    struct udphdr *udp = (void *)(ip + 1);
-    if ((void *)(udp + 1) > end || udp->dest != bpf_htons(PORT))
-        return XDP_PASS;
-    int zero = 0;
-    u64 *count = packets.lookup(&zero);
-    if (count)
-        __sync_fetch_and_add(count, 1);
-    return XDP_PASS;
-}
-"""
 
 TC_DROP_TCP_PORT = r"""
 #include <uapi/linux/pkt_cls.h>
