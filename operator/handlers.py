@@ -2,8 +2,8 @@
 
 Watch events only update the cache and wake the reconciler (handlers are async so they
 run on the event loop that owns the cache's asyncio.Event; kopf runs sync ones in threads); the single decision-making
-path lives in reconciler.py over the pure functions of desired_state.py and
-program_status.py.
+path lives in reconciler.py over the pure functions of desired_state.py, program_status.py,
+identities.py, policy_compile.py and policy_status.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from typing import Any
 import kopf
 
 from beekeeper import kube
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import (
+    BPF_NODE_STATE_PLURAL,
+    BPF_PROGRAM_PLURAL,
+    GROUP,
+    NETWORK_IDENTITY_PLURAL,
+    NETWORK_IDENTITY_POLICY_PLURAL,
+    VERSION,
+)
 from beekeeper.operator.cache import ClusterCache
 from beekeeper.operator.reconciler import Reconciler
 
@@ -58,6 +65,26 @@ async def node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(GROUP, VERSION, BPF_NODE_STATE_PLURAL)
 async def nodestate_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     memo.cache.observe("BpfNodeState", event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("Pod", event.get("type"), event["object"])
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("Namespace", event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, NETWORK_IDENTITY_POLICY_PLURAL)
+async def policy_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("NetworkIdentityPolicy", event.get("type"), event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, NETWORK_IDENTITY_PLURAL)
+async def identity_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    memo.cache.observe("NetworkIdentity", event.get("type"), event["object"])
 
 
 def _referenced(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> bool:

@@ -1,0 +1,135 @@
+"""Pods as the policy control plane sees them: identity key, addresses, node and named ports.
+
+Only pods that can send or receive traffic through a pod interface count: hostNetwork pods
+share the node's addresses (policy treats them as the host) and pods in a terminal phase no
+longer own their IP, which the network may already have given to a new pod. An address is
+owned by one pod at a time; when stale data shows two, the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from beekeeper.operator.identities import IdentityKey
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    """A named container port: NetworkPolicy resolves `port: <name>` through these, per protocol."""
+
+    name: str
+    protocol: str
+    number: int
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    namespace: str
+    name: str
+    node: str | None
+    key: IdentityKey
+    ips: tuple[str, ...]
+    """Addresses this pod owns (status.podIPs), normalised."""
+    named_ports: frozenset[NamedPort]
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ipv4(self) -> str | None:
+        """The address the IPv4-only datapath enforces at; None leaves the pod unenforceable."""
+        return next((ip for ip in self.ips if ipaddress.ip_address(ip).version == 4), None)
+
+
+def _addresses(status: Mapping[str, Any]) -> list[str]:
+    raw = [entry.get("ip") for entry in status.get("podIPs") or []] or [status.get("podIP")]
+    out = []
+    for value in raw:
+        try:
+            address = str(ipaddress.ip_address(value or ""))
+        except ValueError:
+            continue
+        if address not in out:
+            out.append(address)
+    return out
+
+
+def _named_ports(spec: Mapping[str, Any]) -> frozenset[NamedPort]:
+    # Native sidecars (init containers that keep running) serve ports like regular containers.
+    containers = list(spec.get("containers") or []) + [
+        c for c in spec.get("initContainers") or [] if c.get("restartPolicy") == "Always"
+    ]
+    return frozenset(
+        NamedPort(p["name"], p.get("protocol") or "TCP", int(p["containerPort"]))
+        for c in containers
+        for p in c.get("ports") or []
+        if p.get("name") and p.get("containerPort")
+    )
+
+
+def pod_records(
+    pods: Iterable[Mapping[str, Any]], namespace_labels: Mapping[str, Mapping[str, str]]
+) -> list[PodRecord]:
+    """The live pod-network pods, sorted by namespace/name, each address kept by one pod only.
+
+    Pods of a namespace not (yet) seen are left out until it is, since their identity
+    depends on its labels. On a duplicate address the pod not being deleted wins, then
+    the newest.
+    """
+    candidates: list[tuple[Mapping[str, Any], PodRecord]] = []
+    for body in pods:
+        meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+        namespace = meta.get("namespace")
+        if spec.get("hostNetwork") or status.get("phase") in TERMINAL_PHASES or namespace not in namespace_labels:
+            continue
+        key = IdentityKey.of(namespace, meta.get("labels"), namespace_labels[namespace])
+        record = PodRecord(
+            namespace, meta["name"], spec.get("nodeName"), key, tuple(_addresses(status)), _named_ports(spec)
+        )
+        candidates.append((meta, record))
+
+    candidates.sort(key=lambda c: c[1].ref)
+    candidates.sort(key=lambda c: c[0].get("creationTimestamp") or "", reverse=True)
+    candidates.sort(key=lambda c: bool(c[0].get("deletionTimestamp")))
+    owners: dict[str, str] = {}
+    for _, record in candidates:
+        for ip in record.ips:
+            owners.setdefault(ip, record.ref)
+    records = [
+        PodRecord(r.namespace, r.name, r.node, r.key, tuple(ip for ip in r.ips if owners[ip] == r.ref), r.named_ports)
+        for _, r in candidates
+    ]
+    return sorted(records, key=lambda r: r.ref)
+
+
+def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields pod_records reads, so the cache does not hold whole pod specs."""
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+
+    def ports(containers: Iterable[Mapping[str, Any]] | None, sidecars: bool = False) -> list[dict[str, Any]]:
+        return [
+            {"ports": c["ports"], **({"restartPolicy": c["restartPolicy"]} if sidecars else {})}
+            for c in containers or []
+            if c.get("ports") and (not sidecars or c.get("restartPolicy") == "Always")
+        ]
+
+    return {
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "labels", "resourceVersion", "creationTimestamp", "deletionTimestamp")
+            if meta.get(k) is not None
+        },
+        "spec": {
+            "nodeName": spec.get("nodeName"),
+            "hostNetwork": bool(spec.get("hostNetwork")),
+            "containers": ports(spec.get("containers")),
+            "initContainers": ports(spec.get("initContainers"), sidecars=True),
+        },
+        "status": {k: status[k] for k in ("phase", "podIP", "podIPs") if status.get(k) is not None},
+    }

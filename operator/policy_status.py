@@ -1,0 +1,101 @@
+"""NetworkIdentityPolicy.status from compilation and the nodes' reports: pure aggregation.
+
+Valid says whether the spec could be compiled (and carries warnings about parts that cannot
+take effect); Ready says whether every node with a selected endpoint runs the state written
+for it: its daemon reports status.networkPolicy.enforcing for at least the BpfNodeState
+generation the operator last wrote. A node's generation moves with any change to its
+state, so Ready can dip briefly for edits elsewhere: it never claims more than is known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from beekeeper.crds.common import Condition, set_condition
+from beekeeper.operator.policy_compile import PolicyOutcome
+
+MAX_LISTED = 5
+MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class NodeEnforcement:
+    """One node's side of Ready: the BpfNodeState generation written and what its daemon reports."""
+
+    generation: int | None
+    reported: Mapping[str, Any] | None
+    """status.networkPolicy of the BpfNodeState."""
+    write_error: str | None = None
+    """Why the operator could not write the node's state, if it could not."""
+
+    @property
+    def enforcing(self) -> bool:
+        reported = self.reported or {}
+        observed = reported.get("observedGeneration")
+        return (
+            self.write_error is None
+            and bool(reported.get("enforcing"))
+            and observed is not None
+            and self.generation is not None
+            and observed >= self.generation
+        )
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def _ready(outcome: PolicyOutcome, nodes: Mapping[str, NodeEnforcement], enforcing: list[str]) -> tuple[bool, str, str]:
+    if outcome.error:
+        return False, "InvalidSpec", f"not enforced: {outcome.error}"
+    total = len(outcome.nodes)
+    if not total:
+        return True, "NoSelectedEndpoints", "no pod with an IPv4 address matches spec.podSelector"
+    if len(enforcing) == total:
+        return True, "Enforced", f"enforced on {total}/{total} nodes"
+    failed = [f"{n}: {nodes[n].write_error}" for n in sorted(outcome.nodes) if n in nodes and nodes[n].write_error]
+    if failed:
+        return False, "NodeStateNotWritten", f"enforced on {len(enforcing)}/{total} nodes; {_listed(failed)}"
+    waiting = sorted(outcome.nodes - set(enforcing))
+    return False, "NodesNotEnforcing", f"enforced on {len(enforcing)}/{total} nodes; waiting for {_listed(waiting)}"
+
+
+def aggregate(
+    outcome: PolicyOutcome,
+    nodes: Mapping[str, NodeEnforcement],
+    previous: Mapping[str, Any] | None,
+    now: str,
+) -> dict[str, Any]:
+    """The whole status of one policy."""
+    conditions = [Condition.model_validate(c) for c in (previous or {}).get("conditions") or []]
+    if outcome.error:
+        valid, valid_reason, valid_message = False, "InvalidSpec", outcome.error
+    else:
+        valid, valid_reason = True, "AcceptedWithWarnings" if outcome.warnings else "Accepted"
+        valid_message = "; ".join(outcome.warnings[:MAX_LISTED])
+        if len(outcome.warnings) > MAX_LISTED:
+            valid_message += f"; and {len(outcome.warnings) - MAX_LISTED} more warnings"
+    enforcing = sorted(n for n in outcome.nodes if n in nodes and nodes[n].enforcing)
+    ready, ready_reason, ready_message = _ready(outcome, nodes, enforcing)
+    for type_, value, reason, message in (
+        ("Valid", valid, valid_reason, valid_message),
+        ("Ready", ready, ready_reason, ready_message),
+    ):
+        new = Condition(
+            type=type_,
+            status="True" if value else "False",
+            reason=reason,
+            message=message[:MAX_MESSAGE],
+            observed_generation=outcome.generation,
+            last_transition_time=now,
+        )
+        conditions = set_condition(conditions, new)
+    return {
+        "observedGeneration": outcome.generation,
+        "conditions": sorted((c.to_dict() for c in conditions), key=lambda c: c["type"]),
+        "selectedEndpoints": len(outcome.selected),
+        "nodesEnforcing": len(enforcing),
+    }
