@@ -1,4 +1,4 @@
-"""The `beekeeper` command: the two components, and the local developer environment."""
+"""The `beekeeper` command: the two components, the local developer environment, and diagnostics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import json
 import os
 import socket
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from kubernetes.client.rest import ApiException
 
@@ -69,6 +73,56 @@ def _node_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why_dropped(args: argparse.Namespace) -> int:
+    """Ask node daemons which recent drops match a flow, and why each happened."""
+    query = {
+        k: v
+        for k, v in {
+            "src": args.src,
+            "dst": args.dst,
+            "port": args.port,
+            "protocol": args.protocol,
+            "limit": args.limit,
+        }.items()
+        if v is not None
+    }
+    answers = []
+    for url in args.url:
+        endpoint = f"{url.rstrip('/')}/drops?{urllib.parse.urlencode(query)}"
+        try:
+            with urllib.request.urlopen(endpoint, timeout=10) as resp:
+                answers.append(json.load(resp))
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{url}: {json.loads(exc.read() or b'{}').get('error', exc.reason)}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"{url}: cannot reach the node daemon ({exc})") from None
+    if args.json:
+        print(json.dumps(answers, indent=2))
+    else:
+        print(format_drops(answers, query))
+    return 0
+
+
+def format_drops(answers: list[dict[str, Any]], query: dict[str, Any]) -> str:
+    """Human form of /drops answers: one paragraph per flow and verdict, newest first."""
+    lines = []
+    for answer in answers:
+        for drop in answer["drops"]:
+            where = drop["endpoint"] or "an unnamed endpoint"
+            count = drop["count"]
+            lines.append(
+                f"{drop['src']} -> {drop['dst']} {drop['protocol']}/{drop['port']}: dropped {count} "
+                f"packet{'s' if count != 1 else ''} at {drop['direction']} of {where} on node {answer['node']}, "
+                f"last {drop['lastSeen']}"
+            )
+            lines.append(f"  why: {drop['explanation']}")
+    if lines:
+        return "\n".join(lines)
+    wanted = " ".join(f"{k}={v}" for k, v in query.items() if k != "limit") or "any flow"
+    kept = ", ".join(f"{a['node']} keeps its last {a['capacity']}" for a in answers)
+    return f"no recorded drops match {wanted} ({kept} drop events)"
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="beekeeper", description="Run eBPF programs on Kubernetes, declaratively.")
     root.add_argument("--log-level", default=None, help="debug, info, warning, error (env BEEKEEPER_LOG_LEVEL)")
@@ -106,6 +160,24 @@ def parser() -> argparse.ArgumentParser:
     nd.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 disables")
     nd.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
     nd.set_defaults(func=_node_daemon)
+
+    why = sub.add_parser(
+        "why-dropped",
+        help="explain recent NetworkIdentityPolicy drops recorded by node daemons",
+        description="Ask node daemons (their metrics port) which recent drops match a flow and why each happened: "
+        "the deny policy, or default deny, and the direction. A flow is dropped at the client's node (egress) "
+        "or the server's node (ingress): give both daemons' URLs to see either.",
+    )
+    why.add_argument(
+        "--url", action="append", required=True, help="node daemon base URL, e.g. http://NODE:9464 (repeatable)"
+    )
+    why.add_argument("--src", help="IPv4 address that opened the flow")
+    why.add_argument("--dst", help="IPv4 address the flow was sent to")
+    why.add_argument("--port", type=int, help="destination port")
+    why.add_argument("--protocol", type=str.upper, choices=["TCP", "UDP", "SCTP", "ICMP"], help="transport protocol")
+    why.add_argument("--limit", type=int, help="at most this many flows per node (default 50)")
+    why.add_argument("--json", action="store_true", help="print the daemons' JSON answers")
+    why.set_defaults(func=_why_dropped)
     return root
 
 

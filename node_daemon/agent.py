@@ -1,7 +1,8 @@
 """The node daemon's reconcile step: one BpfNodeState in, kernel converged, status out.
 
-The kernel work is the Backend's; this module decides what to ask it and what to report,
-and writes status only when it changed (a quiet node makes no API writes).
+The kernel work is the Backend's (BpfPrograms) and the PolicyAgent's (the
+NetworkIdentityPolicy datapath); this module decides what to ask them and what to
+report, and writes status only when it changed (a quiet node makes no API writes).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
-from beekeeper.crds.nodestate import NodeProgram
+from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
 from beekeeper.node_daemon import translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
 from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.policy_agent import PolicyAgent
 
 log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
+POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
 
 
 def _now() -> str:
@@ -33,15 +36,24 @@ def _now() -> str:
 class NodeAgent:
     """Converges one node. Not thread-safe: the daemon calls it from one loop."""
 
-    def __init__(self, node: str, backend: Backend, api: client.ApiClient, collector: BpfCollector) -> None:
+    def __init__(
+        self,
+        node: str,
+        backend: Backend,
+        api: client.ApiClient,
+        collector: BpfCollector,
+        policy: PolicyAgent | None = None,
+    ) -> None:
         self.node = node
         self.backend = backend
         self.custom = client.CustomObjectsApi(api)
         self.collector = collector
+        self.policy = policy
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
         self._applied: dict[str, str] = {}
         self._generation: int | None = None
+        self._policy_status: dict[str, Any] | None = None
 
     def reconcile(self, obj: Mapping[str, Any], resync: bool = False) -> None:
         """Make the kernel match obj.spec and report obj.status.
@@ -94,17 +106,45 @@ class NodeAgent:
             self.backend.remove(key)
             self._applied.pop(key, None)
         self.collector.set_programs(entries)
+        self._reconcile_policy(spec, generation)
         self._write_status(generation, statuses + broken)
+
+    def reconcile_policy(self, obj: Mapping[str, Any]) -> None:
+        """Only the policy datapath, e.g. after pod interfaces or routes changed on the host."""
+        if self.policy is None:
+            return
+        if self._written is None or self._generation != obj["metadata"].get("generation"):
+            self.reconcile(obj)
+            return
+        self._reconcile_policy(obj.get("spec") or {}, self._generation)
+        self._write_status(self._generation, list(self._written.get("programs") or []))
+
+    def policy_retry_due(self) -> bool:
+        """Some endpoint still has no interface: worth looking again soon."""
+        return self.policy is not None and self.policy.unresolved > 0
+
+    def _reconcile_policy(self, spec: Mapping[str, Any], generation: int | None) -> None:
+        if self.policy is None:
+            return
+        previous = (self._written or {}).get("networkPolicy")
+        try:
+            self._policy_status = self.policy.reconcile(spec.get("networkPolicy"), generation, previous)
+        except Exception as exc:  # keep reporting the programs; the next event or resync retries
+            log.exception("policy reconcile failed", extra={"node": self.node})
+            self._policy_status = {**(previous or {}), "enforcing": False, "message": f"internal error: {exc}"[:2048]}
 
     def remove_all(self) -> None:
         """Our BpfNodeState was deleted (node leaving the cluster): detach everything."""
         for key in sorted(self.backend.adopted()):
             log.info("removing program, node state deleted", extra={"node": self.node, "bpfprogram": key})
             self.backend.remove(key)
+        if self.policy is not None:
+            self.policy.remove()
         self.collector.set_programs([])
         self._written = None
         self._applied.clear()
         self._generation = None
+        self._policy_status = None
 
     def _running(self, entry: NodeProgram, previous: Mapping[tuple[str, str], Mapping[str, Any]]) -> bool:
         """Already converged on this content (e.g. re-adopted after a restart): no Compiling flash."""
@@ -144,12 +184,16 @@ class NodeAgent:
         total = len(programs)
         ok = sum(1 for p in programs if p["phase"] in _OK_PHASES)
         failed = [p for p in programs if p["phase"] == Phase.FAILED.value]
+        policy = self._policy_status
         if interim:
             ready, reason, message = False, "Reconciling", "compiling and attaching"
         elif failed:
             ready, reason = False, "ProgramsFailed"
             message = f"{len(failed)} of {total} failed; first: {failed[0]['bpfProgram']}/{failed[0]['name']}: "
             message += failed[0].get("reason", "")
+        elif policy is not None and not policy.get("enforcing"):
+            ready, reason = False, "PolicyNotEnforced"
+            message = f"network policy: {policy.get('message', 'not enforcing')}"[:2048]
         else:
             ready, reason, message = True, "Converged", f"{ok}/{total} attached"
         old_conditions = {c["type"]: c for c in (self._written or {}).get("conditions") or []}
@@ -172,11 +216,16 @@ class NodeAgent:
             "programs": programs,
             "attached": f"{ok}/{total}",
         }
+        if policy is not None or "networkPolicy" in (self._written or {}):
+            status["networkPolicy"] = policy  # None clears a stale report (merge patch)
         if status == self._written:
             return
+        body = dict(status)
+        if policy is not None:  # a merge patch keeps keys it does not mention: clear dropped ones explicitly
+            body["networkPolicy"] = {**dict.fromkeys(POLICY_STATUS_KEYS), **policy}
         try:
             self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, BPF_NODE_STATE_PLURAL, self.node, {"status": status}
+                GROUP, VERSION, BPF_NODE_STATE_PLURAL, self.node, {"status": body}
             )
             self._written = status
             log.info(

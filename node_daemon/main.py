@@ -3,7 +3,13 @@
 Only our own object is watched (server-side field selector on metadata.name), so the
 daemon's load does not grow with the cluster. Events are coalesced: only the newest
 object matters. A periodic resync re-applies it, which picks up interfaces that appeared
-since (interface patterns) and repairs anything detached behind our back.
+since (interface patterns) and repairs anything detached behind our back. Link and route
+changes on the host re-run only the policy part at once (a pod's veth appeared or was
+recreated), and while some endpoint has no interface yet it is looked for every few seconds.
+
+bpffs layout under --bpffs-root: programs/ (BpfPrograms, one directory per unit) and
+policy/ (the NetworkIdentityPolicy datapath); kept apart so no BpfProgram name can
+collide with the policy's pins.
 """
 
 from __future__ import annotations
@@ -12,21 +18,31 @@ import logging
 import queue
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
+from prometheus_client import CollectorRegistry
 
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.node_daemon import http_api
 from beekeeper.node_daemon.agent import NodeAgent
-from beekeeper.node_daemon.metrics import BpfCollector, serve
+from beekeeper.node_daemon.drops import DropLog
+from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.policy_agent import PolicyAgent
+from beekeeper.node_daemon.policy_metrics import PolicyCollector
+from beekeeper.node_daemon.routes import RouteWatcher
 
 log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 30.0
+POLICY_RETRY_SECONDS = 2.0
 DELETED = object()
+HOST_CHANGED = object()
+"""Queued by the route watcher: links or routes changed on the host."""
 
 
 def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: threading.Event) -> None:
@@ -76,50 +92,71 @@ def run(
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
     from beekeeper.node_daemon.bcc_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, BccBackend
 
+    bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
+    state_dir = Path(state_dir or DEFAULT_STATE_DIR)
     api = kube.api_client(kubeconfig)
-    backend = BccBackend(
-        base_dir=str(bpffs_root or DEFAULT_BASE_DIR),
-        state_dir=str(state_dir or DEFAULT_STATE_DIR),
-        collect_run_stats=True,
-    )
+    backend = BccBackend(base_dir=str(bpffs_root / "programs"), state_dir=str(state_dir), collect_run_stats=True)
+    drop_log = DropLog()
+    policy = PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
     collector = BpfCollector(backend, node_name)
-    agent = NodeAgent(node_name, backend, api, collector)
+    agent = NodeAgent(node_name, backend, api, collector, policy)
     if metrics_port:
-        serve(collector, metrics_port, metrics_address)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        registry.register(PolicyCollector(policy))
+        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address)
 
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     events: queue.Queue[Any] = queue.Queue()
+
+    def terminate(*_: object) -> None:
+        stop.set()
+        # wake the loop; from a thread, as the handler may interrupt the loop inside the queue's lock
+        threading.Thread(target=events.put, args=(HOST_CHANGED,), daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, terminate)
     threading.Thread(
         target=_watch, args=(client.CustomObjectsApi(api), node_name, events, stop), daemon=True, name="watch"
     ).start()
+    routes = RouteWatcher(lambda: events.put(HOST_CHANGED))
     log.info(
         "node daemon started",
         extra={"node": node_name, "kernel": agent.capabilities["kernelVersion"], "adopted": len(backend.adopted())},
     )
 
     current: dict[str, Any] | None = None
+    resync_at = time.monotonic() + RESYNC_SECONDS
     while not stop.is_set():
+        timeout = resync_at - time.monotonic()
+        if agent.policy_retry_due():
+            timeout = min(timeout, POLICY_RETRY_SECONDS)
+        batch = []
         try:
-            item = events.get(timeout=RESYNC_SECONDS)
+            batch.append(events.get(timeout=max(timeout, 0.0)))
             while True:  # coalesce a burst: only the newest object matters
-                try:
-                    item = events.get_nowait()
-                except queue.Empty:
-                    break
-            resync = False
+                batch.append(events.get_nowait())
         except queue.Empty:
-            item, resync = current, True
+            pass
         if stop.is_set():
             break
-        if item is DELETED:
-            current = None
-            agent.remove_all()
-        elif item is not None:
-            current = item
-            try:
-                agent.reconcile(item, resync=resync)
-            except Exception:
-                log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
+        objects = [item for item in batch if item is not HOST_CHANGED]
+        try:
+            if objects and objects[-1] is DELETED:
+                current = None
+                agent.remove_all()
+            elif objects:
+                current = objects[-1]
+                agent.reconcile(current)
+            if current is None:
+                resync_at = time.monotonic() + RESYNC_SECONDS
+            elif time.monotonic() >= resync_at:
+                resync_at = time.monotonic() + RESYNC_SECONDS
+                agent.reconcile(current, resync=True)
+            elif len(objects) < len(batch) or (not batch and agent.policy_retry_due()):
+                agent.reconcile_policy(current)
+        except Exception:
+            log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
+    routes.close()
+    policy.close()
     log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

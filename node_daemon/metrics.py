@@ -10,7 +10,6 @@ import logging
 import threading
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as PromMetric
 
@@ -84,11 +83,3 @@ class BpfCollector:
                 run_time.add_metric(labels, stat.run_time_ns / 1e9)
         yield runs
         yield run_time
-
-
-def serve(collector: BpfCollector, port: int, address: str = "0.0.0.0") -> None:
-    """Expose /metrics on `address:port` from a background thread."""
-    registry = CollectorRegistry()
-    registry.register(collector)
-    start_http_server(port, addr=address, registry=registry)
-    log.info("serving metrics", extra={"address": address, "port": port})

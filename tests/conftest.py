@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import NodeDaemon, Process
+from support import NodeDaemons, Process, component_env
 
 from beekeeper import kube
-from beekeeper.devenv import build, processes
+from beekeeper.devenv import build
 from beekeeper.devenv.controlplane import ControlPlane
 
 
@@ -80,10 +80,6 @@ def workdir(cluster: Cluster) -> Path:
     return path
 
 
-def _component_env(cluster: Cluster) -> dict[str, str]:
-    return {"KUBECONFIG": str(cluster.kubeconfig), "BEEKEEPER_LOG_LEVEL": "debug"}
-
-
 @pytest.fixture(scope="session")
 def operator_process(cluster: Cluster, workdir: Path) -> Iterator[Process]:
     """The operator, running for the whole session (tests may restart it)."""
@@ -91,63 +87,19 @@ def operator_process(cluster: Cluster, workdir: Path) -> Iterator[Process]:
         "operator",
         [sys.executable, "-m", "beekeeper.cli", "operator"],
         workdir / "operator.log",
-        _component_env(cluster),
+        component_env(cluster.kubeconfig),
     ).start()
     yield proc
     proc.stop()
 
 
 @pytest.fixture
-def node_daemons(cluster: Cluster, workdir: Path, request: pytest.FixtureRequest) -> Iterator:
-    """start(labels) -> NodeDaemon: registers a Node and starts its daemon; all torn down after the test."""
-    started: list[NodeDaemon] = []
-    api = cluster.api()
-    test_id = uuid.uuid4().hex[:6]
-
-    def start(labels: dict[str, str] | None = None, name: str | None = None) -> NodeDaemon:
-        node = name or f"node-{test_id}-{len(started)}"
-        kube.register_node(api, node, {"beekeeper.dev/test": test_id, **(labels or {})})
-        bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
-        state = workdir / "nodes" / node
-        port = processes.free_port()
-        daemon = NodeDaemon(
-            f"node-daemon {node}",
-            [
-                sys.executable,
-                "-m",
-                "beekeeper.cli",
-                "node-daemon",
-                "--node-name",
-                node,
-                "--bpffs-root",
-                str(bpffs_root),
-                "--state-dir",
-                str(state),
-                "--metrics-address",
-                "127.0.0.1",
-                "--metrics-port",
-                str(port),
-            ],
-            workdir / f"node-daemon-{node}.log",
-            _component_env(cluster),
-            node=node,
-            test_labels={"beekeeper.dev/test": test_id},
-            metrics_port=port,
-            bpffs_root=bpffs_root,
-            state_dir=state,
-        ).start()
-        started.append(daemon)
-        return daemon
-
-    yield start
-
-    for daemon in started:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f"--- {daemon.name} log ---\n{daemon.log_tail()}")
-        daemon.stop()
-        cluster.kubectl("delete", "node", daemon.node, "--wait=false", check=False)
-        shutil.rmtree(daemon.bpffs_root, ignore_errors=True)  # unpinning the links detaches them
+def node_daemons(cluster: Cluster, workdir: Path, request: pytest.FixtureRequest) -> Iterator[NodeDaemons]:
+    """Simulated nodes for one test, torn down after it (their logs printed if it failed)."""
+    daemons = NodeDaemons(cluster, workdir)
+    yield daemons
+    report = getattr(request.node, "rep_call", None)
+    daemons.stop_all(show_logs=report is not None and report.failed)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

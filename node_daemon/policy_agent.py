@@ -1,0 +1,231 @@
+"""The node side of NetworkIdentityPolicy: spec.networkPolicy in, datapath converged, status out.
+
+One PolicyDatapath per node (compiled once, or adopted from bpffs after a restart without
+reloading anything). Each reconcile finds every endpoint's host-side interface from the
+kernel's route to its IP, writes only the map entries that differ, attaches the programs
+to new pod interfaces and detaches them from departed ones. A policy or label change is
+therefore a handful of map writes; the programs, and their ids, stay as they are.
+
+The reconcile loop is the only caller of reconcile/close; observe() and the drop recorder
+run on other threads, so the datapath handle is swapped and used under a lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeNetworkPolicy
+from beekeeper.node_daemon import policy_maps as pm
+from beekeeper.node_daemon.drops import DropLog, DropRecorder
+from beekeeper.node_daemon.policy_datapath import PolicyDatapath, PolicyDatapathError
+from beekeeper.node_daemon.policy_index import PolicyIndexes
+from beekeeper.node_daemon.policy_state import Translation, pod_name, translate
+from beekeeper.node_daemon.routes import PodInterface, RouteTable, Unresolved
+
+log = logging.getLogger(__name__)
+
+MAX_MISSING = 64
+"""status.networkPolicy.missing lists at most this many IPs."""
+
+
+@dataclass(frozen=True)
+class PolicyObservation:
+    """What the metrics endpoint reports about the datapath, read at scrape time."""
+
+    counters: list[pm.Counter]
+    program_ids: dict[str, int]
+    endpoints: int
+    attached: int
+    unresolved: int
+
+
+class PolicyAgent:
+    """Converges this node's policy datapath to spec.networkPolicy."""
+
+    def __init__(self, node: str, bpffs_dir: Path, state_dir: Path, drop_log: DropLog) -> None:
+        self.node = node
+        self.bpffs_dir = Path(bpffs_dir)
+        self.drop_log = drop_log
+        self._indexes = PolicyIndexes(Path(state_dir) / "policy-indexes.json")
+        self._routes = RouteTable()
+        self._lock = threading.Lock()
+        self._datapath: PolicyDatapath | None = None
+        self._recorder: DropRecorder | None = None
+        self._endpoint_names: dict[int, str] = {}
+        self._counts = (0, 0, 0)
+        self._unresolved: dict[str, str] = {}
+        self._synced_generation: int | None = None
+        self._last_sync: dt.datetime | None = None
+        self._restored = False
+
+    @property
+    def unresolved(self) -> int:
+        """Endpoints in spec still waiting for their interface."""
+        return len(self._unresolved)
+
+    def reconcile(
+        self, raw: Mapping[str, Any] | None, generation: int | None, previous: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Converge to spec.networkPolicy (raw); returns status.networkPolicy, None when there is no policy.
+
+        previous is the status this node last reported (read once, so a restarted daemon
+        keeps lastSyncTime and observedGeneration). No spec removes the datapath.
+        """
+        if not self._restored:
+            self._restored = True
+            self._synced_generation = (previous or {}).get("observedGeneration")
+            if (previous or {}).get("lastSyncTime"):
+                self._last_sync = dt.datetime.fromisoformat(previous["lastSyncTime"])
+        if raw is None:
+            self.remove()
+            return None
+        try:
+            spec = NodeNetworkPolicy.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            problem = f"spec.networkPolicy not understood by this daemon: {where}: {first['msg']}"
+            return self._status(None, None, 0, problem)
+        try:
+            datapath = self._load()
+        except PolicyDatapathError as exc:
+            return self._status(spec, None, 0, str(exc))
+        plan = translate(spec, self._lookup(spec), self._indexes.assign({r.policy for r in spec.rules or []}))
+        with self._lock:
+            synced, attached, problems = self._converge(datapath, plan, generation)
+        if synced:
+            self._synced_generation = generation
+        self._report_unresolved(plan.unresolved)
+        return self._status(spec, plan, attached, "; ".join(problems) or None)
+
+    def _lookup(self, spec: NodeNetworkPolicy) -> dict[str, PodInterface | Unresolved]:
+        found: dict[str, PodInterface | Unresolved] = {}
+        for ep in spec.endpoints or []:
+            try:
+                found[ep.ip] = self._routes.pod_interface(ep.ip)
+            except OSError as exc:
+                found[ep.ip] = Unresolved(f"route lookup failed: {exc.strerror}")
+        return found
+
+    def _converge(
+        self, datapath: PolicyDatapath, plan: Translation, generation: int | None
+    ) -> tuple[bool, int, list[str]]:
+        """Maps first (a new pod's entry is in place when its programs start), then links.
+
+        Returns whether the maps hold this generation, how many endpoints are attached, and
+        what keeps the node from enforcing all of it.
+        """
+        before = {a.ifindex: a.prog_ids for a in datapath.attached().values()}
+        try:
+            result = datapath.sync(plan.state)
+        except (ValueError, PolicyDatapathError) as exc:
+            return False, len(before), [f"maps not synced: {exc}"]
+        problems = list(plan.problems)
+        for ifindex, ep in plan.interfaces.items():
+            if before.get(ifindex) != datapath.prog_ids:
+                try:
+                    datapath.attach(ifindex)
+                except PolicyDatapathError as exc:
+                    problems.append(f"{pod_name(ep)}: {exc}")
+        for ifindex in before.keys() - plan.interfaces.keys():
+            datapath.detach(ifindex)
+        pruned = datapath.prune()
+        after = {a.ifindex for a in datapath.attached().values()}
+        self._endpoint_names = {i: pod_name(ep) for i, ep in plan.interfaces.items()}
+        attached = len(after & plan.interfaces.keys())
+        endpoints = len(plan.state.endpoints) + len(plan.unresolved) + len(plan.problems)
+        self._counts = (endpoints, attached, len(plan.unresolved))
+        if result.updates or result.deletes or after != before.keys() or pruned:
+            self._last_sync = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            log.info(
+                "policy datapath synced",
+                extra={
+                    "node": self.node,
+                    "generation": generation,
+                    "updates": result.updates,
+                    "deletes": result.deletes,
+                    "epoch": result.epoch,
+                    "attached": attached,
+                    "detached": len(before.keys() - after),
+                    "unresolved": len(plan.unresolved),
+                },
+            )
+        return True, attached, problems
+
+    def _report_unresolved(self, unresolved: dict[str, str]) -> None:
+        if unresolved != self._unresolved:
+            for ip, reason in sorted(unresolved.items()):
+                if self._unresolved.get(ip) != reason:
+                    log.info("endpoint has no pod interface yet", extra={"node": self.node, "ip": ip, "why": reason})
+            self._unresolved = dict(unresolved)
+
+    def _status(
+        self, spec: NodeNetworkPolicy | None, plan: Translation | None, attached: int, problem: str | None
+    ) -> dict[str, Any]:
+        missing = sorted(plan.unresolved) if plan else []
+        return NetworkPolicyStatus(
+            enforcing=problem is None,
+            endpoints=len(spec.endpoints or []) if spec else 0,
+            attached=attached,
+            missing=missing[:MAX_MISSING] or None,
+            rules=len(spec.rules or []) if spec else 0,
+            observed_generation=self._synced_generation,
+            last_sync_time=self._last_sync,
+            message=problem[:2048] if problem else None,
+        ).to_dict()
+
+    def _load(self) -> PolicyDatapath:
+        if self._datapath is None:
+            datapath = PolicyDatapath(self.bpffs_dir)
+            with self._lock:
+                self._datapath = datapath
+            self._recorder = DropRecorder(datapath, self.drop_log, self._endpoint_name)
+            log.info("policy datapath ready", extra={"node": self.node, "programs": datapath.prog_ids})
+        return self._datapath
+
+    def _endpoint_name(self, ifindex: int) -> str | None:
+        return self._endpoint_names.get(ifindex)
+
+    def observe(self) -> PolicyObservation | None:
+        """Counters and sizes for the metrics endpoint (any thread); None while no datapath is loaded."""
+        with self._lock:
+            if self._datapath is None:
+                return None
+            return PolicyObservation(self._datapath.counters(), self._datapath.prog_ids, *self._counts)
+
+    def remove(self) -> None:
+        """Detach from every pod interface and unpin the datapath (no policy on this node any more)."""
+        datapath = self._release()
+        if datapath is None and self.bpffs_dir.exists():
+            try:
+                datapath = PolicyDatapath(self.bpffs_dir)  # pinned by an earlier run: adopt it to remove it
+            except PolicyDatapathError as exc:
+                log.warning("cannot remove the policy datapath", extra={"node": self.node, "error": str(exc)})
+                return
+        if datapath is not None:
+            datapath.remove()
+            self._counts, self._unresolved, self._synced_generation = (0, 0, 0), {}, None
+            log.info("policy datapath removed", extra={"node": self.node})
+
+    def close(self) -> None:
+        """Release handles at daemon exit; the pinned datapath keeps enforcing."""
+        datapath = self._release()
+        if datapath is not None:
+            datapath.close()
+        self._routes.close()
+
+    def _release(self) -> PolicyDatapath | None:
+        if self._recorder is not None:
+            self._recorder.stop()  # the only ring buffer reader: stop it before its datapath goes
+            self._recorder = None
+        with self._lock:
+            datapath, self._datapath = self._datapath, None
+        return datapath
