@@ -2,8 +2,9 @@
 
 The reconciler speaks only this module's vocabulary. BccBackend implements it against the
 running kernel; FakeBackend implements it in memory so the control plane can be exercised
-with hundreds of simulated nodes. Nothing here knows about Kubernetes or the CRD models:
-the daemon maps a BpfNodeState spec onto ProgramUnits and the reports back onto status.
+with hundreds of simulated nodes. Nothing here knows about Kubernetes; only the hook type
+names come from the API. The daemon maps a BpfNodeState spec onto ProgramUnits and the
+reports back onto status.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
+from beekeeper.crds.bpfprogram import ProgramType  # the API's hook names are the backend's too
 from beekeeper.node_daemon.map_codec import Field, Layout
 
 __all__ = [
@@ -41,19 +43,6 @@ __all__ = [
 
 MESSAGE_LIMIT = 2048
 """Upper bound (bytes, UTF-8) of ProgramReport.message, so node status stays small."""
-
-
-class ProgramType(StrEnum):
-    XDP = "xdp"
-    TC = "tc"
-    TRACEPOINT = "tracepoint"
-    RAW_TRACEPOINT = "raw_tracepoint"
-    UPROBE = "uprobe"
-    URETPROBE = "uretprobe"
-    KPROBE = "kprobe"
-    KRETPROBE = "kretprobe"
-    CGROUP_SKB = "cgroup_skb"
-    CGROUP_SOCK_ADDR = "cgroup_sock_addr"
 
 
 class Phase(StrEnum):

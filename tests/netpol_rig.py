@@ -38,7 +38,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import VethNamespace, sh
+from support import VethNamespace, sh, sockets_in
 
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
 PORTS = (80, 81)
@@ -46,8 +46,6 @@ PROTOCOLS = ("TCP", "UDP")
 NAMED_PORTS = {f"serve-{port}-{proto.lower()}": (port, proto) for port in PORTS for proto in PROTOCOLS}
 """Container port names of every simulated pod, as in the upstream NetworkPolicy e2e tests."""
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 _blocks = iter(random.Random().sample(range(SUBNET.num_addresses // 4), SUBNET.num_addresses // 4))
 """Each pod takes a /30 block (host side .1, pod .2); random order keeps clear of leftovers."""
 
@@ -344,28 +342,6 @@ def all_probes(keys: Iterable[str]) -> list[Probe]:
     return [Probe(s, d, port, proto) for s in keys for d in keys for port in PORTS for proto in PROTOCOLS]
 
 
-def _sockets_in(netns: str, kinds: list[int]) -> list[socket.socket]:
-    """Sockets created inside netns: setns() moves only the creating thread, and a socket
-    stays in the namespace it was created in."""
-    made: list[list[socket.socket] | BaseException] = []
-
-    def create() -> None:
-        try:
-            with open(f"/run/netns/{netns}") as ns:
-                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
-            made.append([socket.socket(socket.AF_INET, kind) for kind in kinds])
-        except BaseException as exc:
-            made.append(exc)
-
-    thread = threading.Thread(target=create)
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
-
-
 @dataclass
 class _Attempt:
     probe: Probe
@@ -390,7 +366,7 @@ def probe(pods: Mapping[str, SimPod], probes: Iterable[Probe], timeout: float = 
     try:
         for src, group in by_source.items():
             kinds = [socket.SOCK_STREAM if p.protocol == "TCP" else socket.SOCK_DGRAM for p in group]
-            for p, sock in zip(group, _sockets_in(pods[src].netns, kinds), strict=True):
+            for p, sock in zip(group, sockets_in(pods[src].netns, kinds), strict=True):
                 attempt = _Attempt(p, sock, p.dst.encode())
                 attempts.append(attempt)
                 sock.setblocking(False)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -200,3 +203,29 @@ int count_udp(struct xdp_md *ctx) {
     return XDP_PASS;
 }
 """
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sockets_in(netns: str, kinds: list[int]) -> list[socket.socket]:
+    """Sockets created inside netns: setns() in a short-lived thread moves only that thread,
+    and a socket stays in the namespace it was created in."""
+    made: list[list[socket.socket] | BaseException] = []
+
+    def create() -> None:
+        try:
+            with open(f"/run/netns/{netns}") as ns:
+                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {netns}")
+            made.append([socket.socket(socket.AF_INET, kind) for kind in kinds])
+        except BaseException as exc:
+            made.append(exc)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]

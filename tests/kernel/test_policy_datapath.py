@@ -15,7 +15,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import sockets_in
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -611,29 +611,10 @@ def test_incompatible_pinned_map_is_refused() -> None:
 
 # --- real traffic -------------------------------------------------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-_libc = ct.CDLL(None, use_errno=True)
-
 
 def socket_in(netns: str) -> socket.socket:
-    """A TCP socket created in netns: setns() in a short-lived thread moves only that thread."""
-    made: list[socket.socket | BaseException] = []
-
-    def create() -> None:
-        try:
-            with open(f"/run/netns/{netns}") as ns:
-                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
-                    raise OSError(ct.get_errno(), "setns")
-            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        except BaseException as exc:
-            made.append(exc)
-
-    thread = threading.Thread(target=create)
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
+    """A TCP socket created in netns."""
+    return sockets_in(netns, [socket.SOCK_STREAM])[0]
 
 
 @dataclass
