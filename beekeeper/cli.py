@@ -69,6 +69,7 @@ def _node_daemon(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
+        backend_kind=args.backend,
     )
     return 0
 
@@ -159,6 +160,12 @@ def parser() -> argparse.ArgumentParser:
     )
     nd.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 disables")
     nd.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
+    nd.add_argument(
+        "--backend",
+        choices=["bcc", "fake"],
+        default="bcc",
+        help="bcc: the kernel; fake: in memory, no policy datapath, no root (control plane scale tests)",
+    )
     nd.set_defaults(func=_node_daemon)
 
     why = sub.add_parser(

@@ -3,6 +3,8 @@
 The kernel work is the Backend's (BpfPrograms) and the PolicyAgent's (the
 NetworkIdentityPolicy datapath); this module decides what to ask them and what to
 report, and writes status only when it changed (a quiet node makes no API writes).
+Without a PolicyAgent (the fake backend) a spec.networkPolicy is reported as not
+enforced, so nobody mistakes such a node for one that filters traffic.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -21,7 +23,9 @@ from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
 from beekeeper.node_daemon import translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
 from beekeeper.node_daemon.metrics import BpfCollector
-from beekeeper.node_daemon.policy_agent import PolicyAgent
+
+if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake backend) never imports it
+    from beekeeper.node_daemon.policy_agent import PolicyAgent
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,15 @@ class NodeAgent:
         api: client.ApiClient,
         collector: BpfCollector,
         policy: PolicyAgent | None = None,
+        policy_disabled: str = "policy datapath disabled",
     ) -> None:
         self.node = node
         self.backend = backend
         self.custom = client.CustomObjectsApi(api)
         self.collector = collector
         self.policy = policy
+        self.policy_disabled = policy_disabled
+        """status.networkPolicy.message when spec asks for a policy and there is no PolicyAgent."""
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
         self._applied: dict[str, str] = {}
@@ -125,6 +132,14 @@ class NodeAgent:
 
     def _reconcile_policy(self, spec: Mapping[str, Any], generation: int | None) -> None:
         if self.policy is None:
+            raw = spec.get("networkPolicy")
+            self._policy_status = (
+                None
+                if raw is None
+                else NetworkPolicyStatus(
+                    enforcing=False, endpoints=len(raw.get("endpoints") or []), message=self.policy_disabled
+                ).to_dict()
+            )
             return
         previous = (self._written or {}).get("networkPolicy")
         try:

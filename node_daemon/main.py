@@ -10,6 +10,10 @@ recreated), and while some endpoint has no interface yet it is looked for every 
 bpffs layout under --bpffs-root: programs/ (BpfPrograms, one directory per unit) and
 policy/ (the NetworkIdentityPolicy datapath); kept apart so no BpfProgram name can
 collide with the policy's pins.
+
+The fake backend (`--backend fake`) keeps programs in memory and has no policy datapath:
+the same daemon then needs no kernel, bpffs or root, so one machine can stand in for
+hundreds of nodes when the control plane is exercised at scale.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
@@ -30,11 +34,13 @@ from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.node_daemon import http_api
 from beekeeper.node_daemon.agent import NodeAgent
+from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.metrics import BpfCollector
-from beekeeper.node_daemon.policy_agent import PolicyAgent
-from beekeeper.node_daemon.policy_metrics import PolicyCollector
 from beekeeper.node_daemon.routes import RouteWatcher
+
+if TYPE_CHECKING:  # imported by the bcc backend only: the policy datapath loads bcc
+    from beekeeper.node_daemon.policy_agent import PolicyAgent
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,25 @@ def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: t
             stop.wait(2)
 
 
+def _kernel(
+    kind: str, node_name: str, bpffs_root: Path | None, state_dir: Path | None, drop_log: DropLog
+) -> tuple[Backend, PolicyAgent | None]:
+    """The backend for BpfPrograms and the policy datapath; the fake backend has no policy datapath."""
+    if kind == "fake":
+        from beekeeper.node_daemon.fake_backend import FakeBackend
+
+        return FakeBackend(), None
+    if kind != "bcc":
+        raise ValueError(f"unknown backend {kind!r}: bcc or fake")
+    from beekeeper.node_daemon.bcc_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, BccBackend
+    from beekeeper.node_daemon.policy_agent import PolicyAgent
+
+    bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
+    state_dir = Path(state_dir or DEFAULT_STATE_DIR)
+    backend = BccBackend(base_dir=str(bpffs_root / "programs"), state_dir=str(state_dir), collect_run_stats=True)
+    return backend, PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
+
+
 def run(
     node_name: str,
     kubeconfig: Path | str | None = None,
@@ -88,22 +113,23 @@ def run(
     state_dir: Path | None = None,
     metrics_port: int = 9464,
     metrics_address: str = "0.0.0.0",
+    backend_kind: str = "bcc",
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
-    from beekeeper.node_daemon.bcc_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, BccBackend
-
-    bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
-    state_dir = Path(state_dir or DEFAULT_STATE_DIR)
     api = kube.api_client(kubeconfig)
-    backend = BccBackend(base_dir=str(bpffs_root / "programs"), state_dir=str(state_dir), collect_run_stats=True)
     drop_log = DropLog()
-    policy = PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
+    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log)
     collector = BpfCollector(backend, node_name)
-    agent = NodeAgent(node_name, backend, api, collector, policy)
+    agent = NodeAgent(
+        node_name, backend, api, collector, policy, policy_disabled=f"policy datapath disabled ({backend_kind} backend)"
+    )
     if metrics_port:
         registry = CollectorRegistry()
         registry.register(collector)
-        registry.register(PolicyCollector(policy))
+        if policy is not None:
+            from beekeeper.node_daemon.policy_metrics import PolicyCollector
+
+            registry.register(PolicyCollector(policy))
         http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address)
 
     stop = threading.Event()
@@ -119,10 +145,16 @@ def run(
     threading.Thread(
         target=_watch, args=(client.CustomObjectsApi(api), node_name, events, stop), daemon=True, name="watch"
     ).start()
-    routes = RouteWatcher(lambda: events.put(HOST_CHANGED))
+    # Pod interfaces only matter to the policy datapath.
+    routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None else None
     log.info(
         "node daemon started",
-        extra={"node": node_name, "kernel": agent.capabilities["kernelVersion"], "adopted": len(backend.adopted())},
+        extra={
+            "node": node_name,
+            "backend": backend_kind,
+            "kernel": agent.capabilities["kernelVersion"],
+            "adopted": len(backend.adopted()),
+        },
     )
 
     current: dict[str, Any] | None = None
@@ -157,6 +189,8 @@ def run(
                 agent.reconcile_policy(current)
         except Exception:
             log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
-    routes.close()
-    policy.close()
+    if routes is not None:
+        routes.close()
+    if policy is not None:
+        policy.close()
     log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

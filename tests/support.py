@@ -99,7 +99,10 @@ class NodeDaemons:
         self.test_id = uuid.uuid4().hex[:6]
         self.started: list[NodeDaemon] = []
 
-    def __call__(self, labels: dict[str, str] | None = None, name: str | None = None) -> NodeDaemon:
+    def __call__(
+        self, labels: dict[str, str] | None = None, name: str | None = None, backend: str = "bcc"
+    ) -> NodeDaemon:
+        """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend)."""
         node = name or f"node-{self.test_id}-{len(self.started)}"
         kube.register_node(self.api, node, {"beekeeper.dev/test": self.test_id, **(labels or {})})
         bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
@@ -107,7 +110,7 @@ class NodeDaemons:
         port = processes.free_port()
         argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]
         argv += ["--bpffs-root", str(bpffs_root), "--state-dir", str(state)]
-        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port)]
+        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend]
         daemon = NodeDaemon(
             f"node-daemon {node}",
             argv,

@@ -181,3 +181,18 @@ def test_node_state_deleted_removes_the_datapath(agent) -> None:
     node, policy, _ = agent
     node.remove_all()
     assert policy.removed
+
+
+def test_without_a_policy_datapath_a_policy_is_reported_as_not_enforced() -> None:
+    backend = FakeBackend()
+    node = NodeAgent("n1", backend, client.ApiClient(), BpfCollector(backend, "n1"), policy_disabled="disabled here")
+    api = FakeStatusApi()
+    node.custom = api  # type: ignore[assignment]
+    node.reconcile(nodestate(1))
+    assert "networkPolicy" not in api.patches[-1] and api.patches[-1]["conditions"][0]["status"] == "True"
+
+    node.reconcile(nodestate(2, {"endpoints": SPEC["endpoints"][:1]}))
+    written = api.patches[-1]
+    assert written["networkPolicy"]["enforcing"] is False and written["networkPolicy"]["endpoints"] == 1
+    assert written["networkPolicy"]["message"] == "disabled here"
+    assert written["conditions"][0]["reason"] == "PolicyNotEnforced"
