@@ -284,6 +284,11 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def timestamp() -> str:
+    """The current time as written on the wire (metav1.Time)."""
+    return _format_time(now())
+
+
 class ConditionStatus(StrEnum):
     """Whether a condition holds."""
 

@@ -9,7 +9,6 @@ enforced, so nobody mistakes such a node for one that filters traffic.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from beekeeper.crds.common import Condition, now, set_condition, timestamp
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
 from beekeeper.node_daemon import translate
@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
 POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class NodeAgent:
@@ -94,7 +90,7 @@ class NodeAgent:
                 s
                 for e in entries
                 for s in (
-                    translate.pending_statuses(e, Phase.COMPILING, previous, _now())
+                    translate.pending_statuses(e, Phase.COMPILING, previous, timestamp())
                     if e in changed
                     else [previous[(e.bpf_program, p.name)] for p in e.programs]
                 )
@@ -106,7 +102,7 @@ class NodeAgent:
         for entry in entries:
             reports = self._apply(entry)
             self._applied[entry.bpf_program] = entry.content_hash
-            statuses += translate.program_statuses(entry, reports, previous, _now())
+            statuses += translate.program_statuses(entry, reports, previous, timestamp())
         desired = {e.bpf_program for e in entries}
         for key in sorted(set(self.backend.adopted()) - desired):
             log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})
@@ -190,7 +186,7 @@ class NodeAgent:
                 "phase": Phase.FAILED.value,
                 "reason": "InvalidSpec",
                 "message": message[:2048],
-                "lastTransitionTime": _now(),
+                "lastTransitionTime": timestamp(),
             }
             for name in names
         ]
@@ -211,22 +207,20 @@ class NodeAgent:
             message = f"network policy: {policy.get('message', 'not enforcing')}"[:2048]
         else:
             ready, reason, message = True, "Converged", f"{ok}/{total} attached"
-        old_conditions = {c["type"]: c for c in (self._written or {}).get("conditions") or []}
-        old_ready = old_conditions.get("Ready") or {}
-        value = "True" if ready else "False"
-        condition = {
-            "type": "Ready",
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "observedGeneration": generation,
-            "lastTransitionTime": old_ready.get("lastTransitionTime", _now())
-            if old_ready.get("status") == value
-            else _now(),
-        }
+        old_ready = [
+            Condition.model_validate(c) for c in (self._written or {}).get("conditions") or [] if c["type"] == "Ready"
+        ]
+        ready_condition = Condition(
+            type="Ready",
+            status="True" if ready else "False",
+            reason=reason,
+            message=message,
+            observed_generation=generation,
+            last_transition_time=now(),
+        )
         status = {
             "observedGeneration": generation,
-            "conditions": [condition],
+            "conditions": [c.to_dict() for c in set_condition(old_ready, ready_condition)],
             "capabilities": self.capabilities,
             "programs": programs,
             "attached": f"{ok}/{total}",

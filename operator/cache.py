@@ -38,6 +38,20 @@ def _slim_namespace(body: Mapping[str, Any]) -> Body:
 _SLIM: dict[str, Callable[[Mapping[str, Any]], Body]] = {"Pod": slim_pod, "Namespace": _slim_namespace}
 
 
+def _stored(kind: str, body: Mapping[str, Any]) -> Body:
+    return _SLIM[kind](body) if kind in _SLIM else dict(body)
+
+
+def program_reports(nodestates: Mapping[str, Mapping[str, Any]], bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:
+    """Per node, that node daemon's status entries for one BpfProgram (nodes without any left out)."""
+    reports: dict[str, list[Mapping[str, Any]]] = {}
+    for node, state in nodestates.items():
+        entries = [p for p in (state.get("status") or {}).get("programs") or [] if p.get("bpfProgram") == bpfprogram]
+        if entries:
+            reports[node] = entries
+    return reports
+
+
 def _key(kind: str, body: Mapping[str, Any]) -> str:
     meta = body["metadata"]
     return f"{meta['namespace']}/{meta['name']}" if kind in NAMESPACED else meta["name"]
@@ -90,7 +104,7 @@ class ClusterCache:
         if event_type == "DELETED":
             table.pop(key, None)
         elif _newer(table.get(key), body):
-            table[key] = _SLIM[kind](body) if kind in _SLIM else dict(body)
+            table[key] = _stored(kind, body)
         if wake:
             self.changed.set()
 
@@ -103,7 +117,7 @@ class ClusterCache:
                 del table[key]
         for key, body in listed.items():
             if _newer(table.get(key), body):
-                table[key] = _SLIM[kind](body) if kind in _SLIM else dict(body)
+                table[key] = _stored(kind, body)
         self.changed.set()
 
     def snapshot(self) -> Snapshot:
@@ -121,11 +135,4 @@ class ClusterCache:
 
     def reports_for(self, bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:
         """Per node, that node daemon's status entries for one BpfProgram."""
-        reports: dict[str, list[Mapping[str, Any]]] = {}
-        for node, state in self.nodestates.items():
-            entries = [
-                p for p in (state.get("status") or {}).get("programs") or [] if p.get("bpfProgram") == bpfprogram
-            ]
-            if entries:
-                reports[node] = entries
-        return reports
+        return program_reports(self.nodestates, bpfprogram)

@@ -52,39 +52,27 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
 
 
-@kopf.on.event(GROUP, VERSION, BPF_PROGRAM_PLURAL)
-async def bpfprogram_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("BpfProgram", event.get("type"), event["object"])
+# (group, version, plural) -> cache kind: every watched input only updates the cache.
+WATCHED = {
+    (GROUP, VERSION, BPF_PROGRAM_PLURAL): "BpfProgram",
+    ("", "v1", "nodes"): "Node",
+    (GROUP, VERSION, BPF_NODE_STATE_PLURAL): "BpfNodeState",
+    ("", "v1", "pods"): "Pod",
+    ("", "v1", "namespaces"): "Namespace",
+    (GROUP, VERSION, NETWORK_IDENTITY_POLICY_PLURAL): "NetworkIdentityPolicy",
+    (GROUP, VERSION, NETWORK_IDENTITY_PLURAL): "NetworkIdentity",
+}
 
 
-@kopf.on.event("", "v1", "nodes")
-async def node_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("Node", event.get("type"), event["object"])
+def _observer(kind: str):
+    async def observe(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+        memo.cache.observe(kind, event.get("type"), event["object"])
+
+    return observe
 
 
-@kopf.on.event(GROUP, VERSION, BPF_NODE_STATE_PLURAL)
-async def nodestate_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("BpfNodeState", event.get("type"), event["object"])
-
-
-@kopf.on.event("", "v1", "pods")
-async def pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("Pod", event.get("type"), event["object"])
-
-
-@kopf.on.event("", "v1", "namespaces")
-async def namespace_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("Namespace", event.get("type"), event["object"])
-
-
-@kopf.on.event(GROUP, VERSION, NETWORK_IDENTITY_POLICY_PLURAL)
-async def policy_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("NetworkIdentityPolicy", event.get("type"), event["object"])
-
-
-@kopf.on.event(GROUP, VERSION, NETWORK_IDENTITY_PLURAL)
-async def identity_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    memo.cache.observe("NetworkIdentity", event.get("type"), event["object"])
+for (group, version, plural), kind in WATCHED.items():
+    kopf.on.event(group, version, plural, id=f"observe-{plural}")(_observer(kind))
 
 
 def _referenced(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> bool:

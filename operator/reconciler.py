@@ -24,6 +24,7 @@ from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from beekeeper.crds.bpfprogram import BpfProgramStatus
+from beekeeper.crds.common import ApiModel, timestamp
 from beekeeper.crds.names import (
     BPF_NODE_STATE,
     BPF_NODE_STATE_PLURAL,
@@ -36,7 +37,7 @@ from beekeeper.crds.names import (
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
 from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram
 from beekeeper.operator import policy_status
-from beekeeper.operator.cache import ClusterCache, Snapshot
+from beekeeper.operator.cache import ClusterCache, Snapshot, program_reports
 from beekeeper.operator.desired_state import node_programs, place
 from beekeeper.operator.identities import (
     IdentityKey,
@@ -91,10 +92,6 @@ class Identities:
     next_gc: float | None
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _normal_programs(entries: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     """Stored entries carry apiserver defaults; round-trip through the model to compare like with like."""
     try:
@@ -120,16 +117,10 @@ def _same_network_policy(stored: Mapping[str, Any] | None, desired: Mapping[str,
     return {k: wire.get(k) or [] for k in NETWORK_POLICY_FIELDS} == desired
 
 
-def _normal_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
+def _normal(model: type[ApiModel], status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A status as the model writes it, so a stored and a computed one compare like with like."""
     try:
-        return BpfProgramStatus.model_validate(status or {}).to_dict()
-    except ValidationError:
-        return dict(status or {})
-
-
-def _normal_policy_status(status: Mapping[str, Any] | None) -> dict[str, Any]:
-    try:
-        return NetworkIdentityPolicyStatus.model_validate(status or {}).to_dict()
+        return model.model_validate(status or {}).to_dict()
     except ValidationError:
         return dict(status or {})
 
@@ -243,20 +234,13 @@ class Reconciler:
 
         reports = {p["metadata"]["name"]: p for p in bpfprograms}
         result = PassResult(identities_created=identities.created)
-        now = _now()
+        now = timestamp()
         for placement in placements:
             body = reports[placement.name]
-            node_reports: dict[str, list[Mapping[str, Any]]] = {}
-            for node in placement.nodes:
-                entries = [
-                    e
-                    for e in ((nodestates.get(node) or {}).get("status") or {}).get("programs") or []
-                    if e.get("bpfProgram") == placement.name
-                ]
-                node_reports[node] = entries
             previous = body.get("status") or {}
+            node_reports = program_reports(nodestates, placement.name)
             status = aggregate(placement, node_reports, previous, placement.deleting, now)
-            if _normal_status(status) == _normal_status(previous):
+            if _normal(BpfProgramStatus, status) == _normal(BpfProgramStatus, previous):
                 continue
             self._patch_status(placement.name, status)
             if status["phase"] != previous.get("phase"):
@@ -268,7 +252,7 @@ class Reconciler:
         for ref, outcome in compiled.policies.items():
             previous = previous_policy_status.get(ref)
             status = policy_status.aggregate(outcome, enforcement, previous, now)
-            if _normal_policy_status(status) != _normal_policy_status(previous):
+            if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
                 self._patch_policy_status(outcome.namespace, outcome.name, status)
 
         result.identities_deleted = self._collect(identities.delete)
