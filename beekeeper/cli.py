@@ -54,7 +54,10 @@ def _dev(args: argparse.Namespace) -> int:
 
 def _operator(args: argparse.Namespace) -> int:
     from beekeeper.operator.main import run
+    from beekeeper.operator.policy_compile import BUDGET_ENV
 
+    if args.policy_expansion_budget is not None:
+        os.environ[BUDGET_ENV] = str(args.policy_expansion_budget)
     run(kubeconfig=args.kubeconfig)
     return 0
 
@@ -147,6 +150,13 @@ def parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator (reconciles CRs into per-node BpfNodeState)")
     op.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    op.add_argument(
+        "--policy-expansion-budget",
+        type=int,
+        default=None,
+        help="policy map entries one NetworkIdentityPolicy may take on one node "
+        "(default: $BEEKEEPER_POLICY_EXPANSION_BUDGET or 8192)",
+    )
     op.set_defaults(func=_operator)
 
     nd = sub.add_parser("node-daemon", help="run the node daemon (compiles, verifies, attaches this node's programs)")

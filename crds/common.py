@@ -422,6 +422,8 @@ class Resource(ApiModel):
 
     names: ClassVar[ResourceNames]
     printer_columns: ClassVar[tuple[PrinterColumn, ...]] = (AGE_COLUMN,)
+    selectable_fields: ClassVar[tuple[str, ...]] = ()
+    """JSON paths clients may filter on with a field selector (e.g. a daemon watching only its node's objects)."""
 
     api_version: Literal["beekeeper.dev/v1alpha1"] = Field(API_VERSION, description="beekeeper.dev/v1alpha1")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")

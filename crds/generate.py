@@ -56,6 +56,16 @@ def openapi_schema(resource: type[Resource]) -> dict[str, Any]:
 def crd_manifest(resource: type[Resource]) -> dict[str, Any]:
     """One CustomResourceDefinition as a dict, ready for server-side apply."""
     names = resource.names
+    version: dict[str, Any] = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": [c.to_dict() for c in resource.printer_columns],
+    }
+    if resource.selectable_fields:
+        version["selectableFields"] = [{"jsonPath": path} for path in resource.selectable_fields]
+    version["schema"] = {"openAPIV3Schema": openapi_schema(resource)}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -74,16 +84,7 @@ def crd_manifest(resource: type[Resource]) -> dict[str, Any]:
                 "categories": [CATEGORY],
             },
             "scope": "Namespaced" if names.namespaced else "Cluster",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [c.to_dict() for c in resource.printer_columns],
-                    "schema": {"openAPIV3Schema": openapi_schema(resource)},
-                }
-            ],
+            "versions": [version],
         },
     }
 

@@ -58,8 +58,15 @@ NETWORK_IDENTITY = ResourceNames(
     short_names=("nid",),
     namespaced=False,
 )
+BPF_POLICY_SLICE = ResourceNames(
+    kind="BpfPolicySlice",
+    plural="bpfpolicyslices",
+    singular="bpfpolicyslice",
+    short_names=("bps",),
+    namespaced=False,
+)
 
-ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE, NETWORK_IDENTITY)
+ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE, NETWORK_IDENTITY, BPF_POLICY_SLICE)
 
 # Flat aliases for call sites that only need one string (kopf decorators, CustomObjectsApi).
 BPF_PROGRAM_KIND = BPF_PROGRAM.kind
@@ -70,3 +77,5 @@ BPF_NODE_STATE_KIND = BPF_NODE_STATE.kind
 BPF_NODE_STATE_PLURAL = BPF_NODE_STATE.plural
 NETWORK_IDENTITY_KIND = NETWORK_IDENTITY.kind
 NETWORK_IDENTITY_PLURAL = NETWORK_IDENTITY.plural
+BPF_POLICY_SLICE_KIND = BPF_POLICY_SLICE.kind
+BPF_POLICY_SLICE_PLURAL = BPF_POLICY_SLICE.plural

@@ -11,7 +11,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
@@ -95,21 +95,38 @@ class NodeProgram(ApiModel):
 
 
 def _check_ip(value: str) -> str:
+    """As CEL's isIP(): canonical-enough text, no zone, no IPv4-mapped IPv6 (the apiserver rejects those)."""
     try:
-        ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address") from None
+    if "%" in value or (isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None):
+        raise ValueError(f"{value!r} is not an IP address (no zones, no IPv4-mapped IPv6)")
     return value
 
 
-def _check_cidr(value: str) -> str:
-    parse_cidr(value)
+def _check_prefix(value: str) -> str:
+    """A prefix in canonical form (network address, shortest text): one spelling per prefix, so list keys are unique."""
+    network = parse_cidr(value)
+    if str(network) != value:
+        raise ValueError(f"{value!r} is not a canonical prefix: write {network}")
     return value
 
 
-IpAddress = Annotated[str, Field(min_length=2, max_length=45), AfterValidator(_check_ip)]
-CidrString = Annotated[str, Field(min_length=3, max_length=49), AfterValidator(_check_cidr)]
+IP_RULE = cel("isIP(self)", message_expression="'must be an IP address, not ' + self")
+PREFIX_RULE = cel(
+    "isCIDR(self) && string(cidr(self).masked()) == self",
+    message_expression="'must be a canonical prefix (network address/length, e.g. 10.244.1.7/32), not ' + self",
+)
+IpAddress = Annotated[
+    str, Field(min_length=2, max_length=45, json_schema_extra=validations(IP_RULE)), AfterValidator(_check_ip)
+]
+PrefixString = Annotated[
+    str, Field(min_length=3, max_length=49, json_schema_extra=validations(PREFIX_RULE)), AfterValidator(_check_prefix)
+]
 Identity = Annotated[int, Field(ge=0, le=2**32 - 1)]
+LocalIdentity = Annotated[int, Field(ge=1, le=2**32 - 1)]
+"""An endpoint's identity: 0 means "any peer" in policy keys and can never be a pod's."""
 
 
 class Endpoint(ApiModel):
@@ -122,7 +139,9 @@ class Endpoint(ApiModel):
     namespace: DnsLabel = Field(description="Namespace of the pod.")
     pod: DnsSubdomain = Field(description="Name of the pod.")
     ip: IpAddress = Field(description="Pod IP (status.podIP).")
-    identity: Identity = Field(description="Numeric identity of the pod's label set (with its namespace's labels).")
+    identity: LocalIdentity = Field(
+        description="Numeric identity of the pod's label set (with its namespace's labels); never 0."
+    )
     ingress_enforced: bool = Field(
         False, description="Some policy selects the pod for Ingress: inbound traffic is denied unless allowed."
     )
@@ -134,7 +153,7 @@ class Endpoint(ApiModel):
 class IpcacheEntry(ApiModel):
     """IP prefix to identity, for the datapath's longest-prefix-match lookup of a packet's peer."""
 
-    cidr: CidrString = Field(description="Prefix, e.g. 10.244.1.7/32 for a pod.")
+    cidr: PrefixString = Field(description="Prefix in canonical form, e.g. 10.244.1.7/32 for a pod.")
     identity: Identity = Field(description="Identity of the prefix: a pod identity, or 1 for a node (host) address.")
 
 
@@ -154,6 +173,32 @@ class RuleProtocol(StrEnum):
     SCTP = "SCTP"
 
 
+def port_range_rules(prefix: str = "") -> dict[str, Any]:
+    """CEL for (protocol, portStart, portEnd): an ordered range, and no ports without a port protocol."""
+    return validations(
+        cel(
+            "!has(self.portStart) || !has(self.portEnd) || self.portStart <= self.portEnd",
+            message_expression="'portEnd ' + string(self.portEnd) + ' must be greater than or equal to portStart '"
+            " + string(self.portStart)",
+            field_path=".portEnd",
+        ),
+        cel(
+            "!has(self.protocol) || self.protocol != 'Any' || ((!has(self.portStart) || self.portStart == 0)"
+            " && (!has(self.portEnd) || self.portEnd == 0))",
+            f"{prefix}a rule for protocol Any cannot restrict ports (portStart and portEnd must be 0)",
+            field_path=".protocol",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+
+def check_port_range(protocol: RuleProtocol, start: int, end: int) -> None:
+    if start > end:
+        raise ValueError(f"portEnd {end} must be greater than or equal to portStart {start}")
+    if protocol == RuleProtocol.ANY and (start or end):
+        raise ValueError("a rule for protocol Any cannot restrict ports (portStart and portEnd must be 0)")
+
+
 class PolicyRule(ApiModel):
     """One resolved policy entry: (local identity, direction, peer identity, protocol, ports) -> action.
 
@@ -161,7 +206,9 @@ class PolicyRule(ApiModel):
     so pod churn changes only endpoints and ipcache.
     """
 
-    local_identity: Identity = Field(description="Identity of the local endpoints the rule applies to.")
+    model_config = ConfigDict(json_schema_extra=port_range_rules())
+
+    local_identity: LocalIdentity = Field(description="Identity of the local endpoints the rule applies to; never 0.")
     direction: PolicyType = Field(description="Ingress (into the local endpoint) or Egress (out of it).")
     peer_identity: Identity = Field(
         description="Identity of the peer: a pod identity, a CIDR identity (cidrIdentities), 1 host, 2 world, 0 any."
@@ -176,27 +223,51 @@ class PolicyRule(ApiModel):
 
     @model_validator(mode="after")
     def _ports(self) -> PolicyRule:
-        if self.port_start > self.port_end:
-            raise ValueError("portEnd must be greater than or equal to portStart")
-        if self.protocol == RuleProtocol.ANY and (self.port_start or self.port_end):
-            raise ValueError("a rule for any protocol cannot restrict ports")
+        check_port_range(self.protocol, self.port_start, self.port_end)
         return self
 
 
+MAX_NODE_SLICES = 4096
+
+
+class SliceRef(ApiModel):
+    """One BpfPolicySlice this node must enforce, pinned to the content it must have."""
+
+    name: DnsSubdomain = Field(description="metadata.name of the BpfPolicySlice.")
+    content_hash: ContentHash = Field(
+        description="spec.contentHash the slice must carry; until it does, the daemon keeps the maps as they are."
+    )
+
+
 class NodeNetworkPolicy(ApiModel):
-    """Desired contents of this node's policy maps, computed by the operator."""
+    """Desired contents of this node's policy maps, computed by the operator.
+
+    The node-wide part (endpoints, the node's own addresses) is inline; what each policy
+    adds lives in BpfPolicySlices listed in `slices`, so no policy's size bounds another's.
+    The maps hold the union of both.
+    """
 
     endpoints: list[Endpoint] | None = Field(None, max_length=4096, description="Local pods and their identities.")
     ipcache: list[IpcacheEntry] | None = Field(
-        None, max_length=65536, description="Pod and node addresses the local rules need, with their identities."
+        None,
+        max_length=65536,
+        description="Pod and node addresses the local rules need, with their identities; these win over slices'.",
+        json_schema_extra=list_map("cidr"),
     )
     cidr_identities: list[IpcacheEntry] | None = Field(
         None,
         max_length=4096,
         description="One identity per distinct ipBlock prefix (cidr or except); the most specific prefix "
         "containing an address gives its CIDR identity.",
+        json_schema_extra=list_map("cidr"),
     )
     rules: list[PolicyRule] | None = Field(None, max_length=65536, description="Policy entries for local identities.")
+    slices: list[SliceRef] | None = Field(
+        None,
+        max_length=MAX_NODE_SLICES,
+        description="BpfPolicySlices holding the per-policy entries of this node; all of them are applied together.",
+        json_schema_extra=list_map("name"),
+    )
 
 
 class BpfNodeStateSpec(ApiModel):

@@ -10,8 +10,15 @@ from beekeeper.crds.identity import NetworkIdentity
 from beekeeper.crds.names import API_VERSION
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicy
 from beekeeper.crds.nodestate import BpfNodeState
+from beekeeper.crds.policyslice import BpfPolicySlice
 
-RESOURCES: tuple[type[Resource], ...] = (BpfProgram, NetworkIdentityPolicy, BpfNodeState, NetworkIdentity)
+RESOURCES: tuple[type[Resource], ...] = (
+    BpfProgram,
+    NetworkIdentityPolicy,
+    BpfNodeState,
+    NetworkIdentity,
+    BpfPolicySlice,
+)
 BY_KIND: dict[str, type[Resource]] = {r.names.kind: r for r in RESOURCES}
 
 

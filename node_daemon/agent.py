@@ -10,7 +10,7 @@ enforced, so nobody mistakes such a node for one that filters traffic.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
@@ -44,6 +44,7 @@ class NodeAgent:
         collector: BpfCollector,
         policy: PolicyAgent | None = None,
         policy_disabled: str = "policy datapath disabled",
+        policy_slices: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
     ) -> None:
         self.node = node
         self.backend = backend
@@ -52,6 +53,8 @@ class NodeAgent:
         self.policy = policy
         self.policy_disabled = policy_disabled
         """status.networkPolicy.message when spec asks for a policy and there is no PolicyAgent."""
+        self.policy_slices = policy_slices
+        """This node's BpfPolicySlices as last watched (name -> object)."""
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
         self._applied: dict[str, str] = {}
@@ -139,7 +142,9 @@ class NodeAgent:
             return
         previous = (self._written or {}).get("networkPolicy")
         try:
-            self._policy_status = self.policy.reconcile(spec.get("networkPolicy"), generation, previous)
+            self._policy_status = self.policy.reconcile(
+                spec.get("networkPolicy"), generation, previous, self.policy_slices()
+            )
         except Exception as exc:  # keep reporting the programs; the next event or resync retries
             log.exception("policy reconcile failed", extra={"node": self.node})
             self._policy_status = {**(previous or {}), "enforcing": False, "message": f"internal error: {exc}"[:2048]}

@@ -1,10 +1,11 @@
 """Entry point of the node daemon: watch this node's BpfNodeState, converge the kernel to it.
 
-Only our own object is watched (server-side field selector on metadata.name), so the
-daemon's load does not grow with the cluster. Events are coalesced: only the newest
+Only our own objects are watched (server-side field selectors: the BpfNodeState on
+metadata.name, the BpfPolicySlices on spec.nodeName), so the daemon's load does not grow
+with the cluster. Events are coalesced: only the newest
 object matters. A periodic resync re-applies it, which picks up interfaces that appeared
 since (interface patterns) and repairs anything detached behind our back. Link and route
-changes on the host re-run only the policy part at once (a pod's veth appeared or was
+changes on the host and slice changes re-run only the policy part at once (a pod's veth appeared or was
 recreated), and while some endpoint has no interface yet it is looked for every few seconds.
 
 bpffs layout under --bpffs-root: programs/ (BpfPrograms, one directory per unit) and
@@ -37,6 +38,7 @@ from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
 
 if TYPE_CHECKING:  # imported by the bcc backend only: the policy datapath loads bcc
@@ -48,7 +50,7 @@ RESYNC_SECONDS = 30.0
 POLICY_RETRY_SECONDS = 2.0
 DELETED = object()
 HOST_CHANGED = object()
-"""Queued by the route watcher: links or routes changed on the host."""
+"""Queued by the route watcher (links or routes changed on the host) and the slice watch: re-run the policy part."""
 
 
 def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: threading.Event) -> None:
@@ -120,8 +122,15 @@ def run(
     drop_log = DropLog()
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log)
     collector = BpfCollector(backend, node_name)
+    slices = SliceStore()
     agent = NodeAgent(
-        node_name, backend, api, collector, policy, policy_disabled=f"policy datapath disabled ({backend_kind} backend)"
+        node_name,
+        backend,
+        api,
+        collector,
+        policy,
+        policy_disabled=f"policy datapath disabled ({backend_kind} backend)",
+        policy_slices=slices.snapshot,
     )
     if metrics_port:
         registry = CollectorRegistry()
@@ -145,7 +154,14 @@ def run(
     threading.Thread(
         target=_watch, args=(client.CustomObjectsApi(api), node_name, events, stop), daemon=True, name="watch"
     ).start()
-    # Pod interfaces only matter to the policy datapath.
+    # Policy slices and pod interfaces only matter to the policy datapath.
+    if policy is not None:
+        threading.Thread(
+            target=watch_slices,
+            args=(client.CustomObjectsApi(api), node_name, slices, lambda: events.put(HOST_CHANGED), stop),
+            daemon=True,
+            name="watch-slices",
+        ).start()
     routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None else None
     log.info(
         "node daemon started",

@@ -27,6 +27,7 @@ from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.drops import DropLog, DropRecorder
 from beekeeper.node_daemon.policy_datapath import PolicyDatapath, PolicyDatapathError
 from beekeeper.node_daemon.policy_index import PolicyIndexes
+from beekeeper.node_daemon.policy_slices import SliceReader
 from beekeeper.node_daemon.policy_state import Translation, pod_name, translate
 from beekeeper.node_daemon.routes import PodInterface, RouteTable, Unresolved
 
@@ -55,6 +56,7 @@ class PolicyAgent:
         self.bpffs_dir = Path(bpffs_dir)
         self.drop_log = drop_log
         self._indexes = PolicyIndexes(Path(state_dir) / "policy-indexes.json")
+        self._slices = SliceReader()
         self._routes = RouteTable()
         self._lock = threading.Lock()
         self._datapath: PolicyDatapath | None = None
@@ -65,6 +67,7 @@ class PolicyAgent:
         self._synced_generation: int | None = None
         self._last_sync: dt.datetime | None = None
         self._restored = False
+        self._rules = 0
 
     @property
     def unresolved(self) -> int:
@@ -72,12 +75,20 @@ class PolicyAgent:
         return len(self._unresolved)
 
     def reconcile(
-        self, raw: Mapping[str, Any] | None, generation: int | None, previous: Mapping[str, Any] | None = None
+        self,
+        raw: Mapping[str, Any] | None,
+        generation: int | None,
+        previous: Mapping[str, Any] | None = None,
+        slices: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> dict[str, Any] | None:
-        """Converge to spec.networkPolicy (raw); returns status.networkPolicy, None when there is no policy.
+        """Converge to spec.networkPolicy (raw) and the BpfPolicySlices it lists (slices: name -> object, this
+        node's as watched); returns status.networkPolicy, None when there is no policy.
 
         previous is the status this node last reported (read once, so a restarted daemon
-        keeps lastSyncTime and observedGeneration). No spec removes the datapath.
+        keeps lastSyncTime and observedGeneration). No spec removes the datapath. Until every
+        listed slice has arrived with the listed content hash the maps stay as they are (a
+        partial set could isolate a pod before its allows arrive); a slice this daemon cannot
+        read is left out and reported, and the rest is applied.
         """
         if not self._restored:
             self._restored = True
@@ -94,15 +105,24 @@ class PolicyAgent:
             where = ".".join(map(str, first["loc"]))
             problem = f"spec.networkPolicy not understood by this daemon: {where}: {first['msg']}"
             return self._status(None, None, 0, problem)
+        listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
+        if waiting:
+            shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+            # The maps keep enforcing the last complete state; observedGeneration says which.
+            loaded = self._datapath is not None
+            return self._status(spec, None, self._counts[1], f"waiting for policy slices: {shown}", loaded)
         try:
             datapath = self._load()
         except PolicyDatapathError as exc:
             return self._status(spec, None, 0, str(exc))
-        plan = translate(spec, self._lookup(spec), self._indexes.assign({r.policy for r in spec.rules or []}))
+        names = {r.policy for r in spec.rules or []} | {p.policy for p in listed.values()}
+        plan = translate(spec, self._lookup(spec), self._indexes.assign(names), listed)
+        plan.problems.extend(unreadable)
         with self._lock:
             synced, attached, problems = self._converge(datapath, plan, generation)
         if synced:
             self._synced_generation = generation
+            self._rules = len(plan.state.rules)
         self._report_unresolved(plan.unresolved)
         return self._status(spec, plan, attached, "; ".join(problems) or None)
 
@@ -168,15 +188,20 @@ class PolicyAgent:
             self._unresolved = dict(unresolved)
 
     def _status(
-        self, spec: NodeNetworkPolicy | None, plan: Translation | None, attached: int, problem: str | None
+        self,
+        spec: NodeNetworkPolicy | None,
+        plan: Translation | None,
+        attached: int,
+        problem: str | None,
+        enforcing: bool | None = None,
     ) -> dict[str, Any]:
         missing = sorted(plan.unresolved) if plan else []
         return NetworkPolicyStatus(
-            enforcing=problem is None,
+            enforcing=problem is None if enforcing is None else enforcing,
             endpoints=len(spec.endpoints or []) if spec else 0,
             attached=attached,
             missing=missing[:MAX_MISSING] or None,
-            rules=len(spec.rules or []) if spec else 0,
+            rules=len(plan.state.rules) if plan else (self._rules if spec else 0),
             observed_generation=self._synced_generation,
             last_sync_time=self._last_sync,
             message=problem[:2048] if problem else None,

@@ -1,19 +1,23 @@
-"""From BpfNodeState.spec.networkPolicy to the datapath's desired map contents (pure).
+"""From BpfNodeState.spec.networkPolicy and its BpfPolicySlices to the datapath's desired map contents (pure).
 
 The operator names endpoints by pod IP; the datapath keys them by interface. The
 interfaces found for each IP (node_daemon/routes.py) come in as an argument, so this
-translation is unit-tested without a kernel.
+translation is unit-tested without a kernel. Slices ship rules factored (peers x ports);
+the product is expanded here. Prefix entries are unioned: the node's own (its addresses
+as host) win, and two slices naming one prefix differently keep the first by slice name
+(the operator writes a consistent set, so that only happens with hand-made slices).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from beekeeper.crds.networkpolicy import PolicyType
 from beekeeper.crds.nodestate import Endpoint as SpecEndpoint
-from beekeeper.crds.nodestate import NodeNetworkPolicy, PolicyAction, RuleProtocol
+from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, PolicyAction, RuleProtocol
+from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
 
@@ -42,12 +46,72 @@ class Translation:
     """Endpoints left out for good (IPv6, two endpoints on one interface)."""
 
 
+@dataclass(frozen=True)
+class FlatRule:
+    """One expanded entry, as the maps take it (policy by name)."""
+
+    policy: str
+    local_identity: int
+    direction: PolicyType
+    peer_identity: int
+    protocol: RuleProtocol
+    port_start: int
+    port_end: int
+    action: PolicyAction
+
+
+def flat_rules(spec: NodeNetworkPolicy, slices: Sequence[BpfPolicySliceSpec]) -> Iterable[FlatRule]:
+    """The node's inline rules and every slice's product of peers and ports."""
+    for r in spec.rules or []:
+        yield FlatRule(
+            r.policy, r.local_identity, r.direction, r.peer_identity, r.protocol, r.port_start, r.port_end, r.action
+        )
+    for piece in slices:
+        for rule in piece.rules or []:
+            for port in rule.ports:
+                for peer in rule.peers:
+                    yield FlatRule(
+                        piece.policy,
+                        rule.local_identity,
+                        rule.direction,
+                        peer,
+                        port.protocol,
+                        port.port_start,
+                        port.port_end,
+                        rule.action,
+                    )
+
+
+def union_prefixes(
+    own: Iterable[IpcacheEntry], pieces: Iterable[tuple[str, Iterable[IpcacheEntry]]], what: str
+) -> tuple[list[pm.PrefixIdentity], list[str]]:
+    """Node-wide entries, then each slice's that name a new prefix; conflicts are reported, not fatal."""
+    chosen: dict[str, int] = {}
+    problems: list[str] = []
+    for entry in own:
+        chosen.setdefault(entry.cidr, entry.identity)
+    seen_from: dict[str, str] = {}
+    for name, entries in pieces:
+        for entry in entries:
+            if entry.cidr not in chosen:
+                chosen[entry.cidr], seen_from[entry.cidr] = entry.identity, name
+            elif chosen[entry.cidr] != entry.identity and entry.cidr in seen_from:
+                problems.append(
+                    f"slice {name}: {what} {entry.cidr} is {entry.identity} but {chosen[entry.cidr]} in slice "
+                    f"{seen_from[entry.cidr]}, which is kept"
+                )
+    return [pm.PrefixIdentity(cidr, identity) for cidr, identity in chosen.items()], problems
+
+
 def translate(
     spec: NodeNetworkPolicy,
     interfaces: Mapping[str, PodInterface | Unresolved],
     policy_indexes: Mapping[str, int],
+    slices: Mapping[str, BpfPolicySliceSpec] | None = None,
 ) -> Translation:
-    """The DatapathState for spec, given each endpoint IP's interface and each policy's index."""
+    """The DatapathState for spec plus its slices (by name), given each endpoint IP's interface and each
+    policy's index."""
+    pieces = sorted((slices or {}).items())
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
     for ep in spec.endpoints or []:
         if ipaddress.ip_address(ep.ip).version != 4:
@@ -65,8 +129,13 @@ def translate(
         out.state.endpoints.append(
             pm.Endpoint(found.ifindex, ep.ip, ep.identity, ep.ingress_enforced, ep.egress_enforced)
         )
-    out.state.ipcache = [pm.PrefixIdentity(e.cidr, e.identity) for e in spec.ipcache or []]
-    out.state.cidr_ids = [pm.PrefixIdentity(e.cidr, e.identity) for e in spec.cidr_identities or []]
+    out.state.ipcache, problems = union_prefixes(
+        spec.ipcache or [], ((n, p.ipcache or []) for n, p in pieces), "ipcache"
+    )
+    out.state.cidr_ids, more = union_prefixes(
+        spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "cidr identity"
+    )
+    out.problems += problems + more
     out.state.rules = [
         pm.Rule(
             local_identity=r.local_identity,
@@ -78,6 +147,6 @@ def translate(
             action=ACTIONS[r.action],
             policy_index=policy_indexes[r.policy],
         )
-        for r in spec.rules or []
+        for r in flat_rules(spec, [p for _, p in pieces])
     ]
     return out

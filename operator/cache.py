@@ -15,7 +15,16 @@ from beekeeper.operator.pods import slim_pod
 
 Body = dict[str, Any]
 
-KINDS = ("BpfProgram", "Node", "BpfNodeState", "Pod", "Namespace", "NetworkIdentityPolicy", "NetworkIdentity")
+KINDS = (
+    "BpfProgram",
+    "Node",
+    "BpfNodeState",
+    "Pod",
+    "Namespace",
+    "NetworkIdentityPolicy",
+    "NetworkIdentity",
+    "BpfPolicySlice",
+)
 NAMESPACED = frozenset({"Pod", "NetworkIdentityPolicy"})
 
 
@@ -69,6 +78,8 @@ class Snapshot:
     """name -> labels."""
     policies: list[Body]
     identities: list[Body]
+    policy_slices: dict[str, Body] = field(default_factory=dict)
+    """BpfPolicySlices by name (what the operator wrote, as the API has it)."""
 
     def node_labels(self) -> dict[str, dict[str, str]]:
         return {name: dict(body["metadata"].get("labels") or {}) for name, body in self.nodes.items()}
@@ -131,6 +142,7 @@ class ClusterCache:
             },
             policies=list(self.tables["NetworkIdentityPolicy"].values()),
             identities=list(self.tables["NetworkIdentity"].values()),
+            policy_slices=dict(self.tables["BpfPolicySlice"]),
         )
 
     def reports_for(self, bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:

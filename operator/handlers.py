@@ -17,6 +17,7 @@ import kopf
 from beekeeper import kube
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
+    BPF_POLICY_SLICE_PLURAL,
     BPF_PROGRAM_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
@@ -61,6 +62,7 @@ WATCHED = {
     ("", "v1", "namespaces"): "Namespace",
     (GROUP, VERSION, NETWORK_IDENTITY_POLICY_PLURAL): "NetworkIdentityPolicy",
     (GROUP, VERSION, NETWORK_IDENTITY_PLURAL): "NetworkIdentity",
+    (GROUP, VERSION, BPF_POLICY_SLICE_PLURAL): "BpfPolicySlice",
 }
 
 

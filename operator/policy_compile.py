@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ from beekeeper.crds.networkpolicy import (
     parse_cidr,
 )
 from beekeeper.crds.nodestate import PolicyAction, RuleProtocol
+from beekeeper.crds.policyslice import pack_slices
+from beekeeper.node_daemon.policy_maps import port_prefixes
 from beekeeper.operator.identities import IdentityKey
 from beekeeper.operator.pods import PodRecord
 
@@ -124,6 +127,8 @@ class PolicyOutcome:
     generation: int | None
     error: str | None = None
     """Why the spec cannot be enforced (the field, then the problem); the policy is ignored."""
+    reason: str = "InvalidSpec"
+    """CamelCase cause of error, for the Valid condition."""
     warnings: list[str] = field(default_factory=list)
     selected: set[str] = field(default_factory=set)
     """namespace/name of the selected endpoints (pods with an IPv4 address on a known node)."""
@@ -146,6 +151,8 @@ class CompiledPolicies:
     node has no endpoint."""
     policies: dict[str, PolicyOutcome]
     """Per namespace/name."""
+    slices: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Per node, BpfPolicySlice name -> spec (nodeName included), as listed by the node's spec."""
 
 
 def _error_path(loc: Sequence[int | str]) -> str:
@@ -345,49 +352,192 @@ def _identity_infos(pods: Iterable[PodRecord], identities: Mapping[IdentityKey, 
     return infos
 
 
-_Rule = tuple[int, PolicyType, int, RuleProtocol, int, int, PolicyAction, str]
+DEFAULT_EXPANSION_BUDGET = 8192
+"""Policy map entries one policy may take on one node: the product of local identities, peers
+(with every ipBlock prefix they cover) and port blocks. Beyond it the policy is refused
+(Valid=False, ExpansionBudgetExceeded), so one tenant cannot fill a node's maps."""
+BUDGET_ENV = "BEEKEEPER_POLICY_EXPANSION_BUDGET"
+BUDGET_REASON = "ExpansionBudgetExceeded"
+
+
+def expansion_budget() -> int:
+    """The operator's per-policy, per-node budget: $BEEKEEPER_POLICY_EXPANSION_BUDGET or the default."""
+    raw = os.environ.get(BUDGET_ENV)
+    if not raw:
+        return DEFAULT_EXPANSION_BUDGET
+    try:
+        budget = int(raw)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV}={raw!r} is not a whole number") from None
+    if budget < 1:
+        raise ValueError(f"{BUDGET_ENV}={raw!r} must be at least 1")
+    return budget
+
+
+_PortKey = tuple[RuleProtocol, int, int]
+_RuleKey = tuple[int, PolicyType, PolicyAction, int]
+"""(local identity, direction, action, peer identity)."""
+
+
+def _port_cost(port: _PortKey) -> int:
+    protocol, start, end = port
+    return 1 if protocol is RuleProtocol.ANY else len(port_prefixes(start, end))
+
+
+@dataclass
+class _NodeView:
+    """One node's endpoints and, per policy, the (local identity, entry) pairs that apply there."""
+
+    endpoints: list[tuple[PodRecord, int]]
+    addresses: Sequence[str]
+    items: dict[str, list[tuple[int, Entry]]] = field(default_factory=dict)
+    isolated: dict[str, set[tuple[int, PolicyType]]] = field(default_factory=dict)
+
+
+def _node_view(
+    endpoints: list[tuple[PodRecord, int]], addresses: Sequence[str], compiler: _PolicyCompiler
+) -> _NodeView:
+    view = _NodeView(endpoints, addresses)
+    for n in sorted({number for _, number in endpoints}):
+        for e in compiler.entries.get(n, ()):
+            view.items.setdefault(e.policy, []).append((n, e))
+        for direction in PolicyType:
+            for ref in compiler.isolating.get((n, direction), ()):
+                view.isolated.setdefault(ref, set()).add((n, direction))
+                view.items.setdefault(ref, [])
+    return view
+
+
+def _blocks(items: Iterable[tuple[int, Entry]]) -> set[Block]:
+    return {e.peer for _, e in items if isinstance(e.peer, Block)}
+
+
+def _prefixes(blocks: Iterable[Block]) -> list[Network]:
+    return sorted({p for b in blocks for p in b.prefixes}, key=_net_order)
+
+
+def _policy_rules(
+    view: _NodeView, ref: str, covered: Callable[[Block], list[Network]]
+) -> dict[_RuleKey, set[_PortKey]]:
+    """One policy's entries on the node, peers resolved to identities (an ipBlock to every prefix it covers)."""
+    rules: dict[_RuleKey, set[_PortKey]] = defaultdict(set)
+    for n, e in view.items.get(ref, ()):
+        port = (e.protocol, e.port_start, e.port_end)
+        for peer in [p for p in covered(e.peer)] if isinstance(e.peer, Block) else [e.peer]:
+            rules[n, e.direction, e.action, peer].add(port)  # type: ignore[index]
+    if view.addresses:
+        for n, direction in view.isolated.get(ref, ()):
+            rules[n, direction, PolicyAction.ALLOW, HOST].add((RuleProtocol.ANY, 0, 0))
+    return rules
+
+
+def _cost(rules: Mapping[_RuleKey, set[_PortKey]]) -> int:
+    return sum(_port_cost(port) for ports in rules.values() for port in ports)
+
+
+class _Coverage:
+    """Which of a node's prefixes each ipBlock covers, computed once per block."""
+
+    def __init__(self, prefixes: Sequence[Network]) -> None:
+        self.prefixes = prefixes
+        self._memo: dict[Block, list[Network]] = {}
+
+    def __call__(self, block: Block) -> list[Network]:
+        if block not in self._memo:
+            self._memo[block] = [p for p in self.prefixes if block.covers(p)]
+        return self._memo[block]
+
+
+def _over_budget(views: Mapping[str, _NodeView], refs: set[str], budget: int) -> dict[str, tuple[int, str, bool]]:
+    """Policies among refs whose entries on some node exceed the budget: ref -> (cost, node, own fault).
+
+    Own fault: the policy exceeds it with only its own ipBlock prefixes, not through prefixes
+    of other policies nested inside its blocks."""
+    over: dict[str, tuple[int, str, bool]] = {}
+    for node, view in sorted(views.items()):
+        active = [ref for ref in view.items if ref in refs]
+        coverage = _Coverage(_prefixes(b for ref in active for b in _blocks(view.items[ref])))
+        for ref in active:
+            cost = _cost(_policy_rules(view, ref, coverage))
+            if cost <= budget:
+                continue
+            own = _cost(_policy_rules(view, ref, _Coverage(_prefixes(_blocks(view.items[ref])))))
+            if ref not in over or (own > budget, cost) > (over[ref][2], over[ref][0]):
+                over[ref] = (cost, node, own > budget)
+    return over
+
+
+def _factored(rules: Mapping[_RuleKey, set[_PortKey]], cidr_ids: Mapping[Network, int]) -> list[dict[str, Any]]:
+    """(local, direction, action) x peers x ports, grouping peers that share the same ports."""
+    groups: dict[tuple[int, PolicyType, PolicyAction, tuple[_PortKey, ...]], list[int]] = defaultdict(list)
+    for (n, direction, action, peer), ports in rules.items():
+        number = cidr_ids[peer] if isinstance(peer, ipaddress.IPv4Network | ipaddress.IPv6Network) else peer
+        groups[n, direction, action, tuple(sorted(ports))].append(number)
+    return [
+        {
+            "localIdentity": n,
+            "direction": direction.value,
+            "action": action.value,
+            "peers": sorted(peers),
+            "ports": [{"protocol": p.value, "portStart": start, "portEnd": end} for p, start, end in ports],
+        }
+        for (n, direction, action, ports), peers in sorted(groups.items(), key=lambda g: (g[0], sorted(g[1])))
+    ]
+
+
+def slice_name(node: str, policy: str, index: int) -> str:
+    """Stable per (node, policy, part), a DNS subdomain whatever the node's name length."""
+    digest = hashlib.sha256(policy.encode()).hexdigest()[:12]
+    prefix = node if len(node) <= 200 else hashlib.sha256(node.encode()).hexdigest()[:16]
+    return f"{prefix}.{digest}-{index}"
+
+
+def _node_slices(
+    node: str,
+    view: _NodeView,
+    refs: Iterable[str],
+    compiler: _PolicyCompiler,
+    cidr_ids: Mapping[Network, int],
+) -> dict[str, dict[str, Any]]:
+    """Every policy's slices on the node: its factored rules, the pod addresses they name, and its prefixes
+    (its own blocks' and the other policies' prefixes nested in them, which its rules name)."""
+    active = sorted(ref for ref in view.items if ref in refs)
+    coverage = _Coverage(_prefixes(b for ref in active for b in _blocks(view.items[ref])))
+    out: dict[str, dict[str, Any]] = {}
+    for ref in active:
+        rules = _policy_rules(view, ref, coverage)
+        peers = {key[3] for key in rules}
+        prefixes = set(_prefixes(_blocks(view.items[ref]))) | {p for p in peers if not isinstance(p, int)}
+        ipcache: dict[Network, int] = {}
+        for number in sorted(p for p in peers if isinstance(p, int) and MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
+            if number in compiler.infos:
+                ipcache.update(dict.fromkeys(compiler.infos[number].prefixes, number))
+        for address in view.addresses:
+            ipcache.pop(ipaddress.ip_network(address), None)  # the node-wide entry says host
+        if not rules and not prefixes:
+            continue
+        specs = pack_slices(
+            ref,
+            _factored(rules, cidr_ids),
+            [{"cidr": str(n), "identity": ipcache[n]} for n in sorted(ipcache, key=_net_order)],
+            [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
+        )
+        for i, spec in enumerate(specs):
+            out[slice_name(node, ref, i)] = {"nodeName": node, **spec}
+    return out
 
 
 def _node_policy(
-    endpoints: list[tuple[PodRecord, int]],
-    addresses: Sequence[str],
-    compiler: _PolicyCompiler,
-    cidr_ids: Mapping[Network, int],
+    view: _NodeView, compiler: _PolicyCompiler, refs: set[str], slices: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs).
-
-    Plain dicts, not models: a node can have thousands of entries and this runs on every
-    pass; the unit tests validate what it builds against NodeNetworkPolicy."""
-    local = sorted({number for _, number in endpoints})
-    entries = [e for n in local for e in compiler.entries.get(n, ())]
-    prefixes = sorted({p for e in entries if isinstance(e.peer, Block) for p in e.peer.prefixes}, key=_net_order)
-
-    rules: set[_Rule] = set()
-    for n in local:
-        for e in compiler.entries.get(n, ()):
-            base = (n, e.direction)
-            rest = (e.protocol, e.port_start, e.port_end, e.action, e.policy)
-            if isinstance(e.peer, Block):
-                rules.update((*base, cidr_ids[p], *rest) for p in prefixes if e.peer.covers(p))
-            else:
-                rules.add((*base, e.peer, *rest))
-        if addresses:
-            for direction in PolicyType:
-                refs = compiler.isolating.get((n, direction))
-                if refs:
-                    rules.add((n, direction, HOST, RuleProtocol.ANY, 0, 0, PolicyAction.ALLOW, min(refs)))
-
-    peers = {r[2] for r in rules}
-    ipcache: dict[Network, int] = {}
-    for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY and p in compiler.infos):
-        ipcache.update(dict.fromkeys(compiler.infos[number].prefixes, number))
-    if HOST in peers:
-        for address in addresses:
-            ipcache[ipaddress.ip_network(address)] = HOST  # the node's own address is the host, whatever claims it
+    """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
+    endpoints with their isolation, the node's own addresses as host, and the slices to apply."""
 
     def enforced(n: int, direction: PolicyType) -> bool:
-        return bool(compiler.isolating.get((n, direction)))
+        return any(ref in refs for ref in compiler.isolating.get((n, direction), ()))
 
+    isolating = any(enforced(n, d) for _, n in view.endpoints for d in PolicyType)
+    hosts = sorted({ipaddress.ip_network(a) for a in view.addresses}, key=_net_order) if isolating else []
     return {
         "endpoints": [
             {
@@ -398,23 +548,12 @@ def _node_policy(
                 "ingressEnforced": enforced(number, PolicyType.INGRESS),
                 "egressEnforced": enforced(number, PolicyType.EGRESS),
             }
-            for pod, number in endpoints
+            for pod, number in view.endpoints
         ],
-        "ipcache": [{"cidr": str(n), "identity": ipcache[n]} for n in sorted(ipcache, key=_net_order)],
-        "cidrIdentities": [{"cidr": str(p), "identity": cidr_ids[p]} for p in prefixes],
-        "rules": [
-            {
-                "localIdentity": local_id,
-                "direction": direction.value,
-                "peerIdentity": peer,
-                "protocol": protocol.value,
-                "portStart": start,
-                "portEnd": end,
-                "action": action.value,
-                "policy": ref,
-            }
-            for local_id, direction, peer, protocol, start, end, action, ref in sorted(rules)
-        ],
+        "ipcache": [{"cidr": str(n), "identity": HOST} for n in hosts],
+        "cidrIdentities": [],
+        "rules": [],
+        "slices": [{"name": name, "contentHash": body["contentHash"]} for name, body in sorted(slices.items())],
     }
 
 
@@ -423,40 +562,66 @@ def compile_policies(
     pods: Iterable[PodRecord],
     identities: Mapping[IdentityKey, int],
     nodes: Mapping[str, Sequence[str]],
+    budget: int = DEFAULT_EXPANSION_BUDGET,
 ) -> CompiledPolicies:
-    """Every node's spec.networkPolicy and every policy's outcome.
+    """Every node's spec.networkPolicy, its BpfPolicySlices and every policy's outcome.
 
     `pods` come from pod_records (pods without a number in `identities` are left out: their
-    identity is not persisted yet); `nodes` maps each node to its InternalIP addresses.
+    identity is not persisted yet); `nodes` maps each node to its InternalIP addresses;
+    `budget` bounds the policy map entries of one policy on one node.
     """
     pod_list = list(pods)
     infos = _identity_infos(pod_list, identities)
     compiler = _PolicyCompiler(infos)
     outcomes: dict[str, PolicyOutcome] = {}
-    valid: list[tuple[NetworkIdentityPolicy, PolicyOutcome]] = []
+    valid: dict[str, tuple[NetworkIdentityPolicy, PolicyOutcome]] = {}
     for body in sorted(policies, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"])):
         outcome, policy = parse_policy(body)
         outcomes[outcome.ref] = outcome
         if policy is not None:
             compiler.add(policy, outcome)
-            valid.append((policy, outcome))
-    cidr_ids = assign_cidr_identities(p for block in compiler.blocks for p in block.prefixes)
+            valid[outcome.ref] = (policy, outcome)
 
     per_node: dict[str, list[tuple[PodRecord, int]]] = {node: [] for node in nodes}
     for pod in pod_list:
         number = identities.get(pod.key)
         if pod.node in per_node and pod.ipv4 is not None and number is not None:
             per_node[pod.node].append((pod, number))
-            for policy, outcome in valid:
-                if pod.namespace == outcome.namespace and policy.spec.pod_selector.matches(pod.key.label_map):
-                    outcome.selected.add(pod.ref)
-                    outcome.nodes.add(pod.node)
+    views = {node: _node_view(eps, nodes[node], compiler) for node, eps in per_node.items() if eps}
 
-    compiled = {
-        node: _node_policy(endpoints, nodes[node], compiler, cidr_ids) if endpoints else None
-        for node, endpoints in per_node.items()
-    }
-    return CompiledPolicies(compiled, outcomes)
+    # Refuse what exceeds the budget, the policies over it on their own first: removing them
+    # can only shrink the others (fewer nested prefixes), so this settles in a few rounds.
+    while over := _over_budget(views, set(valid), budget):
+        own = {ref for ref, (_, _, fault) in over.items() if fault}
+        for ref in sorted(own or over):
+            cost, node, fault = over[ref]
+            outcome = valid.pop(ref)[1]
+            outcome.reason = BUDGET_REASON
+            outcome.error = f"{BUDGET_REASON}: expands to {cost} kernel entries on node {node}, budget {budget}"
+            if not fault:
+                outcome.error += " (with the ipBlock prefixes of other policies on the node nested in its blocks)"
+
+    for pod, _ in (ep for eps in per_node.values() for ep in eps):
+        for policy, outcome in valid.values():
+            if pod.namespace == outcome.namespace and policy.spec.pod_selector.matches(pod.key.label_map):
+                outcome.selected.add(pod.ref)
+                outcome.nodes.add(pod.node)
+
+    refs = set(valid)
+    cidr_ids = assign_cidr_identities(
+        p
+        for view in views.values()
+        for ref in view.items
+        if ref in refs
+        for b in _blocks(view.items[ref])
+        for p in b.prefixes
+    )
+    compiled: dict[str, dict[str, Any] | None] = dict.fromkeys(nodes)
+    slices: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
+    for node, view in views.items():
+        slices[node] = _node_slices(node, view, refs, compiler, cidr_ids)
+        compiled[node] = _node_policy(view, compiler, refs, slices[node])
+    return CompiledPolicies(compiled, outcomes, slices)
 
 
 def node_addresses(node: Body) -> list[str]:

@@ -10,7 +10,7 @@ state, so Ready can dip briefly for edits elsewhere: it never claims more than i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from beekeeper.crds.common import Condition, set_condition
@@ -29,6 +29,11 @@ class NodeEnforcement:
     """status.networkPolicy of the BpfNodeState."""
     write_error: str | None = None
     """Why the operator could not write the node's state, if it could not."""
+    slice_errors: Mapping[str, str] = field(default_factory=dict)
+    """Policy ref -> why the operator could not write that policy's slices for the node."""
+
+    def error_for(self, ref: str) -> str | None:
+        return self.write_error or self.slice_errors.get(ref)
 
     @property
     def enforcing(self) -> bool:
@@ -50,13 +55,17 @@ def _listed(items: list[str]) -> str:
 
 def _ready(outcome: PolicyOutcome, nodes: Mapping[str, NodeEnforcement], enforcing: list[str]) -> tuple[bool, str, str]:
     if outcome.error:
-        return False, "InvalidSpec", f"not enforced: {outcome.error}"
+        return False, outcome.reason, f"not enforced: {outcome.error}"
     total = len(outcome.nodes)
     if not total:
         return True, "NoSelectedEndpoints", "no pod with an IPv4 address matches spec.podSelector"
     if len(enforcing) == total:
         return True, "Enforced", f"enforced on {total}/{total} nodes"
-    failed = [f"{n}: {nodes[n].write_error}" for n in sorted(outcome.nodes) if n in nodes and nodes[n].write_error]
+    failed = [
+        f"{n}: {nodes[n].error_for(outcome.ref)}"
+        for n in sorted(outcome.nodes)
+        if n in nodes and nodes[n].error_for(outcome.ref)
+    ]
     if failed:
         return False, "NodeStateNotWritten", f"enforced on {len(enforcing)}/{total} nodes; {_listed(failed)}"
     waiting = sorted(outcome.nodes - set(enforcing))
@@ -72,13 +81,15 @@ def aggregate(
     """The whole status of one policy."""
     conditions = [Condition.model_validate(c) for c in (previous or {}).get("conditions") or []]
     if outcome.error:
-        valid, valid_reason, valid_message = False, "InvalidSpec", outcome.error
+        valid, valid_reason, valid_message = False, outcome.reason, outcome.error
     else:
         valid, valid_reason = True, "AcceptedWithWarnings" if outcome.warnings else "Accepted"
         valid_message = "; ".join(outcome.warnings[:MAX_LISTED])
         if len(outcome.warnings) > MAX_LISTED:
             valid_message += f"; and {len(outcome.warnings) - MAX_LISTED} more warnings"
-    enforcing = sorted(n for n in outcome.nodes if n in nodes and nodes[n].enforcing)
+    enforcing = sorted(
+        n for n in outcome.nodes if n in nodes and nodes[n].enforcing and not nodes[n].slice_errors.get(outcome.ref)
+    )
     ready, ready_reason, ready_message = _ready(outcome, nodes, enforcing)
     for type_, value, reason, message in (
         ("Valid", valid, valid_reason, valid_message),

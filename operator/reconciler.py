@@ -28,6 +28,8 @@ from beekeeper.crds.common import ApiModel, timestamp
 from beekeeper.crds.names import (
     BPF_NODE_STATE,
     BPF_NODE_STATE_PLURAL,
+    BPF_POLICY_SLICE,
+    BPF_POLICY_SLICE_PLURAL,
     BPF_PROGRAM_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
@@ -48,7 +50,7 @@ from beekeeper.operator.identities import (
     plan_identities,
 )
 from beekeeper.operator.pods import PodRecord, pod_records
-from beekeeper.operator.policy_compile import compile_policies, node_addresses
+from beekeeper.operator.policy_compile import compile_policies, expansion_budget, node_addresses
 from beekeeper.operator.program_status import aggregate
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ RESYNC_SECONDS = 60.0
 DEBOUNCE_SECONDS = 0.05
 IDENTITY_ALLOCATION_ROUNDS = 5
 """Re-plans after 409 conflicts (another writer took a number) before a pass gives up on the rest."""
-NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules")
+NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "slices")
 """spec.networkPolicy lists; the operator writes all of them (a merge patch replaces only what it names)."""
 
 
@@ -133,6 +135,7 @@ class Reconciler:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.identity_gc_grace = gc_grace_seconds()
+        self.expansion_budget = expansion_budget()
         self._unused_since: dict[int, float] = {}
         """Identity number -> time.monotonic() it was first seen unused (touched by the pass thread only)."""
 
@@ -151,6 +154,7 @@ class Reconciler:
                 "BpfNodeState": custom(BPF_NODE_STATE_PLURAL),
                 "NetworkIdentityPolicy": custom(NETWORK_IDENTITY_POLICY_PLURAL),
                 "NetworkIdentity": custom(NETWORK_IDENTITY_PLURAL),
+                "BpfPolicySlice": custom(BPF_POLICY_SLICE_PLURAL),
                 "Node": core(self.core.list_node().items),
                 "Namespace": core(self.core.list_namespace().items),
                 "Pod": core(self.core.list_pod_for_all_namespaces().items),
@@ -215,22 +219,40 @@ class Reconciler:
             pods,
             identities.assigned,
             {node: node_addresses(snapshot.nodes[node]) for node in node_labels},
+            self.expansion_budget,
         )
+        slices_by_node: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for name, body in snapshot.policy_slices.items():
+            slices_by_node.setdefault((body.get("spec") or {}).get("nodeName", ""), {})[name] = body
         enforcement: dict[str, policy_status.NodeEnforcement] = {}
         for node, programs in desired.items():
             existing = nodestates.get(node)
+            stored_slices = slices_by_node.pop(node, {})
+            network_policy, slice_errors = self._write_slices(
+                node,
+                compiled.nodes.get(node),
+                compiled.slices.get(node) or {},
+                stored_slices,
+                existing,
+                snapshot.nodes[node],
+            )
             try:
-                generation = self._write_nodestate(node, programs, compiled.nodes.get(node), existing)
+                generation = self._write_nodestate(node, programs, network_policy, existing)
                 error = None
+                self._delete_slices(
+                    set(stored_slices) - {r["name"] for r in (network_policy or {}).get("slices") or []}
+                )
             except ApiException as exc:
                 if exc.status is None or not 400 <= exc.status < 500:
                     raise
                 generation, error = None, f"{exc.status} {exc.reason}"
                 log.error("bpfnodestate not written", extra={"node": node, "status": exc.status, "reason": exc.reason})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
-            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error)
+            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error, slice_errors)
         for node in sorted(set(nodestates) - set(node_labels)):
             self._delete_nodestate(node)
+        for stale in slices_by_node.values():  # of nodes that are gone
+            self._delete_slices(set(stale))
 
         reports = {p["metadata"]["name"]: p for p in bpfprograms}
         result = PassResult(identities_created=identities.created)
@@ -358,6 +380,89 @@ class Reconciler:
             return Notice(body, "Normal", "Ready", cond["Ready"]["message"])
         return Notice(body, "Normal", phase, cond["Ready"]["message"])
 
+    def _write_slices(
+        self,
+        node: str,
+        network_policy: dict[str, Any] | None,
+        desired: Mapping[str, dict[str, Any]],
+        stored: Mapping[str, Mapping[str, Any]],
+        existing: Mapping[str, Any] | None,
+        node_body: Mapping[str, Any],
+    ) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """Create or update the node's BpfPolicySlices that differ, before the node state lists them.
+
+        A slice the API refuses fails only its own policy on this node (policy ref -> error):
+        the node state then keeps listing that policy's previous slices, if it had any.
+        Returns spec.networkPolicy with the slices list as it can be written.
+        """
+        errors: dict[str, str] = {}
+        written: set[str] = set()
+        for name, spec in sorted(desired.items()):
+            if (stored.get(name) or {}).get("spec") == spec:
+                continue
+            try:
+                self._put_slice(node, name, spec, node_body, exists=name in stored)
+                written.add(name)
+            except ApiException as exc:
+                if exc.status is None or not 400 <= exc.status < 500:
+                    raise
+                errors[spec["policy"]] = f"BpfPolicySlice {name}: {exc.status} {exc.reason}"
+                log.error("bpfpolicyslice not written", extra={"node": node, "slice": name, "status": exc.status})
+        if not errors or network_policy is None:
+            return network_policy, errors
+        refs = [r for r in network_policy["slices"] if desired[r["name"]]["policy"] not in errors]
+        old = (((existing or {}).get("spec") or {}).get("networkPolicy") or {}).get("slices") or []
+        for policy in errors:
+            # The policy's previous slices, if all of them are still as listed; else none of it.
+            mine = [r for r in old if (stored.get(r["name"], {}).get("spec") or {}).get("policy") == policy]
+            if all(
+                r["name"] not in written and stored[r["name"]]["spec"].get("contentHash") == r["contentHash"]
+                for r in mine
+            ):
+                refs += mine
+        return {**network_policy, "slices": sorted(refs, key=lambda r: r["name"])}, errors
+
+    def _put_slice(
+        self, node: str, name: str, spec: dict[str, Any], node_body: Mapping[str, Any], exists: bool
+    ) -> None:
+        """Every list named (None clears one a merge patch would otherwise keep)."""
+        if exists:
+            patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, **spec}}
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name, patch)
+            log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec["policy"]})
+            return
+        meta = node_body.get("metadata") or {}
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": BPF_POLICY_SLICE.kind,
+            "metadata": {
+                "name": name,
+                "labels": {"app.kubernetes.io/managed-by": "beekeeper"},
+                # Gone with its Node, even if the operator is down.
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": meta.get("uid")}],
+            },
+            "spec": spec,
+        }
+        if not meta.get("uid"):
+            del body["metadata"]["ownerReferences"]
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, body)
+            log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec["policy"]})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self._put_slice(node, name, spec, node_body, exists=True)
+
+    def _delete_slices(self, names: set[str]) -> None:
+        """After the node states stopped listing them."""
+        for name in sorted(names):
+            try:
+                self.custom.delete_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name)
+                log.info("bpfpolicyslice deleted", extra={"slice": name})
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
     def _write_nodestate(
         self,
         node: str,
@@ -371,7 +476,7 @@ class Reconciler:
             "node": node,
             "bpfprograms": len(programs),
             "endpoints": len((network_policy or {}).get("endpoints") or []),
-            "rules": len((network_policy or {}).get("rules") or []),
+            "slices": len((network_policy or {}).get("slices") or []),
         }
         if existing is not None:
             old = existing.get("spec") or {}

@@ -1,7 +1,8 @@
 """The lookups of bpf/policy.c, replayed in Python over what the operator writes for each node.
 
-Each node's spec.networkPolicy is encoded into the exact map contents the node daemon
-writes (node_daemon.policy_maps.encode: the same bytes, LPM keys and port-range blocks),
+Each node's spec.networkPolicy and its BpfPolicySlices go through the daemon's own
+translation (node_daemon.policy_state: slices expanded, prefixes unioned) into the exact map
+contents it writes (node_daemon.policy_maps.encode: the same bytes, LPM keys and port-range blocks),
 then a packet is judged the way evaluate() in policy.c judges it: at the client's endpoint
 for egress and the server's for ingress, only in an enforced direction, peer identities =
 ipcache longest match (world when absent), the most specific cidr_ids prefix, and 0; any
@@ -14,10 +15,13 @@ import ipaddress
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from beekeeper.crds.nodestate import NodeNetworkPolicy
+from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, PolicyRule
+from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
+from beekeeper.node_daemon.policy_state import flat_rules, translate, union_prefixes
+from beekeeper.node_daemon.routes import PodInterface
+from beekeeper.operator.policy_compile import CompiledPolicies
 
 PROTOCOLS = {"TCP": pm.PROTO_TCP, "UDP": pm.PROTO_UDP, "SCTP": pm.PROTO_SCTP, "ICMP": 1, "Any": pm.PROTO_ANY}
 
@@ -44,31 +48,12 @@ class NodeMaps:
     """endpoint IP -> (identity, flags)."""
 
     @classmethod
-    def encode(cls, policy: NodeNetworkPolicy) -> NodeMaps:
-        names = sorted({r.policy for r in policy.rules or []})
-        state = pm.DatapathState(
-            endpoints=[
-                pm.Endpoint(i + 1, e.ip, e.identity, e.ingress_enforced, e.egress_enforced)
-                for i, e in enumerate(policy.endpoints or [])
-            ],
-            ipcache=[pm.PrefixIdentity(e.cidr, e.identity) for e in policy.ipcache or []],
-            cidr_ids=[pm.PrefixIdentity(e.cidr, e.identity) for e in policy.cidr_identities or []],
-            rules=[
-                pm.Rule(
-                    r.local_identity,
-                    pm.Direction(r.direction.value.lower()),
-                    r.peer_identity,
-                    PROTOCOLS[r.protocol.value],
-                    r.port_start,
-                    r.port_end,
-                    pm.Action(r.action.value),
-                    names.index(r.policy),
-                )
-                for r in policy.rules or []
-            ],
-            policy_names=dict(enumerate(names)),
-        )
-        encoded = pm.encode(state, lambda interface: interface if isinstance(interface, int) else None)
+    def encode(cls, policy: NodeNetworkPolicy, slices: Mapping[str, BpfPolicySliceSpec] | None = None) -> NodeMaps:
+        """Through the daemon's own translation (slices expanded, prefixes unioned), interfaces numbered 1..n."""
+        interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(policy.endpoints or [])}
+        names = sorted({r.policy for r in policy.rules or []} | {p.policy for p in (slices or {}).values()})
+        plan = translate(policy, interfaces, {name: i for i, name in enumerate(names)}, slices)
+        encoded = pm.encode(plan.state, lambda interface: interface if isinstance(interface, int) else None)
         endpoints = {}
         for value in encoded.maps[pm.ENDPOINTS.name].values():
             identity, ip, flags = pm.ENDPOINT_VALUE.unpack(value)
@@ -108,13 +93,63 @@ class NodeMaps:
         return hit(pm.POLICY_ALLOW.name)
 
 
-def encode_nodes(compiled: Mapping[str, Mapping[str, Any] | None]) -> dict[str, NodeMaps]:
-    """Each node's spec.networkPolicy (wire form, validated against the API model on the way) as maps."""
+def node_slices(compiled: CompiledPolicies, node: str) -> dict[str, BpfPolicySliceSpec]:
+    """The slices a node's spec lists, validated against the API model on the way."""
+    listed = {r["name"] for r in (compiled.nodes[node] or {}).get("slices") or []}
+    bodies = compiled.slices.get(node) or {}
+    assert listed == set(bodies), (listed, set(bodies))
+    return {name: BpfPolicySliceSpec.model_validate(body) for name, body in bodies.items()}
+
+
+def encode_nodes(compiled: CompiledPolicies) -> dict[str, NodeMaps]:
+    """Each node's spec.networkPolicy and slices (wire form, validated against the API models) as maps."""
     return {
-        node: NodeMaps.encode(NodeNetworkPolicy.model_validate(policy))
-        for node, policy in compiled.items()
+        node: NodeMaps.encode(NodeNetworkPolicy.model_validate(policy), node_slices(compiled, node))
+        for node, policy in compiled.nodes.items()
         if policy is not None
     }
+
+
+def flat_policy(compiled: CompiledPolicies, node: str) -> NodeNetworkPolicy:
+    """A node's state with its slices folded in, as the maps see it: every rule expanded, prefixes unioned."""
+    spec = NodeNetworkPolicy.model_validate(compiled.nodes[node])
+    slices = node_slices(compiled, node)
+    pieces = sorted(slices.items())
+    ipcache, _ = union_prefixes(spec.ipcache or [], ((n, p.ipcache or []) for n, p in pieces), "ipcache")
+    cidr_ids, _ = union_prefixes(spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "")
+    rules = [
+        PolicyRule(
+            local_identity=r.local_identity,
+            direction=r.direction,
+            peer_identity=r.peer_identity,
+            protocol=r.protocol,
+            port_start=r.port_start,
+            port_end=r.port_end,
+            action=r.action,
+            policy=r.policy,
+        )
+        for r in flat_rules(spec, [p for _, p in pieces])
+    ]
+    return spec.model_copy(
+        update={
+            "ipcache": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in ipcache],
+            "cidr_identities": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in cidr_ids],
+            "rules": sorted(
+                rules,
+                key=lambda r: (
+                    r.local_identity,
+                    r.direction,
+                    r.peer_identity,
+                    r.protocol,
+                    r.port_start,
+                    r.port_end,
+                    r.action,
+                    r.policy,
+                ),
+            ),
+            "slices": None,
+        }
+    )
 
 
 def datapath_allows(nodes: Mapping[str, NodeMaps], src: str, dst: str, protocol: str, port: int) -> bool:

@@ -132,7 +132,7 @@ def test_resource_names() -> None:
     assert names.BPF_NODE_STATE.short_names == ("bns",)
     assert names.NETWORK_IDENTITY_POLICY.namespaced
     assert not names.BPF_PROGRAM.namespaced and not names.BPF_NODE_STATE.namespaced
-    assert set(BY_KIND) == {"BpfProgram", "NetworkIdentityPolicy", "BpfNodeState", "NetworkIdentity"}
+    assert set(BY_KIND) == {"BpfProgram", "NetworkIdentityPolicy", "BpfNodeState", "NetworkIdentity", "BpfPolicySlice"}
     assert all(r.names.kind == r.model_fields["kind"].default for r in RESOURCES)
 
 
@@ -765,7 +765,7 @@ RULE = {"localIdentity": 300, "direction": "Ingress", "peerIdentity": 0, "action
     [
         ({k: v for k, v in RULE.items() if k != "localIdentity"}, "localIdentity"),
         ({**RULE, "protocol": "TCP", "portStart": 90, "portEnd": 80}, "portEnd"),
-        ({**RULE, "portStart": 80, "portEnd": 80}, "any protocol cannot restrict ports"),
+        ({**RULE, "portStart": 80, "portEnd": 80}, "protocol Any cannot restrict ports"),
         ({**RULE, "peerIdentity": -1}, "peerIdentity"),
         ({**RULE, "protocol": "ICMP"}, "protocol"),
         ({**RULE, "policy": "no-slash"}, "policy"),

@@ -11,7 +11,7 @@ import json
 import random
 from typing import Any
 
-from policy_datapath_sim import datapath_allows, encode_nodes
+from policy_datapath_sim import datapath_allows, encode_nodes, flat_policy
 from policy_reference import World, allowed, namespace, pod, policy
 
 from beekeeper.crds.nodestate import NodeNetworkPolicy
@@ -66,7 +66,7 @@ class Scenario:
             nodes=NODES if nodes is None else nodes,
         )
         self.compiled = compile_world(self.world)
-        self.maps = encode_nodes(self.compiled.nodes)
+        self.maps = encode_nodes(self.compiled)
 
     def ip(self, who: str) -> str:
         """A pod's IP for "namespace/name", else who is an address already."""
@@ -84,9 +84,8 @@ class Scenario:
         return expected
 
     def node(self, name: str) -> NodeNetworkPolicy:
-        result = self.compiled.nodes[name]
-        assert result is not None
-        return NodeNetworkPolicy.model_validate(result)
+        assert self.compiled.nodes[name] is not None
+        return flat_policy(self.compiled, name)
 
 
 def compile_world(world: World) -> CompiledPolicies:
@@ -450,7 +449,7 @@ def test_named_port_with_several_numbers_in_one_identity_allows_the_union_and_wa
     compiled = compile_world(world)
     (warning,) = compiled.policies["x/p"].warnings
     assert "'serve-80-tcp' is 80, 8080 on different pods of identity" in warning
-    maps = encode_nodes(compiled.nodes)
+    maps = encode_nodes(compiled)
     assert datapath_allows(maps, "10.0.2.1", "10.0.1.1", "TCP", 8080)  # the limitation: x/a also opens 8080
 
 

@@ -208,7 +208,7 @@ def probe_ports(world: World) -> list[int]:
 def test_datapath_entries_agree_with_the_policies(world: World, seed: int) -> None:
     compiled = compile_world(world)
     assert all(o.error is None for o in compiled.policies.values()), [o.error for o in compiled.policies.values()]
-    maps = encode_nodes(compiled.nodes)
+    maps = encode_nodes(compiled)
     pod_ips = [p["status"]["podIP"] for p in world.pods if p["status"].get("podIP")]
     others = OUTSIDE + [a for addresses in world.nodes.values() for a in addresses]
     ports = probe_ports(world)

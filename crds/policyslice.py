@@ -1,0 +1,191 @@
+"""BpfPolicySlice: what one NetworkIdentityPolicy adds to one node's policy maps.
+
+Node policy state comes in bounded pieces: the node-wide part stays in BpfNodeState
+(endpoints, the node's addresses), and every policy with endpoints on the node gets one or
+more slices of its own, written by the operator and watched by that node's daemon through a
+field selector on spec.nodeName. A policy's size therefore never decides whether another
+policy (or a new pod) reaches the node, and a node's total is not bounded by one etcd
+object. Rules are shipped factored, (local identity, direction, action, peer identities,
+port ranges), and the daemon expands the product locally, so the wire size grows with
+peers plus ports, not peers times ports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from beekeeper.crds.common import (
+    AGE_COLUMN,
+    ApiModel,
+    DnsSubdomain,
+    PrinterColumn,
+    Resource,
+    cel,
+    list_map,
+    validations,
+)
+from beekeeper.crds.names import BPF_POLICY_SLICE
+from beekeeper.crds.networkpolicy import PolicyType
+from beekeeper.crds.nodestate import (
+    POLICY_REF_PATTERN,
+    ContentHash,
+    Identity,
+    IpcacheEntry,
+    LocalIdentity,
+    PolicyAction,
+    RuleProtocol,
+    check_port_range,
+    port_range_rules,
+)
+
+MAX_SLICE_RULES = 1024
+MAX_RULE_PEERS = 1024
+MAX_RULE_PORTS = 64
+MAX_SLICE_IPCACHE = 8192
+MAX_SLICE_CIDR_IDENTITIES = 2048
+
+
+class PortRange(ApiModel):
+    """Destination ports of one protocol; protocol Any with portStart = portEnd = 0 matches everything."""
+
+    model_config = ConfigDict(json_schema_extra=port_range_rules())
+
+    protocol: RuleProtocol = Field(RuleProtocol.ANY, description="TCP, UDP, SCTP or Any.")
+    port_start: int = Field(0, ge=0, le=65535, description="First destination port; 0 with portEnd 0 means any port.")
+    port_end: int = Field(0, ge=0, le=65535, description="Last destination port (inclusive).")
+
+    @model_validator(mode="after")
+    def _ports(self) -> PortRange:
+        check_port_range(self.protocol, self.port_start, self.port_end)
+        return self
+
+
+class SliceRule(ApiModel):
+    """Entries for every (peer, port range) pair: the daemon writes the product into the maps."""
+
+    local_identity: LocalIdentity = Field(description="Identity of the local endpoints the rule applies to; never 0.")
+    direction: PolicyType = Field(description="Ingress (into the local endpoint) or Egress (out of it).")
+    action: PolicyAction = Field(description="allow or deny; deny wins.")
+    peers: list[Identity] = Field(
+        min_length=1,
+        max_length=MAX_RULE_PEERS,
+        description="Peer identities: pod identities, CIDR identities (cidrIdentities), 1 host, 0 any.",
+    )
+    ports: list[PortRange] = Field(min_length=1, max_length=MAX_RULE_PORTS, description="Port ranges (any of them).")
+
+
+class BpfPolicySliceSpec(ApiModel):
+    """One policy's entries for one node (or a size-bounded part of them); written by the operator only."""
+
+    node_name: DnsSubdomain = Field(
+        description="The node whose daemon applies this slice.",
+        json_schema_extra=validations(cel("self == oldSelf", "nodeName is immutable")),
+    )
+    policy: str = Field(
+        max_length=317, pattern=POLICY_REF_PATTERN, description="namespace/name of the NetworkIdentityPolicy."
+    )
+    content_hash: ContentHash = Field(
+        description="sha256 of the entries below; BpfNodeState.spec.networkPolicy.slices pins it."
+    )
+    rules: list[SliceRule] | None = Field(None, max_length=MAX_SLICE_RULES, description="Factored policy entries.")
+    ipcache: list[IpcacheEntry] | None = Field(
+        None,
+        max_length=MAX_SLICE_IPCACHE,
+        description="Addresses of the pod identities the rules name.",
+        json_schema_extra=list_map("cidr"),
+    )
+    cidr_identities: list[IpcacheEntry] | None = Field(
+        None,
+        max_length=MAX_SLICE_CIDR_IDENTITIES,
+        description="The ipBlock prefixes the rules name, with their CIDR identities.",
+        json_schema_extra=list_map("cidr"),
+    )
+
+
+class BpfPolicySlice(Resource):
+    """BpfPolicySlice is one NetworkIdentityPolicy's datapath entries for one node, written by the operator
+    and read by that node's daemon. Listed (with its content hash) by the node's BpfNodeState; not meant to
+    be edited by hand.
+    """
+
+    names: ClassVar = BPF_POLICY_SLICE
+    printer_columns: ClassVar = (
+        PrinterColumn("Node", ".spec.nodeName", "string", "Node whose daemon applies the slice"),
+        PrinterColumn("Policy", ".spec.policy", "string", "NetworkIdentityPolicy the entries come from"),
+        AGE_COLUMN,
+    )
+    selectable_fields: ClassVar = (".spec.nodeName",)
+
+    kind: Literal["BpfPolicySlice"] = Field("BpfPolicySlice", description="BpfPolicySlice")
+    spec: BpfPolicySliceSpec = Field(description="The entries, written by the operator.")
+
+
+# --------------------------------------------------------------------------------------
+# Packing (the operator's side)
+# --------------------------------------------------------------------------------------
+
+
+def slice_hash(body: Mapping[str, Any]) -> str:
+    """sha256 over a slice's entries (rules, ipcache, cidrIdentities), canonical JSON."""
+    canonical = json.dumps(
+        {k: body.get(k) or [] for k in ("policy", "rules", "ipcache", "cidrIdentities")},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+SLICE_BYTES = 256 * 1024
+"""Target wire size of one slice: far below etcd's 1.5 MiB request limit, whatever the policy."""
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def split_rule(rule: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """A rule with more peers or ports than one SliceRule holds, as several (the same product)."""
+    for peers in _chunks(list(rule["peers"]), MAX_RULE_PEERS):
+        for ports in _chunks(list(rule["ports"]), MAX_RULE_PORTS):
+            yield {**rule, "peers": peers, "ports": ports}
+
+
+def _size(item: Mapping[str, Any]) -> int:
+    return len(json.dumps(item, separators=(",", ":")))
+
+
+def pack_slices(
+    policy: str, rules: Iterable[Mapping[str, Any]], ipcache: list[dict[str, Any]], cidr_ids: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One policy's entries on a node as slice specs (without nodeName) of bounded size and list lengths.
+
+    Entries are independent (the maps hold their union), so any split is equivalent; the
+    order is kept so equal inputs give equal slices.
+    """
+    limits = {"rules": MAX_SLICE_RULES, "ipcache": MAX_SLICE_IPCACHE, "cidrIdentities": MAX_SLICE_CIDR_IDENTITIES}
+    items = [("rules", r) for rule in rules for r in split_rule(rule)]
+    items += [("ipcache", e) for e in ipcache] + [("cidrIdentities", e) for e in cidr_ids]
+    out: list[dict[str, Any]] = []
+    current: dict[str, list[Any]] = {key: [] for key in limits}
+    used = 0
+    for key, item in items:
+        size = _size(item) + 1
+        if used and (used + size > SLICE_BYTES or len(current[key]) >= limits[key]):
+            out.append(current)
+            current, used = {k: [] for k in limits}, 0
+        current[key].append(item)
+        used += size
+    if used or not out:
+        out.append(current)
+    specs = []
+    for part in out:
+        body: dict[str, Any] = {"policy": policy, **{k: v for k, v in part.items() if v}}
+        body["contentHash"] = slice_hash(body)
+        specs.append(body)
+    return specs

@@ -1,0 +1,133 @@
+"""This node's BpfPolicySlices: watched into a store, read into validated models.
+
+The daemon watches only the slices of its own node (server-side field selector on
+spec.nodeName, a selectable field of the CRD), so its load grows with its own pods'
+policies, not with the cluster. A relist replaces the store, so a slice deleted during a
+watch gap is gone here too. Validated models are kept per (name, resourceVersion): a
+slice is parsed once, not on every sync of the node.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL, GROUP, VERSION
+from beekeeper.crds.nodestate import SliceRef
+from beekeeper.crds.policyslice import BpfPolicySliceSpec
+
+log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT_SECONDS = 300
+RETRY_SECONDS = 2.0
+
+
+class SliceStore:
+    """name -> the newest BpfPolicySlice object of this node; written by the watch thread, read by the loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[str, dict[str, Any]] = {}
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return dict(self._objects)
+
+    def replace(self, items: Sequence[Mapping[str, Any]]) -> None:
+        with self._lock:
+            self._objects = {item["metadata"]["name"]: dict(item) for item in items}
+
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        with self._lock:
+            if event_type == "DELETED":
+                self._objects.pop(obj["metadata"]["name"], None)
+            else:
+                self._objects[obj["metadata"]["name"]] = dict(obj)
+
+
+def watch_slices(
+    api: client.CustomObjectsApi, node: str, store: SliceStore, changed: Callable[[], None], stop: threading.Event
+) -> None:
+    """List+watch this node's slices forever, calling changed() after every change to the store."""
+    selector = f"spec.nodeName={node}"
+    while not stop.is_set():
+        try:
+            listing = api.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=selector)
+            store.replace(listing["items"])
+            changed()
+            stream = watch.Watch()
+            for event in stream.stream(
+                api.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                BPF_POLICY_SLICE_PLURAL,
+                field_selector=selector,
+                resource_version=listing["metadata"]["resourceVersion"],
+                timeout_seconds=WATCH_TIMEOUT_SECONDS,
+                allow_watch_bookmarks=True,
+            ):
+                if stop.is_set():
+                    stream.stop()
+                    break
+                if event["type"] == "ERROR":
+                    break  # e.g. 410 Gone: relist
+                if event["type"] == "BOOKMARK":
+                    continue
+                store.observe(event["type"], event["object"])
+                changed()
+        except ApiException as exc:
+            log.warning(
+                "slice watch failed, retrying", extra={"node": node, "status": exc.status, "reason": exc.reason}
+            )
+            stop.wait(RETRY_SECONDS)
+        except Exception as exc:  # connection resets: keep going
+            log.warning("slice watch interrupted, retrying", extra={"node": node, "error": str(exc)})
+            stop.wait(RETRY_SECONDS)
+
+
+class SliceReader:
+    """The listed slices as models; parsed once per resourceVersion."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, tuple[str | None, BpfPolicySliceSpec | str]] = {}
+
+    def _parse(self, name: str, obj: Mapping[str, Any]) -> BpfPolicySliceSpec | str:
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        cached = self._parsed.get(name)
+        if cached is not None and cached[0] == version and version is not None:
+            return cached[1]
+        try:
+            parsed: BpfPolicySliceSpec | str = BpfPolicySliceSpec.model_validate(obj.get("spec") or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            parsed = f"slice {name} not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
+        self._parsed[name] = (version, parsed)
+        return parsed
+
+    def resolve(
+        self, refs: Sequence[SliceRef], objects: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[dict[str, BpfPolicySliceSpec], list[str], list[str]]:
+        """(listed slices by name, names still missing or not yet at the listed hash, unreadable ones' problems)."""
+        found: dict[str, BpfPolicySliceSpec] = {}
+        waiting: list[str] = []
+        problems: list[str] = []
+        for ref in refs:
+            obj = objects.get(ref.name)
+            declared = ((obj or {}).get("spec") or {}).get("contentHash")
+            if obj is None or declared != ref.content_hash:
+                waiting.append(ref.name)
+                continue
+            parsed = self._parse(ref.name, obj)
+            if isinstance(parsed, str):
+                problems.append(parsed)
+            else:
+                found[ref.name] = parsed
+        for name in set(self._parsed) - {ref.name for ref in refs}:
+            del self._parsed[name]
+        return found, waiting, problems
