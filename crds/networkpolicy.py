@@ -62,9 +62,13 @@ PORT_RULE = cel(
     "type(self) == int ? (self >= 1 && self <= 65535) : "
     f"(self.size() <= 15 && self.matches({cel_str(SERVICE_NAME_PATTERN)}) && self.matches('[a-z]')"
     " && !self.contains('--'))",
-    "port must be a number between 1 and 65535 or an IANA service name "
-    "(lowercase letters, digits and '-', at most 15 characters, at least one letter)",
+    message_expression="'port ' + (type(self) == int ? string(self) : '\"' + string(self) + '\"')"
+    " + ' must be a number between 1 and 65535 or an IANA service name "
+    "(lowercase letters, digits and -, at most 15 characters, at least one letter)'",
 )
+PORT_SCHEMA = {"minimum": 1, "maximum": 65535, "maxLength": 15, "pattern": SERVICE_NAME_PATTERN}
+"""Plain schema bounds print the offending value (`Invalid value: 70000`); CEL's errors print the schema type,
+which is empty for int-or-string, so the CEL message names the value itself."""
 PortValue = Annotated[StrictInt | StrictStr, AfterValidator(_check_port)]
 
 
@@ -106,7 +110,7 @@ class PolicyPort(ApiModel):
         None,
         description="Port number (1-65535) or name of a container port (an IANA service name, resolved per pod); "
         "absent means every port.",
-        json_schema_extra={"maxLength": 15, **validations(PORT_RULE)},
+        json_schema_extra={**PORT_SCHEMA, **validations(PORT_RULE)},
     )
     end_port: int | None = Field(
         None,

@@ -173,19 +173,18 @@ class RuleProtocol(StrEnum):
     SCTP = "SCTP"
 
 
-def port_range_rules(prefix: str = "") -> dict[str, Any]:
+def port_range_rules() -> dict[str, Any]:
     """CEL for (protocol, portStart, portEnd): an ordered range, and no ports without a port protocol."""
     return validations(
         cel(
             "!has(self.portStart) || !has(self.portEnd) || self.portStart <= self.portEnd",
-            message_expression="'portEnd ' + string(self.portEnd) + ' must be greater than or equal to portStart '"
-            " + string(self.portStart)",
+            "portEnd must be greater than or equal to portStart",
             field_path=".portEnd",
         ),
         cel(
             "!has(self.protocol) || self.protocol != 'Any' || ((!has(self.portStart) || self.portStart == 0)"
             " && (!has(self.portEnd) || self.portEnd == 0))",
-            f"{prefix}a rule for protocol Any cannot restrict ports (portStart and portEnd must be 0)",
+            "a rule for protocol Any cannot restrict ports (portStart and portEnd must be 0)",
             field_path=".protocol",
             reason="FieldValueForbidden",
         ),
@@ -228,6 +227,8 @@ class PolicyRule(ApiModel):
 
 
 MAX_NODE_SLICES = 4096
+MAX_INLINE_ENTRIES = 4096
+"""Inline lists are small by design (bulk entries travel in slices); the bound also keeps CEL cheap."""
 
 
 class SliceRef(ApiModel):
@@ -237,6 +238,16 @@ class SliceRef(ApiModel):
     content_hash: ContentHash = Field(
         description="spec.contentHash the slice must carry; until it does, the daemon keeps the maps as they are."
     )
+
+
+def check_unique(items: Sequence[Any] | None, key: str, what: str) -> None:
+    """What x-kubernetes-list-type: map enforces in the apiserver (Duplicate value)."""
+    seen: set[Any] = set()
+    for item in items or []:
+        value = getattr(item, key)
+        if value in seen:
+            raise ValueError(f"{what}: {value} is listed twice")
+        seen.add(value)
 
 
 class NodeNetworkPolicy(ApiModel):
@@ -250,24 +261,36 @@ class NodeNetworkPolicy(ApiModel):
     endpoints: list[Endpoint] | None = Field(None, max_length=4096, description="Local pods and their identities.")
     ipcache: list[IpcacheEntry] | None = Field(
         None,
-        max_length=65536,
-        description="Pod and node addresses the local rules need, with their identities; these win over slices'.",
+        max_length=MAX_INLINE_ENTRIES,
+        description="Addresses with their identities (the operator puts the node's own here, as host); "
+        "these win over the slices'.",
         json_schema_extra=list_map("cidr"),
     )
     cidr_identities: list[IpcacheEntry] | None = Field(
         None,
-        max_length=4096,
+        max_length=MAX_INLINE_ENTRIES,
         description="One identity per distinct ipBlock prefix (cidr or except); the most specific prefix "
-        "containing an address gives its CIDR identity.",
+        "containing an address (here or in a slice) gives its CIDR identity.",
         json_schema_extra=list_map("cidr"),
     )
-    rules: list[PolicyRule] | None = Field(None, max_length=65536, description="Policy entries for local identities.")
+    rules: list[PolicyRule] | None = Field(
+        None,
+        max_length=MAX_INLINE_ENTRIES,
+        description="Policy entries for local identities, inline (the operator writes them into slices).",
+    )
     slices: list[SliceRef] | None = Field(
         None,
         max_length=MAX_NODE_SLICES,
         description="BpfPolicySlices holding the per-policy entries of this node; all of them are applied together.",
         json_schema_extra=list_map("name"),
     )
+
+    @model_validator(mode="after")
+    def _unique(self) -> NodeNetworkPolicy:
+        check_unique(self.ipcache, "cidr", "ipcache")
+        check_unique(self.cidr_identities, "cidr", "cidrIdentities")
+        check_unique(self.slices, "name", "slices")
+        return self
 
 
 class BpfNodeStateSpec(ApiModel):

@@ -40,6 +40,7 @@ from beekeeper.crds.nodestate import (
     PolicyAction,
     RuleProtocol,
     check_port_range,
+    check_unique,
     port_range_rules,
 )
 
@@ -105,6 +106,12 @@ class BpfPolicySliceSpec(ApiModel):
         description="The ipBlock prefixes the rules name, with their CIDR identities.",
         json_schema_extra=list_map("cidr"),
     )
+
+    @model_validator(mode="after")
+    def _unique(self) -> BpfPolicySliceSpec:
+        check_unique(self.ipcache, "cidr", "ipcache")
+        check_unique(self.cidr_identities, "cidr", "cidrIdentities")
+        return self
 
 
 class BpfPolicySlice(Resource):

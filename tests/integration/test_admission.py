@@ -95,11 +95,63 @@ def valid_node_state() -> dict[str, Any]:
                     "programs": [{"name": "fn", "type": "tracepoint", "tracepoint": "raw_syscalls:sys_enter"}],
                 }
             ],
+            "networkPolicy": {
+                "endpoints": [{"namespace": "a", "pod": "web", "ip": "10.250.6.30", "identity": 300}],
+                "ipcache": [{"cidr": "10.250.6.31/32", "identity": 301}, {"cidr": "fd00::/64", "identity": 302}],
+                "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 16777216}],
+                "rules": [
+                    {
+                        "localIdentity": 300,
+                        "direction": "Ingress",
+                        "peerIdentity": 301,
+                        "protocol": "TCP",
+                        "portStart": 80,
+                        "portEnd": 90,
+                        "action": "allow",
+                        "policy": "a/web",
+                    },
+                    {"localIdentity": 300, "direction": "Egress", "peerIdentity": 0, "action": "deny", "policy": "a/x"},
+                ],
+                "slices": [{"name": "valid.0123456789ab-0", "contentHash": "a" * 64}],
+            },
         },
     }
 
 
-VALID = {"BpfProgram": valid_bpfprogram, "NetworkIdentityPolicy": valid_policy, "BpfNodeState": valid_node_state}
+def valid_policy_slice() -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "BpfPolicySlice",
+        "metadata": {"name": "valid"},
+        "spec": {
+            "nodeName": "node-1",
+            "policy": "a/web",
+            "contentHash": "b" * 64,
+            "rules": [
+                {
+                    "localIdentity": 300,
+                    "direction": "Ingress",
+                    "action": "allow",
+                    "peers": [0, 1, 301, 16777216],
+                    "ports": [
+                        {"protocol": "TCP", "portStart": 80, "portEnd": 90},
+                        {"protocol": "UDP", "portStart": 53, "portEnd": 53},
+                        {"protocol": "Any", "portStart": 0, "portEnd": 0},
+                    ],
+                }
+            ],
+            "ipcache": [{"cidr": "10.250.6.31/32", "identity": 301}],
+            "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 16777216}],
+        },
+    }
+
+
+VALID = {
+    "BpfProgram": valid_bpfprogram,
+    "NetworkIdentityPolicy": valid_policy,
+    "BpfNodeState": valid_node_state,
+    "BpfPolicySlice": valid_policy_slice,
+}
 
 
 def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
@@ -147,6 +199,8 @@ CGROUP_SKB = {"name": "fn", "type": "cgroup_skb", "cgroupPath": "/sys/fs/cgroup"
 KPROBE = {"name": "fn", "type": "kprobe", "symbol": "tcp_v4_connect"}
 PEER0 = "spec.ingress[0].from[0]"
 PORT0 = "spec.ingress[0].ports[0]"
+NP = "spec.networkPolicy"
+SR0 = "spec.rules[0]"
 
 CASES = [
     # --- BpfProgram: structure and types -------------------------------------------------
@@ -353,10 +407,12 @@ CASES = [
         {"spec.egress[0].to[0].namespaceSelector": {"matchExpressions": [{"key": "a", "operator": "Has"}]}},
         "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].operator",
     ),
-    Case("port-out-of-range", "NetworkIdentityPolicy", {f"{PORT0}.port": 70000}, f"{PORT0}.port", "65535"),
+    Case(
+        "port-out-of-range", "NetworkIdentityPolicy", {f"{PORT0}.port": 70000}, f"{PORT0}.port", "Invalid value: 70000"
+    ),
     Case("port-zero", "NetworkIdentityPolicy", {f"{PORT0}.port": 0}, f"{PORT0}.port"),
     Case("port-uppercase-name", "NetworkIdentityPolicy", {f"{PORT0}.port": "HTTP"}, f"{PORT0}.port", "IANA"),
-    Case("port-digits-as-string", "NetworkIdentityPolicy", {f"{PORT0}.port": "8080"}, f"{PORT0}.port", "IANA"),
+    Case("port-digits-as-string", "NetworkIdentityPolicy", {f"{PORT0}.port": "8080"}, f"{PORT0}.port", 'port "8080"'),
     Case("port-name-too-long", "NetworkIdentityPolicy", {f"{PORT0}.port": "a-very-long-name"}, f"{PORT0}.port"),
     Case(
         "port-end-below-port",
@@ -387,6 +443,100 @@ CASES = [
         "spec.programs[0].programs[0].direction",
         "only valid",
     ),
+    # --- BpfNodeState: policy datapath (everything the daemon would refuse) ----------------
+    Case(
+        "node-state-endpoint-bad-ip",
+        "BpfNodeState",
+        {f"{NP}.endpoints[0].ip": "10.250.6.300"},
+        f"{NP}.endpoints[0].ip",
+        "must be an IP address, not 10.250.6.300",
+    ),
+    Case(
+        "node-state-endpoint-identity-zero",
+        "BpfNodeState",
+        {f"{NP}.endpoints[0].identity": 0},
+        f"{NP}.endpoints[0].identity",
+        "Invalid value: 0",
+    ),
+    Case(
+        "node-state-rule-ports-reversed",
+        "BpfNodeState",
+        {f"{NP}.rules[0].portStart": 90, f"{NP}.rules[0].portEnd": 80},
+        f"{NP}.rules[0].portEnd",
+        "greater than or equal to portStart",
+    ),
+    Case(
+        "node-state-rule-port-out-of-range",
+        "BpfNodeState",
+        {f"{NP}.rules[0].portEnd": 70000},
+        f"{NP}.rules[0].portEnd",
+        "Invalid value: 70000",
+    ),
+    Case(
+        "node-state-rule-any-with-ports",
+        "BpfNodeState",
+        {f"{NP}.rules[0].protocol": "Any"},
+        f"{NP}.rules[0].protocol",
+        "cannot restrict ports",
+    ),
+    Case(
+        "node-state-rule-local-identity-zero",
+        "BpfNodeState",
+        {f"{NP}.rules[0].localIdentity": 0},
+        f"{NP}.rules[0].localIdentity",
+    ),
+    Case(
+        "node-state-ipcache-without-prefix",
+        "BpfNodeState",
+        {f"{NP}.ipcache[0].cidr": "10.250.6.31"},
+        f"{NP}.ipcache[0].cidr",
+        "canonical prefix",
+    ),
+    Case(
+        "node-state-ipcache-host-bits",
+        "BpfNodeState",
+        {f"{NP}.cidrIdentities[0].cidr": "10.1.2.3/8"},
+        f"{NP}.cidrIdentities[0].cidr",
+        "not 10.1.2.3/8",
+    ),
+    Case(
+        "node-state-ipcache-twice",
+        "BpfNodeState",
+        {f"{NP}.ipcache[1].cidr": "10.250.6.31/32"},
+        f"{NP}.ipcache[1]",
+        "Duplicate value",
+    ),
+    Case(
+        "node-state-slice-bad-hash",
+        "BpfNodeState",
+        {f"{NP}.slices[0].contentHash": "abc"},
+        f"{NP}.slices[0].contentHash",
+    ),
+    # --- BpfPolicySlice ---------------------------------------------------------------------
+    Case(
+        "slice-ports-reversed",
+        "BpfPolicySlice",
+        {f"{SR0}.ports[0].portEnd": 70},
+        f"{SR0}.ports[0].portEnd",
+        "greater than or equal",
+    ),
+    Case(
+        "slice-any-with-ports",
+        "BpfPolicySlice",
+        {f"{SR0}.ports[1].protocol": "Any"},
+        f"{SR0}.ports[1].protocol",
+        "cannot restrict ports",
+    ),
+    Case("slice-no-peers", "BpfPolicySlice", {f"{SR0}.peers": []}, f"{SR0}.peers"),
+    Case("slice-local-identity-zero", "BpfPolicySlice", {f"{SR0}.localIdentity": 0}, f"{SR0}.localIdentity"),
+    Case(
+        "slice-cidr-without-prefix",
+        "BpfPolicySlice",
+        {"spec.cidrIdentities[0].cidr": "10.0.0.0"},
+        "spec.cidrIdentities[0].cidr",
+        "canonical prefix",
+    ),
+    Case("slice-bad-policy-ref", "BpfPolicySlice", {"spec.policy": "web"}, "spec.policy"),
 ]
 
 
