@@ -20,11 +20,15 @@ from support import wait_for
 from beekeeper import kube
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
+    BPF_POLICY_SLICE_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
     VERSION,
 )
+from beekeeper.crds.nodestate import NodeNetworkPolicy
+from beekeeper.crds.policyslice import BpfPolicySliceSpec
+from beekeeper.node_daemon.policy_state import flat_rules, union_prefixes
 from beekeeper.operator.identities import GC_GRACE_ENV
 
 pytestmark = pytest.mark.integration
@@ -53,7 +57,40 @@ class Api:
         return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
 
     def network_policy(self, node: str) -> dict[str, Any]:
-        return (self.nodestate(node).get("spec") or {}).get("networkPolicy") or {}
+        """The node's spec.networkPolicy with the slices it lists folded in, as the daemon reads them."""
+        try:
+            raw = (self.nodestate(node).get("spec") or {}).get("networkPolicy") or {}
+        except client.ApiException as exc:
+            if exc.status != 404:  # not written yet
+                raise
+            raw = {}
+        if not raw:
+            return {}
+        spec = NodeNetworkPolicy.model_validate(raw)
+        items = self.custom.list_cluster_custom_object(
+            GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node}"
+        )["items"]
+        found = {i["metadata"]["name"]: BpfPolicySliceSpec.model_validate(i["spec"]) for i in items}
+        listed = [found[r.name] for r in spec.slices or [] if r.name in found]
+        ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.ipcache or []) for p in listed), "ipcache")
+        rules = [
+            {
+                "localIdentity": r.local_identity,
+                "direction": r.direction.value,
+                "peerIdentity": r.peer_identity,
+                "protocol": r.protocol.value,
+                "portStart": r.port_start,
+                "portEnd": r.port_end,
+                "action": r.action.value,
+                "policy": r.policy,
+            }
+            for r in flat_rules(spec, listed)
+        ]
+        return {
+            **raw,
+            "ipcache": sorted(({"cidr": e.cidr, "identity": e.identity} for e in ipcache), key=lambda e: e["cidr"]),
+            "rules": rules,
+        }
 
     def policy(self, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(
