@@ -30,7 +30,13 @@ from netpol_rig import PodRig, Probe, SimPod, TruthTable, assert_table, percenti
 from support import NodeDaemon, NodeDaemons, wait_for
 
 from beekeeper import kube
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, NETWORK_IDENTITY_POLICY_PLURAL, VERSION
+from beekeeper.crds.names import (
+    BPF_NODE_STATE_PLURAL,
+    BPF_POLICY_SLICE_PLURAL,
+    GROUP,
+    NETWORK_IDENTITY_POLICY_PLURAL,
+    VERSION,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
@@ -343,11 +349,15 @@ class World:
             assert valid.get("status") != "False", f"{ref} rejected: {valid.get('message')}"
             if (conditions.get("Ready") or {}).get("status") != "True":
                 return f"{ref} not Ready: {(conditions.get('Ready') or {}).get('message')}"
+        slices = {
+            s["metadata"]["name"]: s["spec"]["policy"]
+            for s in self.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
+        }
         for state in self.nodestates():
             spec = (state.get("spec") or {}).get("networkPolicy") or {}
-            stale = {r["policy"] for r in spec.get("rules") or []} & gone
+            stale = {slices.get(r["name"]) for r in spec.get("slices") or []} & gone
             if stale:
-                return f"{state['metadata']['name']} still has rules of {sorted(stale)}"
+                return f"{state['metadata']['name']} still lists slices of {sorted(stale)}"
             report = (state.get("status") or {}).get("networkPolicy") or {}
             synced = report.get("enforcing") and report.get("observedGeneration", 0) >= state["metadata"]["generation"]
             if spec and not synced:
