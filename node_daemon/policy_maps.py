@@ -234,20 +234,19 @@ def _u32(value: int, what: str) -> int:
 
 def policy_keys(rule: Rule) -> list[bytes]:
     """The LPM-trie keys of one rule (bits past each prefix are zero, as the kernel stores them)."""
-    what = f"rule {rule}"
     if _u32(rule.local_identity, "local identity") == ID_ANY:
-        raise ValueError(f"{what}: the local identity cannot be 0 (any)")
+        raise ValueError(f"rule {rule}: the local identity cannot be 0 (any)")
     _u32(rule.peer_identity, "peer identity")
     if not 0 <= rule.protocol <= 255:
-        raise ValueError(f"{what}: protocol must be 0 (any) or an IP protocol number")
+        raise ValueError(f"rule {rule}: protocol must be 0 (any) or an IP protocol number")
     direction = Direction(rule.direction).code
     any_port = (rule.port_start, rule.port_end) == (0, 0)
     if rule.protocol == PROTO_ANY:
         if not any_port:
-            raise ValueError(f"{what}: ports need a protocol (TCP, UDP or SCTP)")
+            raise ValueError(f"rule {rule}: ports need a protocol (TCP, UDP or SCTP)")
         return [POLICY_KEY.pack(PREFIX_ANY_PROTOCOL, rule.local_identity, rule.peer_identity, direction, 0, b"\0\0")]
     if not any_port and rule.protocol not in PORT_PROTOCOLS:
-        raise ValueError(f"{what}: only TCP, UDP and SCTP have ports")
+        raise ValueError(f"rule {rule}: only TCP, UDP and SCTP have ports")
     return [
         POLICY_KEY.pack(
             PREFIX_ANY_PORT + bits,

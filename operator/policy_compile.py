@@ -28,6 +28,8 @@ Choices that keep that exact while the entries stay few and stable:
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import ipaddress
 import os
@@ -77,6 +79,14 @@ class Block:
 
     cidr: Network
     excepts: tuple[Network, ...] = ()
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Entries hash their peer constantly; ipaddress hashes are slow, so compute it once.
+        object.__setattr__(self, "_hash", hash((self.cidr, self.excepts)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def prefixes(self) -> tuple[Network, ...]:
@@ -379,6 +389,7 @@ _RuleKey = tuple[int, PolicyType, PolicyAction, int]
 """(local identity, direction, action, peer identity)."""
 
 
+@functools.cache
 def _port_cost(port: _PortKey) -> int:
     protocol, start, end = port
     return 1 if protocol is RuleProtocol.ANY else len(port_prefixes(start, end))
@@ -392,6 +403,8 @@ class _NodeView:
     addresses: Sequence[str]
     items: dict[str, list[tuple[int, Entry]]] = field(default_factory=dict)
     isolated: dict[str, set[tuple[int, PolicyType]]] = field(default_factory=dict)
+    blocks: dict[str, set[Block]] = field(default_factory=dict)
+    """Per policy, the ipBlocks of its entries here."""
 
 
 def _node_view(
@@ -405,26 +418,22 @@ def _node_view(
             for ref in compiler.isolating.get((n, direction), ()):
                 view.isolated.setdefault(ref, set()).add((n, direction))
                 view.items.setdefault(ref, [])
+    view.blocks = {ref: {e.peer for _, e in items if isinstance(e.peer, Block)} for ref, items in view.items.items()}
     return view
-
-
-def _blocks(items: Iterable[tuple[int, Entry]]) -> set[Block]:
-    return {e.peer for _, e in items if isinstance(e.peer, Block)}
 
 
 def _prefixes(blocks: Iterable[Block]) -> list[Network]:
     return sorted({p for b in blocks for p in b.prefixes}, key=_net_order)
 
 
-def _policy_rules(
-    view: _NodeView, ref: str, covered: Callable[[Block], list[Network]]
-) -> dict[_RuleKey, set[_PortKey]]:
-    """One policy's entries on the node, peers resolved to identities (an ipBlock to every prefix it covers)."""
+def _policy_rules(view: _NodeView, ref: str, covered: Callable[[Block], list[int]]) -> dict[_RuleKey, set[_PortKey]]:
+    """One policy's entries on the node, peers resolved to identities, an ipBlock to every prefix it
+    covers (as _Coverage's negative prefix codes: the CIDR identities are numbered later)."""
     rules: dict[_RuleKey, set[_PortKey]] = defaultdict(set)
     for n, e in view.items.get(ref, ()):
         port = (e.protocol, e.port_start, e.port_end)
-        for peer in [p for p in covered(e.peer)] if isinstance(e.peer, Block) else [e.peer]:
-            rules[n, e.direction, e.action, peer].add(port)  # type: ignore[index]
+        for peer in covered(e.peer) if isinstance(e.peer, Block) else (e.peer,):
+            rules[n, e.direction, e.action, peer].add(port)
     if view.addresses:
         for n, direction in view.isolated.get(ref, ()):
             rules[n, direction, PolicyAction.ALLOW, HOST].add((RuleProtocol.ANY, 0, 0))
@@ -436,43 +445,73 @@ def _cost(rules: Mapping[_RuleKey, set[_PortKey]]) -> int:
 
 
 class _Coverage:
-    """Which of a node's prefixes each ipBlock covers, computed once per block."""
+    """Which of a node's prefixes each ipBlock covers, computed once per block.
 
-    def __init__(self, prefixes: Sequence[Network]) -> None:
-        self.prefixes = prefixes
-        self._memo: dict[Block, list[Network]] = {}
+    Prefixes inside a block's cidr are a contiguous run of the prefixes sorted by address, so
+    each block looks only at its run (a thousand /32 blocks stay cheap)."""
 
-    def __call__(self, block: Block) -> list[Network]:
+    def __init__(self, blocks: Iterable[Block]) -> None:
+        self.prefixes = _prefixes(blocks)
+        self._keys = [(p.version, int(p.network_address)) for p in self.prefixes]
+        self._memo: dict[Block, list[int]] = {}
+
+    def __call__(self, block: Block) -> list[int]:
+        """The covered prefixes as codes -(index + 1), apart from every identity (those are >= 0)."""
         if block not in self._memo:
-            self._memo[block] = [p for p in self.prefixes if block.covers(p)]
+            cidr = block.cidr
+            lo = bisect.bisect_left(self._keys, (cidr.version, int(cidr.network_address)))
+            hi = bisect.bisect_right(self._keys, (cidr.version, int(cidr.broadcast_address)))
+            self._memo[block] = [-(i + 1) for i in range(lo, hi) if block.covers(self.prefixes[i])]
         return self._memo[block]
 
+    def prefix(self, code: int) -> Network:
+        return self.prefixes[-code - 1]
 
-def _over_budget(views: Mapping[str, _NodeView], refs: set[str], budget: int) -> dict[str, tuple[int, str, bool]]:
+
+class _Expansions:
+    """Each policy's entries per node for a given set of active policies there (what decides the node's
+    prefixes), computed once: the budget rounds and the slices read the same results."""
+
+    def __init__(self) -> None:
+        self._coverage: dict[tuple[str, frozenset[str]], _Coverage] = {}
+        self._rules: dict[tuple[str, frozenset[str], str], dict[_RuleKey, set[_PortKey]]] = {}
+
+    def coverage(self, node: str, view: _NodeView, active: frozenset[str]) -> _Coverage:
+        if (node, active) not in self._coverage:
+            self._coverage[node, active] = _Coverage(b for ref in active for b in view.blocks[ref])
+        return self._coverage[node, active]
+
+    def rules(self, node: str, view: _NodeView, active: frozenset[str], ref: str) -> dict[_RuleKey, set[_PortKey]]:
+        if (node, active, ref) not in self._rules:
+            self._rules[node, active, ref] = _policy_rules(view, ref, self.coverage(node, view, active))
+        return self._rules[node, active, ref]
+
+
+def _over_budget(
+    views: Mapping[str, _NodeView], refs: set[str], budget: int, expansions: _Expansions
+) -> dict[str, tuple[int, str, bool]]:
     """Policies among refs whose entries on some node exceed the budget: ref -> (cost, node, own fault).
 
     Own fault: the policy exceeds it with only its own ipBlock prefixes, not through prefixes
     of other policies nested inside its blocks."""
     over: dict[str, tuple[int, str, bool]] = {}
     for node, view in sorted(views.items()):
-        active = [ref for ref in view.items if ref in refs]
-        coverage = _Coverage(_prefixes(b for ref in active for b in _blocks(view.items[ref])))
-        for ref in active:
-            cost = _cost(_policy_rules(view, ref, coverage))
+        active = frozenset(ref for ref in view.items if ref in refs)
+        for ref in sorted(active):
+            cost = _cost(expansions.rules(node, view, active, ref))
             if cost <= budget:
                 continue
-            own = _cost(_policy_rules(view, ref, _Coverage(_prefixes(_blocks(view.items[ref])))))
+            own = _cost(_policy_rules(view, ref, _Coverage(view.blocks[ref])))
             if ref not in over or (own > budget, cost) > (over[ref][2], over[ref][0]):
                 over[ref] = (cost, node, own > budget)
     return over
 
 
-def _factored(rules: Mapping[_RuleKey, set[_PortKey]], cidr_ids: Mapping[Network, int]) -> list[dict[str, Any]]:
+def _factored(rules: Mapping[_RuleKey, set[_PortKey]], identity: Callable[[int], int]) -> list[dict[str, Any]]:
     """(local, direction, action) x peers x ports, grouping peers that share the same ports."""
     groups: dict[tuple[int, PolicyType, PolicyAction, tuple[_PortKey, ...]], list[int]] = defaultdict(list)
     for (n, direction, action, peer), ports in rules.items():
-        number = cidr_ids[peer] if isinstance(peer, ipaddress.IPv4Network | ipaddress.IPv6Network) else peer
-        groups[n, direction, action, tuple(sorted(ports))].append(number)
+        groups[n, direction, action, tuple(sorted(ports))].append(identity(peer))
     return [
         {
             "localIdentity": n,
@@ -498,18 +537,23 @@ def _node_slices(
     refs: Iterable[str],
     compiler: _PolicyCompiler,
     cidr_ids: Mapping[Network, int],
+    expansions: _Expansions,
 ) -> dict[str, dict[str, Any]]:
     """Every policy's slices on the node: its factored rules, the pod addresses they name, and its prefixes
     (its own blocks' and the other policies' prefixes nested in them, which its rules name)."""
-    active = sorted(ref for ref in view.items if ref in refs)
-    coverage = _Coverage(_prefixes(b for ref in active for b in _blocks(view.items[ref])))
+    active = frozenset(ref for ref in view.items if ref in refs)
+    coverage = expansions.coverage(node, view, active)
+
+    def identity(peer: int) -> int:
+        return cidr_ids[coverage.prefix(peer)] if peer < 0 else peer
+
     out: dict[str, dict[str, Any]] = {}
-    for ref in active:
-        rules = _policy_rules(view, ref, coverage)
+    for ref in sorted(active):
+        rules = expansions.rules(node, view, active, ref)
         peers = {key[3] for key in rules}
-        prefixes = set(_prefixes(_blocks(view.items[ref]))) | {p for p in peers if not isinstance(p, int)}
+        prefixes = set(_prefixes(view.blocks[ref])) | {coverage.prefix(p) for p in peers if p < 0}
         ipcache: dict[Network, int] = {}
-        for number in sorted(p for p in peers if isinstance(p, int) and MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
+        for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
             if number in compiler.infos:
                 ipcache.update(dict.fromkeys(compiler.infos[number].prefixes, number))
         for address in view.addresses:
@@ -518,7 +562,7 @@ def _node_slices(
             continue
         specs = pack_slices(
             ref,
-            _factored(rules, cidr_ids),
+            _factored(rules, identity),
             [{"cidr": str(n), "identity": ipcache[n]} for n in sorted(ipcache, key=_net_order)],
             [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
         )
@@ -591,7 +635,8 @@ def compile_policies(
 
     # Refuse what exceeds the budget, the policies over it on their own first: removing them
     # can only shrink the others (fewer nested prefixes), so this settles in a few rounds.
-    while over := _over_budget(views, set(valid), budget):
+    expansions = _Expansions()
+    while over := _over_budget(views, set(valid), budget, expansions):
         own = {ref for ref, (_, _, fault) in over.items() if fault}
         for ref in sorted(own or over):
             cost, node, fault = over[ref]
@@ -609,17 +654,12 @@ def compile_policies(
 
     refs = set(valid)
     cidr_ids = assign_cidr_identities(
-        p
-        for view in views.values()
-        for ref in view.items
-        if ref in refs
-        for b in _blocks(view.items[ref])
-        for p in b.prefixes
+        p for view in views.values() for ref in view.items if ref in refs for b in view.blocks[ref] for p in b.prefixes
     )
     compiled: dict[str, dict[str, Any] | None] = dict.fromkeys(nodes)
     slices: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
     for node, view in views.items():
-        slices[node] = _node_slices(node, view, refs, compiler, cidr_ids)
+        slices[node] = _node_slices(node, view, refs, compiler, cidr_ids, expansions)
         compiled[node] = _node_policy(view, compiler, refs, slices[node])
     return CompiledPolicies(compiled, outcomes, slices)
 
