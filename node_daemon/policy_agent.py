@@ -108,9 +108,11 @@ class PolicyAgent:
         listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
         if waiting:
             shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
-            # The maps keep enforcing the last complete state; observedGeneration says which.
-            loaded = self._datapath is not None
-            return self._status(spec, None, self._counts[1], f"waiting for policy slices: {shown}", loaded)
+            # The maps keep enforcing the last complete state (pinned, also across a restart of this
+            # daemon); observedGeneration says which.
+            loaded = self._datapath is not None or bool((previous or {}).get("enforcing"))
+            attached = self._counts[1] if self._datapath is not None else int((previous or {}).get("attached") or 0)
+            return self._status(spec, None, attached, f"waiting for policy slices: {shown}", loaded)
         try:
             datapath = self._load()
         except PolicyDatapathError as exc:

@@ -24,6 +24,16 @@ Choices that keep that exact while the entries stay few and stable:
   could declare different numbers for a name; the entry then allows their union (reported
   in the policy's Valid condition). Egress to an ipBlock on a named port matches nothing:
   which address is a pod with that port is not something a CIDR entry can say.
+
+What a node gets comes in bounded pieces, so no policy's size decides whether another one
+(or a new pod) reaches the node: spec.networkPolicy holds the endpoints, the node's own
+addresses (host) and a list of BpfPolicySlices; each policy with endpoints on the node has
+its own slices (its entries, factored as local x peers x ports, the pod addresses and the
+prefixes they name, its own blocks' prefixes). A policy whose entries on some node exceed
+the expansion budget is refused (ExpansionBudgetExceeded) and ignored like an invalid one.
+Its entries include those for other policies' prefixes nested in its blocks (the datapath
+resolves one most specific prefix), so the policies over budget with their own prefixes
+alone are refused first; that can only shrink the others.
 """
 
 from __future__ import annotations
