@@ -60,6 +60,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _node_daemon(args: argparse.Namespace) -> int:
+    from beekeeper.node_daemon.compile_limits import CompileLimits
     from beekeeper.node_daemon.main import run
 
     run(
@@ -70,6 +71,9 @@ def _node_daemon(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         backend_kind=args.backend,
+        compile_limits=CompileLimits(
+            args.compile_timeout, args.compile_memory_limit, args.compile_sandbox == "landlock"
+        ),
     )
     return 0
 
@@ -165,6 +169,21 @@ def parser() -> argparse.ArgumentParser:
         choices=["bcc", "fake"],
         default="bcc",
         help="bcc: the kernel; fake: in memory, no policy datapath, no root (control plane scale tests)",
+    )
+    nd.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=float(os.environ.get("BEEKEEPER_COMPILE_TIMEOUT", "120")),
+        help="seconds one program may take to compile and verify, else CompileTimeout (env BEEKEEPER_COMPILE_TIMEOUT)",
+    )
+    nd.add_argument(
+        "--compile-memory-limit", type=int, default=2048, help="MiB of address space the compiler may use per program"
+    )
+    nd.add_argument(
+        "--compile-sandbox",
+        choices=["landlock", "none"],
+        default="landlock",
+        help="landlock: the compiler reads only the kernel headers (#include of other files fails); none: unconfined",
     )
     nd.set_defaults(func=_node_daemon)
 

@@ -42,6 +42,7 @@ from beekeeper.node_daemon.backend import Reason
 from beekeeper.node_daemon.bcc_compile import CompiledModule, CompileFailed, LoadFailed
 from beekeeper.node_daemon.bpf_syscalls import OwnedFd
 from beekeeper.node_daemon.compile_errors import compile_error_message
+from beekeeper.node_daemon.compile_limits import CompileLimits
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +50,6 @@ _FRAME = struct.Struct("!Q")
 _FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
 _PR_SET_PDEATHSIG = 1
 _MEMORY_WORDS = re.compile(r"out of memory|bad_alloc|cannot allocate memory|allocation failed", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class CompileLimits:
-    """What one build may use; a build over a limit fails, the daemon carries on."""
-
-    timeout: float = 120.0
-    """Seconds for compiling and loading (verifying) every function of a unit."""
-    memory_mib: int = 2048
-    """Address space of the worker (RLIMIT_AS)."""
-    sandbox: bool = True
-    """Confine the worker's file reads to the kernel headers with Landlock."""
 
 
 @dataclass(frozen=True)

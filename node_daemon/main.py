@@ -35,6 +35,7 @@ from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.node_daemon import http_api
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
+from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.metrics import BpfCollector
 from beekeeper.node_daemon.routes import RouteWatcher
@@ -88,7 +89,12 @@ def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: t
 
 
 def _kernel(
-    kind: str, node_name: str, bpffs_root: Path | None, state_dir: Path | None, drop_log: DropLog
+    kind: str,
+    node_name: str,
+    bpffs_root: Path | None,
+    state_dir: Path | None,
+    drop_log: DropLog,
+    compile_limits: CompileLimits | None = None,
 ) -> tuple[Backend, PolicyAgent | None]:
     """The backend for BpfPrograms and the policy datapath; the fake backend has no policy datapath."""
     if kind == "fake":
@@ -102,7 +108,12 @@ def _kernel(
 
     bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
     state_dir = Path(state_dir or DEFAULT_STATE_DIR)
-    backend = BccBackend(base_dir=str(bpffs_root / "programs"), state_dir=str(state_dir), collect_run_stats=True)
+    backend = BccBackend(
+        base_dir=str(bpffs_root / "programs"),
+        state_dir=str(state_dir),
+        collect_run_stats=True,
+        compile_limits=compile_limits,
+    )
     return backend, PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
 
 
@@ -114,11 +125,12 @@ def run(
     metrics_port: int = 9464,
     metrics_address: str = "0.0.0.0",
     backend_kind: str = "bcc",
+    compile_limits: CompileLimits | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
     api = kube.api_client(kubeconfig)
     drop_log = DropLog()
-    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log)
+    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
     collector = BpfCollector(backend, node_name)
     agent = NodeAgent(
         node_name, backend, api, collector, policy, policy_disabled=f"policy datapath disabled ({backend_kind} backend)"

@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,14 @@ class NodeDaemons:
         self.started: list[NodeDaemon] = []
 
     def __call__(
-        self, labels: dict[str, str] | None = None, name: str | None = None, backend: str = "bcc"
+        self,
+        labels: dict[str, str] | None = None,
+        name: str | None = None,
+        backend: str = "bcc",
+        args: Sequence[str] = (),
     ) -> NodeDaemon:
-        """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend)."""
+        """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend); args are
+        more node-daemon flags (e.g. a short --compile-timeout)."""
         node = name or f"node-{self.test_id}-{len(self.started)}"
         kube.register_node(self.api, node, {"beekeeper.dev/test": self.test_id, **(labels or {})})
         bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
@@ -110,7 +116,7 @@ class NodeDaemons:
         port = processes.free_port()
         argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]
         argv += ["--bpffs-root", str(bpffs_root), "--state-dir", str(state)]
-        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend]
+        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend, *args]
         daemon = NodeDaemon(
             f"node-daemon {node}",
             argv,
@@ -206,6 +212,24 @@ int count_udp(struct xdp_md *ctx) {
     return XDP_PASS;
 }
 """
+
+
+# Compiler faults: LLVM exit()s on a function needing more than 512 bytes of stack.
+STACK_HOG = r"""
+int big_stack(void *ctx) {
+    char buf[1024];
+    bpf_get_current_comm(buf, sizeof(buf));
+    return buf[5];
+}
+"""
+
+
+def nested_macros(depth: int, function: str = "slow") -> str:
+    """A source whose preprocessing doubles in time (and memory) with each level of depth."""
+    lines = ["#define F0(x) x"]
+    lines += [f"#define F{i}(x) F{i - 1}(F{i - 1}(x))" for i in range(1, depth + 1)]
+    lines.append(f"int {function}(void *ctx) {{ return F{depth}(0); }}")
+    return "\n".join(lines) + "\n"
 
 
 _CLONE_NEWNET = 0x40000000

@@ -9,32 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+from support import STACK_HOG, nested_macros
 
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit, Reason
 from beekeeper.node_daemon.bcc_backend import BccBackend
-from beekeeper.node_daemon.compile_worker import CompileLimits
+from beekeeper.node_daemon.compile_limits import CompileLimits
 
 pytestmark = pytest.mark.kernel
 
 GETPPID = "syscalls:sys_enter_getppid"
 
 HEALTHY = "int healthy(void *ctx) { return 0; }\n"
-
-STACK_HOG = r"""
-int big_stack(void *ctx) {
-    char buf[1024];
-    bpf_get_current_comm(buf, sizeof(buf));
-    return buf[5];
-}
-"""
-
-
-def nested_macros(depth: int, function: str = "slow") -> str:
-    """A source whose preprocessing doubles in time (and memory) with each level of depth."""
-    lines = ["#define F0(x) x"]
-    lines += [f"#define F{i}(x) F{i - 1}(F{i - 1}(x))" for i in range(1, depth + 1)]
-    lines.append(f"int {function}(void *ctx) {{ return F{depth}(0); }}")
-    return "\n".join(lines) + "\n"
 
 
 def repeated_tokens(depth: int) -> str:
