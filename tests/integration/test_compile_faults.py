@@ -122,8 +122,10 @@ def test_a_crashing_and_a_hanging_compiler_spare_the_daemon_and_other_programs(n
     before = bpfprograms.report(daemon.node, healthy)
     bpfprograms.apply(healthy, COUNTER + "// edited\n", "count_calls", daemon.node)
     wait_for(
-        lambda: (r := bpfprograms.report(daemon.node, healthy)).get("contentHash") != before["contentHash"]
-        and r.get("phase") == "Attached",
+        lambda: (
+            (r := bpfprograms.report(daemon.node, healthy)).get("contentHash") != before["contentHash"]
+            and r.get("phase") == "Attached"
+        ),
         60,
         "the edit of the healthy program attached",
     )
