@@ -560,7 +560,12 @@ class FailingNode(ApiModel):
         None, max_length=64, description="Function that failed; absent when the whole source failed (e.g. compile)."
     )
     reason: str = Field(
-        max_length=128, description="CamelCase cause, e.g. CompileError, VerifierError, InterfaceNotFound."
+        max_length=128,
+        description=(
+            "CamelCase cause: CompileError (also a compiler crash or out of memory), CompileTimeout, Quarantined "
+            "(its build ended the node daemon twice in a row; retried when the spec changes), VerifierRejected, "
+            "LoadFailed, FunctionNotFound, InterfaceNotFound, TracepointNotFound, AttachFailed, UnsupportedOnNode, ..."
+        ),
     )
     message: str = Field(
         max_length=4096, description="Details: compiler error with line, verifier log excerpt, missing interface."
