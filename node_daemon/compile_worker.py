@@ -181,8 +181,10 @@ class _Worker:
             self._stop()
             return "closed its connection without an answer"
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        if _MEMORY_WORDS.search(self._stderr_text()) or code in (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGABRT):
+        output = self._stderr_text()
+        if _MEMORY_WORDS.search(output) or code == -signal.SIGKILL:  # bad_alloc under RLIMIT_AS, or the OOM killer
             how += f" (its memory limit is {limits.memory_mib} MiB)"
+        log.warning("compile worker %d %s; its output:\n%s", self.proc.pid, how, output[-8192:].rstrip())
         return how
 
     def _words(self, what: str) -> str:
