@@ -87,8 +87,8 @@ def sandbox_paths(tracefs: str | None) -> list[str]:
     point), the tracefs event formats (TRACEPOINT_PROBE), BTF and the CPU list."""
     release = os.uname().release
     modules = Path("/lib/modules") / release
-    paths = [str(modules), "/sys/kernel/btf", "/sys/devices/system/cpu", f"/tmp/kheaders-{release}"]
-    paths += [os.path.realpath(modules / link) for link in ("build", "source") if (modules / link).exists()]
+    paths = [os.path.realpath(modules / link) for link in ("build", "source") if (modules / link).exists()]
+    paths += ["/sys/kernel/btf", "/sys/devices/system/cpu", f"/tmp/kheaders-{release}"]  # kheaders: bcc's fallback
     if tracefs:
         paths.append(os.path.join(tracefs, "events"))
     return list(dict.fromkeys(paths))
@@ -272,6 +272,10 @@ def _recv_fds(sock: socket.socket, count: int, deadline: float) -> list[OwnedFd]
 
 def _confine(config: dict[str, Any]) -> str | None:
     """Lower this process's limits and sandbox it; the reason when the sandbox is impossible."""
+    # A daemon stopping (SIGTERM/SIGINT to its process group) finishes the build under way;
+    # a build cut short here would be recorded as failed for good. The worker ends with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ct.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != config["parent"]:
         sys.exit(0)  # the daemon died before the death signal was armed

@@ -210,3 +210,28 @@ def test_sigkill_mid_build_converges_without_leaks_and_quarantines_only_repeated
     assert _pins(daemon, twice) == {"progs": 1, "maps": 1, "links": 1}
     assert (_kernel_objects_named("prog", function2), _kernel_objects_named("map", f"m{tag2}")) == (1, 1)
     assert _marker(daemon, twice) is None
+
+
+def test_a_daemon_stopped_mid_build_finishes_the_build(node_daemons, bpfprograms):
+    """SIGTERM to the daemon's process group (kubectl delete pod, dev down) reaches its compile
+    worker too; the update being built must not be recorded as a compiler failure."""
+    daemon = node_daemons()
+    tag = _tag()
+    name, (source, function) = f"stopped-{tag}", _slow_unit(tag)
+    bpfprograms.apply(name, source.replace("F19(0)", "0"), function, daemon.node)
+    bpfprograms.ready(name)
+    quick = bpfprograms.report(daemon.node, name)["contentHash"]
+    bpfprograms.apply(name, source, function, daemon.node)
+    wait_for(lambda: _marker(daemon, name), 120, f"the update of {name} being built", interval=0.05)
+    daemon.stop()
+    daemon.start()
+    wait_for(
+        lambda: (
+            (r := bpfprograms.report(daemon.node, name)).get("contentHash") != quick and r.get("phase") == "Attached"
+        ),
+        60,
+        "the update attached after the restart",
+    )
+    bpfprograms.ready(name)
+    assert not bpfprograms.status(name).get("failingNodes")
+    assert _kernel_objects_named("prog", function) == 1
