@@ -11,9 +11,9 @@ kernel verifies them), and sends the program and map fds to the daemon over a un
 worker that dies, exceeds its time or runs out of memory becomes a CompileError or
 CompileTimeout carrying what the compiler printed (its stderr is a file the daemon reads).
 
-Each worker builds one unit and exits, so nothing accumulates between builds, and one is
-always started ahead (importing bcc costs a few hundred milliseconds) while the daemon
-pins the previous build. Workers die with the daemon (PR_SET_PDEATHSIG); what a worker
+Each worker builds one unit and exits, so nothing accumulates between builds; after each
+build the next worker is started ahead (importing bcc costs a few hundred milliseconds)
+while the daemon pins and attaches, so only a daemon's first build waits for one. Workers die with the daemon (PR_SET_PDEATHSIG); what a worker
 loaded but never handed over is freed by the kernel when its fds close.
 """
 
@@ -95,8 +95,8 @@ def sandbox_paths(tracefs: str | None) -> list[str]:
 
 
 class CompileWorkers:
-    """Runs builds in workers, one at a time (the backend serializes applies), keeping one
-    worker started ahead. Thread-compatible, not thread-safe."""
+    """Runs builds in workers, one at a time (the backend serializes applies), keeping the
+    next worker started ahead. Thread-compatible, not thread-safe."""
 
     def __init__(self, limits: CompileLimits, read_paths: Sequence[str]) -> None:
         self.limits = limits
@@ -112,8 +112,11 @@ class CompileWorkers:
     def build(self, source: str, cflags: Sequence[str], loads: Iterable[Load]) -> Built:
         """Compile source and load loads; raises CompileFailed (with reason CompileError or
         CompileTimeout) when the source does not compile or the worker fails."""
-        worker = self._spare if self._spare is not None and self._spare.alive() else _Worker(self._config)
-        self._spare = None
+        worker, self._spare = self._spare, None
+        if worker is None or not worker.alive():
+            if worker is not None:
+                worker.close()
+            worker = _Worker(self._config)
         started = time.monotonic()
         try:
             return worker.run(source, cflags, list(loads), self.limits)
