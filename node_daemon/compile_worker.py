@@ -13,8 +13,9 @@ CompileTimeout carrying what the compiler printed (its stderr is a file the daem
 
 Each worker builds one unit and exits, so nothing accumulates between builds; after each
 build the next worker is started ahead (importing bcc costs a few hundred milliseconds)
-while the daemon pins and attaches, so only a daemon's first build waits for one. Workers die with the daemon (PR_SET_PDEATHSIG); what a worker
-loaded but never handed over is freed by the kernel when its fds close.
+while the daemon pins and attaches, so only a daemon's first build waits for one. Workers
+die with the daemon (PR_SET_PDEATHSIG); what a worker loaded but never handed over is
+freed by the kernel when its fds close.
 """
 
 from __future__ import annotations
