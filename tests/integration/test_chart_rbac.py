@@ -8,19 +8,21 @@ the apiserver puts the bound pod's node into the token, and into userInfo.extra 
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
 from chart_support import documents, render
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import wait_for
+from support import Process, wait_for
 
 from beekeeper import kube
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +165,62 @@ def test_a_node_daemon_token_changes_only_its_own_nodes_state(cluster, release: 
         for node in (node_a, node_b):
             cluster.kubectl("delete", "bpfnodestate", node, "--ignore-not-found", check=False)
             cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+
+
+def token_kubeconfig(admin_kubeconfig: str, token: str, path: Path) -> None:
+    """The admin kubeconfig's server and CA with a bearer token instead of the admin's certificate."""
+    config = yaml.safe_load(Path(admin_kubeconfig).read_text())
+    config["users"] = [{"name": "token", "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = "token"
+    path.write_text(yaml.safe_dump(config))
+
+
+def test_the_node_daemon_works_with_the_chart_identity_only(
+    cluster, operator_process, release: Release, tmp_path
+) -> None:
+    """A real daemon (fake backend) with a token of the chart's ServiceAccount, bound to a pod on its node:
+    its RBAC and the admission policy are enough to watch its state and report a program Ready."""
+    admin = cluster.api()
+    node = f"vap-{release.release}-daemon"
+    kube.register_node(admin, node)
+    kubeconfig = tmp_path / "node-daemon.kubeconfig"
+    token_kubeconfig(
+        str(cluster.kubeconfig), pod_token(admin, release.namespace, release.node_daemon_sa, node), kubeconfig
+    )
+    daemon = Process(
+        "node-daemon (chart identity)",
+        [
+            *(sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node),
+            *("--kubeconfig", str(kubeconfig), "--backend", "fake", "--metrics-port", "0"),
+            *("--state-dir", str(tmp_path / "state")),
+        ],
+        tmp_path / "node-daemon.log",
+        {"BEEKEEPER_LOG_LEVEL": "debug"},
+    ).start()
+    name = f"chart-identity-{release.release}"
+    program = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BpfProgram",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
+            "source": {"inline": "int count(void *ctx) { return 0; }"},
+            "programs": [{"name": "count", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_getppid"}],
+        },
+    }
+    custom = client.CustomObjectsApi(admin)
+    try:
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(program))
+
+        def ready() -> dict | None:
+            status = custom.get_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name).get("status") or {}
+            return status if status.get("ready") == "1/1" else None
+
+        wait_for(ready, 60, f"BpfProgram {name} Ready through the chart-identity daemon")
+        log = daemon.log_tail(200)
+        assert "403" not in log and "Forbidden" not in log, log
+    finally:
+        cluster.kubectl("delete", "bpfprogram", name, "--ignore-not-found", "--wait=false", check=False)
+        daemon.stop()
+        cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
