@@ -22,7 +22,9 @@ from kubernetes.client.rest import ApiException
 from support import Process, wait_for
 
 from beekeeper import kube
+from beekeeper.crds.generate import crd_manifests
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.devenv.controlplane import ControlPlane
 
 pytestmark = pytest.mark.integration
 
@@ -224,3 +226,94 @@ def test_the_node_daemon_works_with_the_chart_identity_only(
         cluster.kubectl("delete", "bpfprogram", name, "--ignore-not-found", "--wait=false", check=False)
         daemon.stop()
         cluster.kubectl("delete", "node", node, "--ignore-not-found", "--wait=false", check=False)
+
+
+@pytest.fixture
+def private_cluster(tmp_path: Path) -> Iterator[tuple[client.ApiClient, Path]]:
+    """A control plane of its own: the session's operator must not reconcile next to the one under test."""
+    control_plane = ControlPlane(tmp_path / "control-plane")
+    control_plane.start(lambda _: None)
+    try:
+        api = kube.api_client(control_plane.kubeconfig)
+        kube.install_crds(api, crd_manifests())
+        yield api, control_plane.kubeconfig
+    finally:
+        control_plane.stop()
+
+
+def test_the_operator_works_with_the_chart_identity_only(private_cluster, tmp_path: Path) -> None:
+    """The real operator with a token of the chart's operator ServiceAccount (and a daemon with the
+    daemon's): BpfPrograms go Ready and, deleted, through the detach finalizer; identities are
+    allocated and a NetworkIdentityPolicy's status written. No request is forbidden."""
+    api, admin_kubeconfig = private_cluster
+    namespace = "beekeeper-system"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+    kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy"}
+    kinds.add("ValidatingAdmissionPolicyBinding")
+    for doc in documents(render(namespace)):
+        if doc["kind"] in kinds and "helm.sh/hook" not in doc["metadata"].get("annotations", {}):
+            kube.apply(api, doc)
+    kube.register_node(api, "n1")
+    client.CoreV1Api(api).create_namespaced_pod(
+        "default",
+        {
+            "metadata": {"name": "frontend", "labels": {"app": "frontend"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "image": "app"}]},
+        },
+    )
+    tokens = {
+        "operator": pod_token(api, namespace, "beekeeper-operator", None),
+        "node-daemon": pod_token(api, namespace, "beekeeper-node-daemon", "n1"),
+    }
+    for component, token in tokens.items():
+        token_kubeconfig(str(admin_kubeconfig), token, tmp_path / f"{component}.kubeconfig")
+    env = {"BEEKEEPER_LOG_LEVEL": "debug"}
+    operator = Process(
+        "operator (chart identity)",
+        [sys.executable, "-m", "beekeeper.cli", "operator"],
+        tmp_path / "operator.log",
+        {**env, "KUBECONFIG": str(tmp_path / "operator.kubeconfig")},
+    ).start()
+    daemon = Process(
+        "node-daemon (chart identity)",
+        [
+            *(sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", "n1", "--backend", "fake"),
+            *("--metrics-port", "0", "--state-dir", str(tmp_path / "state")),
+        ],
+        tmp_path / "node-daemon.log",
+        {**env, "KUBECONFIG": str(tmp_path / "node-daemon.kubeconfig")},
+    ).start()
+    custom = client.CustomObjectsApi(api)
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    try:
+        for path in sorted(examples.glob("*.yaml")):
+            for doc in documents(path.read_text()):
+                kube.apply(api, doc)
+
+        def programs(ready: bool) -> list[str] | None:
+            items = custom.list_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL)["items"]
+            done = [p for p in items if ((p.get("status") or {}).get("phase") == "Ready") == ready]
+            return [p["metadata"]["name"] for p in items] if len(done) == len(items) and items else None
+
+        wait_for(lambda: programs(ready=True), 60, "every example BpfProgram Ready")
+
+        def policy_ready() -> bool:
+            policies = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "networkidentitypolicies")
+            conditions = [c for p in policies["items"] for c in (p.get("status") or {}).get("conditions") or []]
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+        wait_for(policy_ready, 60, "the example NetworkIdentityPolicy Ready")
+        assert custom.list_cluster_custom_object(GROUP, VERSION, "networkidentities")["items"]
+        for name in programs(ready=True) or []:
+            custom.delete_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name)
+
+        def gone() -> bool:
+            return not custom.list_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL)["items"]
+
+        wait_for(gone, 60, "the BpfPrograms deleted through the detach finalizer")
+        for component in (operator, daemon):
+            log = component.log_tail(10_000)
+            assert "403" not in log and "orbidden" not in log, f"{component.name}:\n{log}"
+    finally:
+        operator.stop()
+        daemon.stop()
