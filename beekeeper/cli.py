@@ -43,6 +43,15 @@ def _dev(args: argparse.Namespace) -> int:
             print(build.ensure_built(_progress))
         case "prepare-host":
             prepare_host(_progress)
+        case "images":
+            from beekeeper.devenv import images
+
+            print(images.build_all(_progress))
+        case "chart-tools":
+            from beekeeper.devenv.chart_tools import ensure_chart_tools
+
+            tools = ensure_chart_tools(_progress)
+            print(f"helm {tools.helm}\nkubeconform {tools.kubeconform}")
         case "kubectl":
             bins = build.ensure_built(_progress)
             argv = args.args[1:] if args.args[:1] == ["--"] else args.args
@@ -75,6 +84,14 @@ def _node_daemon(args: argparse.Namespace) -> int:
             args.compile_timeout, args.compile_memory_limit, args.compile_sandbox == "landlock"
         ),
     )
+    return 0
+
+
+def _uninstall_cleanup(args: argparse.Namespace) -> int:
+    from beekeeper import kube
+    from beekeeper.uninstall import cleanup
+
+    cleanup(kube.api_client(args.kubeconfig), timeout=args.timeout, progress=_progress)
     return 0
 
 
@@ -145,6 +162,11 @@ def parser() -> argparse.ArgumentParser:
     metrics.add_argument("--top", type=int, default=None, help="at most this many series")
     dev_sub.add_parser("build", help="build and cache kube-apiserver, kube-controller-manager, kubectl and etcd")
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
+    images = dev_sub.add_parser("images", help="container images built without Docker (debootstrap base, buildah)")
+    images.add_subparsers(dest="images_command", required=True).add_parser(
+        "build", help="build (or find cached) the base and the project image; prints their OCI archives"
+    )
+    dev_sub.add_parser("chart-tools", help="build and cache helm and kubeconform (lint and validate the chart)")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")
     kubectl.add_argument("args", nargs=argparse.REMAINDER)
     dev.set_defaults(func=_dev)
@@ -186,6 +208,16 @@ def parser() -> argparse.ArgumentParser:
         help="landlock: the compiler reads only the kernel headers (#include of other files fails); none: unconfined",
     )
     nd.set_defaults(func=_node_daemon)
+
+    clean = sub.add_parser(
+        "uninstall-cleanup",
+        help="delete every BpfProgram and NetworkIdentityPolicy and wait until all nodes detached them",
+        description="Run by the chart's pre-delete hook (helm uninstall, never upgrade) while the operator and "
+        "the node daemons still run, so nothing beekeeper attached stays in a node's kernel unmanaged.",
+    )
+    clean.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    clean.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
+    clean.set_defaults(func=_uninstall_cleanup)
 
     why = sub.add_parser(
         "why-dropped",
