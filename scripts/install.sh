@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 say() { printf '[install] %s\n' "$*" >&2; }
 
 # bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
-# iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane.
-PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod)
+# iproute2/iptables/nftables for the network test rig, gcc/make for test binaries, Go for the control plane.
+PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables nftables gcc make kmod)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
