@@ -6,6 +6,7 @@ lives in one directory so any shell can inspect or stop it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -20,6 +21,13 @@ from beekeeper.devenv import build, processes
 from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.devenv.host import BPFFS, prepare_host
 from beekeeper.devenv.paths import state_dir
+
+
+def bpffs_root(state: Path) -> Path:
+    """This environment's bpffs directory: derived from its state directory, so `dev down` of one
+    environment never unpins another's programs (bpffs names allow no dots: a hash, not the path)."""
+    digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12]
+    return BPFFS / "beekeeper-dev" / digest
 
 
 @dataclass
@@ -39,8 +47,9 @@ class DevEnvironment:
         self.control_plane = ControlPlane(self.root)
         self.node_name = socket.gethostname()
         self._file = self.root / "components.json"
-        # Pins of the dev daemon live apart from a production daemon's /sys/fs/bpf/beekeeper.
-        self.bpffs_root = BPFFS / "beekeeper-dev" / self.node_name
+        # Pins live apart from a production daemon's /sys/fs/bpf/beekeeper and from every other
+        # dev environment on this machine: the directory is named after this state directory.
+        self.bpffs_root = bpffs_root(self.root) / self.node_name
 
     def _load(self) -> Components:
         if self._file.exists():
@@ -100,9 +109,10 @@ class DevEnvironment:
     def down(self, progress=print) -> None:
         """Stop every process `up` started; cached binaries and PKI stay for a fast next start."""
         self._stop_components(self._load(), progress)
-        if self.bpffs_root.exists():
-            progress(f"[stop] unpinning {self.bpffs_root}: detaches every program the dev daemon attached")
-            shutil.rmtree(self.bpffs_root, ignore_errors=True)
+        pins = bpffs_root(self.root)
+        if pins.exists():
+            progress(f"[stop] unpinning {pins}: detaches every program this environment's daemon attached")
+            shutil.rmtree(pins, ignore_errors=True)
             shutil.rmtree(self.root / "node-state", ignore_errors=True)
         progress("[stop] control plane")
         self.control_plane.stop()
@@ -164,6 +174,7 @@ class DevEnvironment:
         ]
         rows += [
             f"  kubeconfig: {self.control_plane.kubeconfig}",
+            f"  pins:       {self.bpffs_root}",
             f"  kubectl:    {build.binaries().kubectl}",
             "  try:        KUBECONFIG=$(beekeeper dev kubeconfig) kubectl get beekeeper",
         ]

@@ -45,7 +45,7 @@ def valid_bpfprogram() -> dict[str, Any]:
             "metrics": [
                 {
                     "map": "counts",
-                    "name": "beekeeper_test_total",
+                    "name": "test_total",
                     "type": "counter",
                     "help": "Test.",
                     "key": {"kind": "struct", "fields": [{"name": "comm", "type": "string", "label": "comm"}]},
