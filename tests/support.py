@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
 from beekeeper import kube
-from beekeeper.devenv import processes
+from beekeeper.devenv import build, processes
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -31,6 +34,25 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tuple[str, tuple], float]]:
+    """Parse a /metrics answer as Prometheus would and fail on any family named twice; with promtool
+    (`beekeeper dev build-promtool`, cached) also run `promtool check metrics` on the text format.
+
+    Returns family -> {(sample name, sorted labels): value}.
+    """
+    families: dict[str, dict[tuple[str, tuple], float]] = {}
+    for family in (parse_openmetrics if openmetrics else parse_text)(text):
+        assert family.name not in families, f"family {family.name} appears twice on /metrics:\n{text}"
+        families[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+    if not openmetrics and build.promtool().exists():
+        result = subprocess.run(
+            [str(build.promtool()), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        # exit 3 is lint advice only (e.g. a counter without _total); 1 is an unparseable exposition
+        assert result.returncode in (0, 3), f"promtool check metrics: {result.stderr}\n{text}"
+    return families
 
 
 @dataclass
