@@ -165,7 +165,8 @@ def _daemon_credentials(args: argparse.Namespace) -> DaemonCredentials:
         configuration = kube.api_client(args.kubeconfig).configuration
     except (config.ConfigException, OSError):
         return DaemonCredentials(token=args.token)
-    header = configuration.get_api_key_with_prefix("authorization") or ""
+    # the token of a kubeconfig user (static or from an exec plugin, refreshed here) or of the in-cluster account
+    header = configuration.get_api_key_with_prefix("BearerToken") or ""
     scheme, _, token = header.partition(" ")
     cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file else None
     return DaemonCredentials(

@@ -87,6 +87,49 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
+READER_RULES = [
+    {"nonResourceURLs": ["/metrics"], "verbs": ["get"]},
+    {"apiGroups": ["beekeeper.dev"], "resources": ["bpfnodestates/drops"], "verbs": ["get"]},
+]
+"""What a reader of every node daemon's /metrics and /drops is granted."""
+
+
+def service_account_token(api: Any, name: str, rules: list[dict[str, Any]] | None = None) -> str:
+    """A real token (TokenRequest API) of ServiceAccount default/`name`, bound to a ClusterRole with `rules`."""
+    from kubernetes import client
+
+    def create(call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    create(core.create_namespaced_service_account, "default", {"metadata": {"name": name}})
+    if rules:
+        create(rbac.create_cluster_role, {"metadata": {"name": name}, "rules": rules})
+        binding = {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}],
+        }
+        create(rbac.create_cluster_role_binding, binding)
+    request = core.create_namespaced_service_account_token(name, "default", {"spec": {"expirationSeconds": 3600}})
+    return request.status.token
+
+
+def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
+    """A kubeconfig for the same cluster whose user is a bearer token (as a ServiceAccount's would be)."""
+    import yaml
+
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": config["contexts"][0]["context"]["user"], "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
 @dataclass
 class NodeDaemon(Process):
     """A simulated node: a Node object plus a node daemon process with its own pins and port."""
@@ -97,9 +140,14 @@ class NodeDaemon(Process):
     metrics_port: int = 0
     bpffs_root: Path = Path()
     state_dir: Path = Path()
+    token: str = ""
+    """A token the daemon's /metrics and /drops accept (READER_RULES)."""
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.read().decode()
 
 
@@ -120,9 +168,21 @@ class NodeDaemons:
         self.api = cluster.api()
         self.test_id = uuid.uuid4().hex[:6]
         self.started: list[NodeDaemon] = []
+        self._token: str | None = None
+
+    @property
+    def reader_token(self) -> str:
+        """A token that may read every daemon's /metrics and /drops."""
+        if self._token is None:
+            self._token = service_account_token(self.api, "beekeeper-test-reader", READER_RULES)
+        return self._token
 
     def __call__(
-        self, labels: dict[str, str] | None = None, name: str | None = None, backend: str = "bcc"
+        self,
+        labels: dict[str, str] | None = None,
+        name: str | None = None,
+        backend: str = "bcc",
+        extra_args: tuple[str, ...] = (),
     ) -> NodeDaemon:
         """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend)."""
         node = name or f"node-{self.test_id}-{len(self.started)}"
@@ -132,7 +192,7 @@ class NodeDaemons:
         port = processes.free_port()
         argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]
         argv += ["--bpffs-root", str(bpffs_root), "--state-dir", str(state)]
-        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend]
+        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend, *extra_args]
         daemon = NodeDaemon(
             f"node-daemon {node}",
             argv,
@@ -143,6 +203,7 @@ class NodeDaemons:
             metrics_port=port,
             bpffs_root=bpffs_root,
             state_dir=state,
+            token=self.reader_token,
         ).start()
         self.started.append(daemon)
         return daemon

@@ -159,3 +159,27 @@ def ensure_pki(directory: Path) -> Pki:
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return pki
+
+
+def ensure_serving_cert(pki: Pki, name: str, hosts: list[str]) -> tuple[Path, Path]:
+    """(cert, key) for a server of the environment (a node daemon), signed by the CA clients already trust.
+
+    Clients that verify with the kubeconfig's CA (`beekeeper why-dropped`) then trust it too.
+    """
+    cert_path, key_path = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    key = _key()
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = _sign(_name(name), key.public_key(), ca_name, ca_key, usages=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path

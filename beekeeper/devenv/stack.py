@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import socket
+import ssl
 import sys
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from beekeeper import kube
 from beekeeper.devenv import build, processes
+from beekeeper.devenv.certs import Pki, ensure_serving_cert
 from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.devenv.host import BPFFS, prepare_host
 from beekeeper.devenv.paths import state_dir
@@ -47,6 +49,7 @@ class DevEnvironment:
         self.control_plane = ControlPlane(self.root)
         self.node_name = socket.gethostname()
         self._file = self.root / "components.json"
+        self.pki = Pki(self.root / "pki")
         # Pins live apart from a production daemon's /sys/fs/bpf/beekeeper and from every other
         # dev environment on this machine: the directory is named after this state directory.
         self.bpffs_root = bpffs_root(self.root) / self.node_name
@@ -85,6 +88,9 @@ class DevEnvironment:
         if not processes.alive(daemon_pid):
             port = processes.free_port()
             components.metrics_ports[self.node_name] = port
+            # TLS from the environment's CA, and the admin's client certificate is accepted: the
+            # kubeconfig's credentials work for /metrics and `beekeeper why-dropped` as they do for kubectl.
+            cert, key = ensure_serving_cert(self.pki, f"node-daemon-{self.node_name}", ["127.0.0.1", "localhost"])
             components.node_daemons[self.node_name] = processes.spawn(
                 [
                     *beekeeper,
@@ -99,6 +105,12 @@ class DevEnvironment:
                     str(self.bpffs_root),
                     "--state-dir",
                     str(self.root / "node-state" / self.node_name),
+                    "--tls-cert-file",
+                    str(cert),
+                    "--tls-private-key-file",
+                    str(key),
+                    "--client-ca-file",
+                    str(self.pki.ca_cert),
                 ],
                 self.root / "logs" / f"node-daemon-{self.node_name}.log",
                 env,
@@ -124,7 +136,9 @@ class DevEnvironment:
         port = self._load().metrics_ports.get(self.node_name)
         if not port:
             raise RuntimeError("no node daemon is running here: run `beekeeper dev up` first")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=10, context=context) as resp:
             lines = resp.read().decode().splitlines()
         series = [line for line in lines if not line.startswith("#")]
         if pattern:
@@ -167,7 +181,7 @@ class DevEnvironment:
             line(
                 f"node-daemon {node}",
                 pid,
-                f"http://127.0.0.1:{components.metrics_ports.get(node)}/metrics "
+                f"https://127.0.0.1:{components.metrics_ports.get(node)}/metrics "
                 f"{self.root / 'logs' / f'node-daemon-{node}.log'}",
             )
             for node, pid in components.node_daemons.items()
