@@ -123,6 +123,11 @@ def test_dev_cli_lifecycle_and_two_environments_on_one_machine(tmp_path: Path) -
         status = first("dev", "status").stdout
         assert status.count("running") >= 5, status
         assert first("dev", "kubectl", "--", "get", "nodes", "-o", "name").stdout.strip(), "dev up registers a Node"
+        port = json.loads((first.state / "components.json").read_text())["metrics_ports"][socket.gethostname()]
+        url = f"https://127.0.0.1:{port}"
+        why = first("why-dropped", "--kubeconfig", str(first.state / "kubeconfig"), "--url", url, "--src", "10.9.9.9")
+        assert why.returncode == 0 and "no recorded drops match src=10.9.9.9" in why.stdout, why.stderr
+        assert first("dev", "metrics").returncode == 0, "TLS with the kubeconfig's client certificate"
         pins = {dev: DevEnvironment(dev.state).bpffs_root for dev in (first, second)}
         assert pins[first] != pins[second] and f"pins:       {pins[first]}" in status
         for dev in (first, second):
