@@ -44,6 +44,8 @@ def _dev(args: argparse.Namespace) -> int:
             print(env.metrics(args.grep, args.top))
         case "build":
             print(build.ensure_built(_progress))
+        case "build-promtool":
+            print(build.ensure_promtool(_progress))
         case "prepare-host":
             prepare_host(_progress)
         case "kubectl":
@@ -219,6 +221,10 @@ def parser() -> argparse.ArgumentParser:
     metrics.add_argument("--grep", default=None, help="only series matching this regular expression, largest first")
     metrics.add_argument("--top", type=int, default=None, help="at most this many series")
     dev_sub.add_parser("build", help="build and cache kube-apiserver, kube-controller-manager, kubectl and etcd")
+    dev_sub.add_parser(
+        "build-promtool",
+        help="build and cache promtool, which the tests then also run on /metrics (`promtool check metrics`)",
+    )
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")
     kubectl.add_argument("args", nargs=argparse.REMAINDER)

@@ -38,7 +38,7 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
 
 def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tuple[str, tuple], float]]:
     """Parse a /metrics answer as Prometheus would and fail on any family named twice; with promtool
-    (`beekeeper dev build-promtool`, cached) also run `promtool check metrics` on the text format.
+    (once built and cached by `beekeeper dev build-promtool`) also run `promtool check metrics` on the text format.
 
     Returns family -> {(sample name, sorted labels): value}.
     """
