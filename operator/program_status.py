@@ -128,5 +128,5 @@ def aggregate(
         "ready": f"{len(ready)}/{len(selected)}",
         "phase": phase,
         "failingNodes": failing[:MAX_FAILING_NODES],
-        **({"warnings": warnings} if warnings else {}),
+        "warnings": warnings or None,  # None: a merge patch removes warnings that went away
     }

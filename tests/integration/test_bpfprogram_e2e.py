@@ -296,6 +296,11 @@ def test_metric_problems_are_on_status_and_never_break_another_programs_metrics(
     with urllib.request.urlopen(request, timeout=5) as resp:
         assert family in check_exposition(resp.read().decode(), openmetrics=True)
 
+    api.delete(older)  # the family is free: the newer program's gauge takes it, its clash warning goes away
+    wait_for(lambda: len(api.program(newer)["status"].get("warnings") or []) == 1, 60, "only the missing map left")
+    samples = wait_for(scraped, 30, f"{family} of {newer}")[family]
+    assert {(name, dict(labels)["bpfprogram"]) for name, labels in samples} == {(family, newer)}
+
 
 BROKEN_CASES = {
     "syntax": (
