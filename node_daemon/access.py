@@ -23,12 +23,17 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+_API_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
+"""A refusal, or no answer (apiserver down, connection reset, timeout)."""
 
 ALLOWED_TTL = 60.0
 DENIED_TTL = 10.0
 MAX_CACHED = 4096
+REVIEW_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,8 @@ class ApiAccess:
 
     def _review_token(self, token: str) -> User | None:
         try:
-            review = self._authn.create_token_review({"spec": {"token": token}})
-        except (ApiException, OSError) as exc:
+            review = self._authn.create_token_review({"spec": {"token": token}}, _request_timeout=REVIEW_TIMEOUT)
+        except _API_ERRORS as exc:
             raise ReviewUnavailable(f"TokenReview failed: {getattr(exc, 'reason', None) or exc}") from None
         status = review.status
         if not status or not status.authenticated or not status.user:
@@ -134,8 +139,8 @@ class ApiAccess:
         if user.extra:
             spec["extra"] = {k: list(v) for k, v in user.extra}
         try:
-            review = self._authz.create_subject_access_review({"spec": spec})
-        except (ApiException, OSError) as exc:
+            review = self._authz.create_subject_access_review({"spec": spec}, _request_timeout=REVIEW_TIMEOUT)
+        except _API_ERRORS as exc:
             raise ReviewUnavailable(f"SubjectAccessReview failed: {getattr(exc, 'reason', None) or exc}") from None
         status = review.status
         return bool(status and status.allowed), (status.reason or "") if status else ""
