@@ -125,9 +125,9 @@ def run(
     then also accepts client certificates signed by client_ca_file.
     """
     if bool(tls_cert_file) != bool(tls_key_file):
-        raise ValueError("--tls-cert-file and --tls-private-key-file go together")
+        raise RuntimeError("--tls-cert-file and --tls-private-key-file go together")
     if client_ca_file and not tls_cert_file:
-        raise ValueError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
+        raise RuntimeError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
     tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
     api = kube.api_client(kubeconfig)
     drop_log = DropLog()

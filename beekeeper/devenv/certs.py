@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -167,11 +168,16 @@ def ensure_serving_cert(pki: Pki, name: str, hosts: list[str]) -> tuple[Path, Pa
     Clients that verify with the kubeconfig's CA (`beekeeper why-dropped`) then trust it too.
     """
     cert_path, key_path = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
+        try:  # still from this CA (ensure_pki makes a new one when files went missing)
+            x509.load_pem_x509_certificate(cert_path.read_bytes()).verify_directly_issued_by(ca)
+            return cert_path, key_path
+        except (ValueError, TypeError, InvalidSignature):
+            pass
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    ca_name = ca.subject
     key = _key()
     sans: list[x509.GeneralName] = []
     for host in hosts:
