@@ -265,6 +265,12 @@ class ProgramStatus(ApiModel):
         None, max_length=4096, description="Details when Failed: compiler error, verifier log excerpt."
     )
     last_transition_time: Time | None = Field(None, description="When phase last changed.")
+    warnings: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None,
+        max_length=MAX_METRICS,
+        description="Problems that do not stop the BpfProgram from running, e.g. a metric not exported because its "
+        "map does not exist or its name is taken; on the entry of the BpfProgram's first function.",
+    )
 
 
 class NetworkPolicyStatus(ApiModel):

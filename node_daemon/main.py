@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.node_daemon import http_api
+from beekeeper.node_daemon.access import ApiAccess
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.compile_limits import CompileLimits
@@ -126,8 +127,20 @@ def run(
     metrics_address: str = "0.0.0.0",
     backend_kind: str = "bcc",
     compile_limits: CompileLimits | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    client_ca_file: str | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
+    """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
+
+    The HTTP port speaks TLS with a serving certificate (tls_cert_file and tls_key_file), and
+    then also accepts client certificates signed by client_ca_file.
+    """
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise RuntimeError("--tls-cert-file and --tls-private-key-file go together")
+    if client_ca_file and not tls_cert_file:
+        raise RuntimeError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
+    tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
     api = kube.api_client(kubeconfig)
     drop_log = DropLog()
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
@@ -142,7 +155,7 @@ def run(
             from beekeeper.node_daemon.policy_metrics import PolicyCollector
 
             registry.register(PolicyCollector(policy))
-        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address)
+        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls)
 
     stop = threading.Event()
     events: queue.Queue[Any] = queue.Queue()

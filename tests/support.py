@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
 from beekeeper import kube
-from beekeeper.devenv import processes
+from beekeeper.devenv import build, processes
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -32,6 +35,25 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tuple[str, tuple], float]]:
+    """Parse a /metrics answer as Prometheus would and fail on any family named twice; with promtool
+    (once built and cached by `beekeeper dev build-promtool`) also run `promtool check metrics` on the text format.
+
+    Returns family -> {(sample name, sorted labels): value}.
+    """
+    families: dict[str, dict[tuple[str, tuple], float]] = {}
+    for family in (parse_openmetrics if openmetrics else parse_text)(text):
+        assert family.name not in families, f"family {family.name} appears twice on /metrics:\n{text}"
+        families[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+    if not openmetrics and build.promtool().exists():
+        result = subprocess.run(
+            [str(build.promtool()), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        # exit 3 is lint advice only (e.g. a counter without _total); 1 is an unparseable exposition
+        assert result.returncode in (0, 3), f"promtool check metrics: {result.stderr}\n{text}"
+    return families
 
 
 @dataclass
@@ -66,6 +88,49 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
+READER_RULES = [
+    {"nonResourceURLs": ["/metrics"], "verbs": ["get"]},
+    {"apiGroups": ["beekeeper.dev"], "resources": ["bpfnodestates/drops"], "verbs": ["get"]},
+]
+"""What a reader of every node daemon's /metrics and /drops is granted."""
+
+
+def service_account_token(api: Any, name: str, rules: list[dict[str, Any]] | None = None) -> str:
+    """A real token (TokenRequest API) of ServiceAccount default/`name`, bound to a ClusterRole with `rules`."""
+    from kubernetes import client
+
+    def create(call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    create(core.create_namespaced_service_account, "default", {"metadata": {"name": name}})
+    if rules:
+        create(rbac.create_cluster_role, {"metadata": {"name": name}, "rules": rules})
+        binding = {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}],
+        }
+        create(rbac.create_cluster_role_binding, binding)
+    request = core.create_namespaced_service_account_token(name, "default", {"spec": {"expirationSeconds": 3600}})
+    return request.status.token
+
+
+def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
+    """A kubeconfig for the same cluster whose user is a bearer token (as a ServiceAccount's would be)."""
+    import yaml
+
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": config["contexts"][0]["context"]["user"], "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
 @dataclass
 class NodeDaemon(Process):
     """A simulated node: a Node object plus a node daemon process with its own pins and port."""
@@ -76,9 +141,14 @@ class NodeDaemon(Process):
     metrics_port: int = 0
     bpffs_root: Path = Path()
     state_dir: Path = Path()
+    token: str = ""
+    """A token the daemon's /metrics and /drops accept (READER_RULES)."""
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.read().decode()
 
 
@@ -99,6 +169,14 @@ class NodeDaemons:
         self.api = cluster.api()
         self.test_id = uuid.uuid4().hex[:6]
         self.started: list[NodeDaemon] = []
+        self._token: str | None = None
+
+    @property
+    def reader_token(self) -> str:
+        """A token that may read every daemon's /metrics and /drops."""
+        if self._token is None:
+            self._token = service_account_token(self.api, "beekeeper-test-reader", READER_RULES)
+        return self._token
 
     def __call__(
         self,
@@ -127,6 +205,7 @@ class NodeDaemons:
             metrics_port=port,
             bpffs_root=bpffs_root,
             state_dir=state,
+            token=self.reader_token,
         ).start()
         self.started.append(daemon)
         return daemon
