@@ -55,7 +55,7 @@ def _dev(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     from beekeeper.operator.main import run
 
-    run(kubeconfig=args.kubeconfig)
+    run(kubeconfig=args.kubeconfig, health_port=args.health_port)
     return 0
 
 
@@ -147,6 +147,12 @@ def parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator (reconciles CRs into per-node BpfNodeState)")
     op.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    op.add_argument(
+        "--health-port",
+        type=int,
+        default=8081,
+        help="port of GET /healthz (liveness) and GET /readyz (readiness) on 0.0.0.0; 0 disables",
+    )
     op.set_defaults(func=_operator)
 
     nd = sub.add_parser("node-daemon", help="run the node daemon (compiles, verifies, attaches this node's programs)")
