@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from beekeeper import logs
+from beekeeper import kube, logs
 
 
 def _progress(message: str) -> None:
@@ -205,17 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"beekeeper: error: {exc}")
         return 1
     except ApiException as exc:
-        _progress(
-            f"beekeeper: error: the Kubernetes API refused a request ({exc.status} {exc.reason}): {_api_message(exc)}"
-        )
+        refused = f"the Kubernetes API refused a request ({exc.status} {exc.reason})"
+        _progress(f"beekeeper: error: {refused}: {kube.api_message(exc)}")
         return 1
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return json.loads(exc.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        return str(exc.body)
 
 
 if __name__ == "__main__":

@@ -166,8 +166,8 @@ class ClusterCache:
     """Every kind listed and no referenced ConfigMap unknown: a pass may decide."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     own: OwnWrites = field(default_factory=OwnWrites)
-    dirty: set[tuple[str, str]] = field(default_factory=set)
-    """(kind, key) changed by someone else since the last pass began."""
+    dirty: set[tuple[str, str, str]] = field(default_factory=set)
+    """(kind, key, resourceVersion or DELETED) of the changes since the last pass began."""
     referenced: set[str] = field(default_factory=set)
     """namespace/name of the ConfigMaps BpfPrograms reference."""
     unknown_configmaps: set[str] = field(default_factory=set)
@@ -239,7 +239,7 @@ class ClusterCache:
         self.unknown_configmaps.discard(key)
         if body is not None:
             self.tables["ConfigMap"][key] = _stored("ConfigMap", body)
-        self.dirty.add(("ConfigMap", key))
+        self.dirty.add(("ConfigMap", key, "fetched"))
         self.changed.set()
         self._update_primed()
 
@@ -256,15 +256,17 @@ class ClusterCache:
             table[key] = _stored(kind, body)
 
     def take_dirty(self) -> set[tuple[str, str]]:
-        """The foreign changes since the last call (a pass is due when non-empty)."""
+        """(kind, key) of the foreign changes since the last call (a pass is due when non-empty).
+
+        Own writes are told apart here, not when their events arrive: an event can overtake
+        the write's reply, and by now the pass that wrote has registered all its writes.
+        """
         dirty, self.dirty = self.dirty, set()
         self.changed.clear()
-        return dirty
+        return {(kind, key) for kind, key, version in dirty if not self.own.claim(kind, key, version)}
 
     def _changed(self, kind: str, key: str, version: str) -> None:
-        if self.own.claim(kind, key, version):
-            return
-        self.dirty.add((kind, key))
+        self.dirty.add((kind, key, version))
         self.changed.set()
 
     def _track_references(self) -> None:

@@ -33,6 +33,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from beekeeper import kube
 from beekeeper.crds.bpfprogram import BpfProgramStatus
 from beekeeper.crds.common import ApiModel, timestamp
 from beekeeper.crds.names import (
@@ -139,6 +140,13 @@ def _normal(model: type[ApiModel], status: Mapping[str, Any] | None) -> dict[str
         return dict(status or {})
 
 
+def _describe(exc: Exception) -> str:
+    """One line for logs and /healthz: the apiserver's words for a refused request."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}: {kube.api_message(exc)}"[:1024]
+    return f"{type(exc).__name__}: {exc}"[:1024]
+
+
 def resync_seconds() -> float:
     return float(os.environ.get(RESYNC_ENV) or 60)
 
@@ -166,7 +174,7 @@ class Reconciler:
                     await self.run(health)
                 except Exception as exc:
                     delay = min(RETRY_MAX_SECONDS, 2.0**health.restarts)
-                    health.update(restarts=health.restarts + 1, last_error=f"{type(exc).__name__}: {exc}"[:1024])
+                    health.update(restarts=health.restarts + 1, last_error=_describe(exc))
                     log.exception(
                         "reconcile loop failed; restarting", extra={"restarts": health.restarts, "retryIn": delay}
                     )
@@ -198,7 +206,7 @@ class Reconciler:
             try:
                 result = await asyncio.to_thread(self.reconcile, self.cache.snapshot())
             except Exception as exc:
-                health.pass_failed(f"{type(exc).__name__}: {exc}")
+                health.pass_failed(_describe(exc))
                 delay = min(RETRY_MAX_SECONDS, 2.0 ** (health.consecutive_failures - 1))
                 log.error(
                     "reconcile pass failed; retrying",
@@ -211,7 +219,8 @@ class Reconciler:
             for kind, key, body in result.written:  # seen by the next pass even before their watch events
                 self.cache.record_own(kind, body, key)
             health.pass_done()
-            log.debug("reconcile pass", extra={"changes": len(dirty), "writes": len(result.written)})
+            shown = ", ".join(f"{kind}/{key}" for kind, key in sorted(dirty)[:5])
+            log.debug("reconcile pass", extra={"changes": len(dirty), "changed": shown, "writes": len(result.written)})
             timeout = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
             for notice in result.notices:
                 await asyncio.to_thread(self._post, notice)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import ssl
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -150,7 +151,16 @@ class ControlPlane:
         state = self.load_state()
         if processes.alive(state.apiserver_pid):
             raise RuntimeError(f"kube-apiserver pid {state.apiserver_pid} still runs")
-        self._start_apiserver(state, progress)
+        for attempt in range(30):
+            try:
+                self._start_apiserver(state, progress)
+                return
+            except RuntimeError as exc:
+                # The port is free for binding only once no socket holds it: another process's
+                # connection may briefly have it as its ephemeral source port.
+                if "address already in use" not in str(exc) or attempt == 29:
+                    raise
+                time.sleep(1)
 
     def _ensure_controller_manager(self, state: ControlPlaneState) -> None:
         if processes.alive(state.controller_manager_pid):

@@ -9,6 +9,7 @@ probes say the truth. Figures are printed (run with -s to see them).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -63,7 +64,8 @@ def plane() -> Iterator[Cluster]:
         yield Cluster(control_plane, build.binaries().kubectl)
     finally:
         control_plane.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("BEEKEEPER_KEEP_TEST_STATE"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +227,7 @@ def test_apiserver_restart_with_changes_during_reconnect(plane: Cluster, api: Ap
 def settled(api: Api, operator: OperatorProcess) -> dict[str, str] | None:
     """The versions of all beekeeper objects if a whole pass after reading them wrote nothing."""
     before, passes = api.versions(), operator.probe("/healthz")[1]["passes"]
-    api.core.patch_namespace(api.namespace, {"metadata": {"labels": {"poke": uuid.uuid4().hex[:8]}}})
+    api.core.patch_namespace(api.namespace, {"metadata": {"annotations": {"poke": uuid.uuid4().hex[:8]}}})
     wait_for(lambda: operator.probe("/healthz")[1]["passes"] > passes, 30, "a pass after the poke")
     return before if api.versions() == before else None
 
