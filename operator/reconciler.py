@@ -46,7 +46,7 @@ from beekeeper.crds.names import (
     VERSION,
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
-from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram
+from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, policy_revision
 from beekeeper.operator import policy_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
@@ -257,15 +257,15 @@ class Reconciler:
         for node, programs in desired.items():
             existing = nodestates.get(node)
             try:
-                generation = self._write_nodestate(node, programs, compiled.nodes.get(node), existing)
+                generation, revision = self._write_nodestate(node, programs, compiled.nodes.get(node), existing)
                 error = None
             except ApiException as exc:
                 if exc.status is None or not 400 <= exc.status < 500:
                     raise
-                generation, error = None, f"{exc.status} {exc.reason}"
+                generation, revision, error = None, None, f"{exc.status} {exc.reason}"
                 log.error("bpfnodestate not written", extra={"node": node, "status": exc.status, "reason": exc.reason})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
-            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error)
+            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error, revision)
         for node in sorted(set(nodestates) - set(node_labels)):
             self._delete_nodestate(node)
 
@@ -434,9 +434,15 @@ class Reconciler:
         programs: list[dict[str, Any]],
         network_policy: dict[str, Any] | None,
         existing: Mapping[str, Any] | None,
-    ) -> int | None:
-        """Write the node's spec if it differs; returns the state's metadata.generation afterwards."""
-        spec = {"programs": programs, "networkPolicy": network_policy}
+    ) -> tuple[int | None, str | None]:
+        """Write the node's spec if it differs; returns its generation and networkPolicy.revision afterwards."""
+        old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
+        same_policy = _same_network_policy(old_policy, network_policy)
+        revision = None
+        if network_policy is not None:  # hashed only when it changed: the stored revision stands for it otherwise
+            revision = ((old_policy or {}).get("revision") if same_policy else None) or policy_revision(network_policy)
+        written_policy = None if network_policy is None else {**network_policy, "revision": revision}
+        spec = {"programs": programs, "networkPolicy": written_policy}
         extra = {
             "node": node,
             "bpfprograms": len(programs),
@@ -445,16 +451,18 @@ class Reconciler:
         }
         if existing is not None:
             old = existing.get("spec") or {}
-            if _normal_programs(old.get("programs")) == programs and _same_network_policy(
-                old.get("networkPolicy"), network_policy
+            if (
+                _normal_programs(old.get("programs")) == programs
+                and same_policy
+                and (old_policy or {}).get("revision") == revision
             ):
-                return existing["metadata"].get("generation")
+                return existing["metadata"].get("generation"), revision
             written = self.custom.patch_cluster_custom_object(
                 GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
             )
             self._wrote("BpfNodeState", written)
             log.info("bpfnodestate updated", extra=extra)
-            return written["metadata"].get("generation")
+            return written["metadata"].get("generation"), revision
         node_obj = self.core.read_node(node)
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -477,7 +485,7 @@ class Reconciler:
                 GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
             )
         self._wrote("BpfNodeState", written)
-        return written["metadata"].get("generation")
+        return written["metadata"].get("generation"), revision
 
     def _delete_nodestate(self, node: str) -> None:
         try:
