@@ -253,19 +253,28 @@ def test_operator_sigkill_writes_nothing_for_unchanged_state(
 
 
 def test_own_writes_do_not_trigger_passes(api: Api, operator: OperatorProcess) -> None:
-    """Each edit costs one pass: the watch events of the operator's own writes wake nothing."""
+    """Each edit costs one pass: the watch events of the operator's own writes wake nothing.
+
+    Read from the operator's debug log, which names what woke each pass (other tests' leftovers
+    being cleaned up on this plane wake passes too, so a bare pass count would not do).
+    """
     node = api.node()
     two_pods(api, node)
     api.apply(policy(api.namespace, "p", 80))
     wait_for(lambda: api.policy("p").get("status", {}).get("observedGeneration") == 1, 30, "policy status")
     wait_for(lambda: api.enforced(node) == {("p", 80)}, 30, "rule on the node")
-    before = operator.probe("/healthz")[1]["passes"]
+    offset = operator.log.stat().st_size
     for generation, port in ((2, 81), (3, 82)):
         api.apply(policy(api.namespace, "p", port))
         wait_for(lambda g=generation: api.policy("p").get("status", {}).get("observedGeneration") == g, 30, "status")
         assert api.enforced(node) == {("p", port)}
-    after = operator.probe("/healthz")[1]["passes"]
-    assert after - before == 2, f"{after - before} passes for 2 edits (own writes woke the loop)"
+    api.core.patch_namespace(api.namespace, {"metadata": {"annotations": {"poke": "1"}}})  # a last foreign change
+    wake = f"Namespace/{api.namespace}"
+    wait_for(lambda: wake in operator.log.read_text()[offset:], 30, "the pass after the edits")
+    passes = [line for line in operator.log.read_text()[offset:].splitlines() if 'msg="reconcile pass"' in line]
+    ours = [line for line in passes if f"NetworkIdentityPolicy/{api.namespace}/p" in line]
+    echoes = [line for line in passes if f"BpfNodeState/{node}" in line]  # no daemon writes there: only we do
+    assert len(ours) == 2 and not echoes, "\n".join(passes)
 
 
 def test_rapid_edits_converge_with_bounded_writes(api: Api, operator: OperatorProcess, daemons: NodeDaemons) -> None:
