@@ -9,6 +9,7 @@ probes say the truth. Figures are printed (run with -s to see them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -341,6 +342,35 @@ def test_large_source_applied_client_side_can_be_deleted(api: Api, daemons: Node
     wait_for(lambda: api.program(name) is None, 30, "the BpfProgram gone")
     print(f"\n{len(source)} byte source: deleted {time.monotonic() - started:.2f}s after kubectl delete")
     assert not [p for p in (api.nodestate(daemon.node).get("status") or {}).get("programs") or []]
+
+
+def test_configmap_source_follows_the_configmap(api: Api, daemons: NodeDaemons) -> None:
+    """A source from a ConfigMap: missing, created, edited, deleted — read from the watch, never per pass."""
+    daemon = daemons(backend="fake")
+    name = f"cm-{uuid.uuid4().hex[:6]}"
+    program = bpfprogram(name, daemon.node)
+    program["spec"]["source"] = {"configMapRef": {"namespace": api.namespace, "name": "src", "key": "prog.c"}}
+    api.apply(program)
+
+    def status_says(text: str) -> bool:
+        return text in json.dumps((api.program(name) or {}).get("status") or {})
+
+    def node_source() -> str | None:
+        entries = (api.nodestate(daemon.node).get("spec") or {}).get("programs") or []
+        return entries[0]["source"] if entries else None
+
+    try:
+        wait_for(lambda: status_says("ConfigMap " + api.namespace + "/src not found"), 30, "missing ConfigMap named")
+        configmap = {"metadata": {"name": "src"}, "data": {"prog.c": SOURCE}}
+        api.core.create_namespaced_config_map(api.namespace, configmap)
+        wait_for(lambda: ((api.program(name) or {}).get("status") or {}).get("phase") == "Ready", 60, "Ready")
+        assert node_source() == SOURCE
+        api.core.patch_namespaced_config_map("src", api.namespace, {"data": {"prog.c": SOURCE + "// v2\n"}})
+        wait_for(lambda: node_source() == SOURCE + "// v2\n", 30, "the edited source on the node")
+        api.core.delete_namespaced_config_map("src", api.namespace)
+        wait_for(lambda: status_says("not found"), 30, "the deleted ConfigMap named")
+    finally:
+        api.plane.kubectl("delete", "bpfprogram", name, "--wait=false", check=False)
 
 
 def failing_webhook(port: int) -> dict[str, Any]:
