@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from beekeeper import kube
 from beekeeper.devenv import build, processes
+from beekeeper.devenv.controlplane import ControlPlane
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -54,6 +57,33 @@ def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tup
         # exit 3 is lint advice only (e.g. a counter without _total); 1 is an unparseable exposition
         assert result.returncode in (0, 3), f"promtool check metrics: {result.stderr}\n{text}"
     return families
+
+
+@dataclass
+class Cluster:
+    """A running local control plane and the pinned kubectl that talks to it."""
+
+    control_plane: ControlPlane
+    kubectl_path: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def api(self):
+        return kube.api_client(self.kubeconfig)
 
 
 @dataclass
@@ -129,6 +159,41 @@ def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path
+
+
+@dataclass
+class OperatorProcess(Process):
+    """The operator, with its probe endpoint on health_port."""
+
+    health_port: int = 0
+
+    @classmethod
+    def create(cls, kubeconfig: Path, log: Path, env: dict[str, str] | None = None) -> OperatorProcess:
+        port = processes.free_port()
+        argv = [sys.executable, "-m", "beekeeper.cli", "operator", "--health-port", str(port)]
+        return cls("operator", argv, log, {**component_env(kubeconfig), **(env or {})}, health_port=port)
+
+    def probe(self, path: str) -> tuple[int, dict[str, Any]] | None:
+        """(HTTP status, JSON body) of /healthz or /readyz; None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=5) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Until /readyz says the cache is primed and a first pass completed."""
+        return wait_for(lambda: (r := self.probe("/readyz")) and r[0] == 200 and r[1], timeout, "operator ready")
+
+    def restart(self, env: dict[str, str] | None = None, kill: bool = False) -> None:
+        """Stop (or SIGKILL) and start again, optionally with another environment; waits until ready."""
+        self.kill() if kill else self.stop()
+        if env is not None:
+            self.env = env
+        self.start()
+        self.wait_ready()
 
 
 @dataclass
