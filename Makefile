@@ -13,7 +13,7 @@ demo: install
 	$(KUBECTL) apply -f examples/
 	$(KUBECTL) wait --for=condition=Ready bpfprograms --all --timeout=300s
 	@echo "--- busiest processes by system calls (live, from the node daemon's /metrics) ---"
-	@sleep 3; $(BK) dev metrics --grep '^beekeeper_syscalls_total' --top 8
+	@sleep 3; $(BK) dev metrics --grep '^syscalls_total' --top 8
 	$(KUBECTL) get nodes
 	$(KUBECTL) get beekeeper -A
 

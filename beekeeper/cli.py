@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from beekeeper import logs
+from beekeeper import kube, logs
 
 
 def _progress(message: str) -> None:
@@ -41,8 +44,19 @@ def _dev(args: argparse.Namespace) -> int:
             print(env.metrics(args.grep, args.top))
         case "build":
             print(build.ensure_built(_progress))
+        case "build-promtool":
+            print(build.ensure_promtool(_progress))
         case "prepare-host":
             prepare_host(_progress)
+        case "images":
+            from beekeeper.devenv import images
+
+            print(images.build_all(_progress))
+        case "chart-tools":
+            from beekeeper.devenv.chart_tools import ensure_chart_tools
+
+            tools = ensure_chart_tools(_progress)
+            print(f"helm {tools.helm}\nkubeconform {tools.kubeconform}")
         case "kubectl":
             bins = build.ensure_built(_progress)
             argv = args.args[1:] if args.args[:1] == ["--"] else args.args
@@ -58,11 +72,12 @@ def _operator(args: argparse.Namespace) -> int:
 
     if args.policy_expansion_budget is not None:
         os.environ[BUDGET_ENV] = str(args.policy_expansion_budget)
-    run(kubeconfig=args.kubeconfig)
+    run(kubeconfig=args.kubeconfig, health_port=args.health_port)
     return 0
 
 
 def _node_daemon(args: argparse.Namespace) -> int:
+    from beekeeper.node_daemon.compile_limits import CompileLimits
     from beekeeper.node_daemon.main import run
 
     run(
@@ -73,7 +88,21 @@ def _node_daemon(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         backend_kind=args.backend,
+        compile_limits=CompileLimits(
+            args.compile_timeout, args.compile_memory_limit, args.compile_sandbox == "landlock"
+        ),
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_private_key_file,
+        client_ca_file=args.client_ca_file,
     )
+    return 0
+
+
+def _uninstall_cleanup(args: argparse.Namespace) -> int:
+    from beekeeper import kube
+    from beekeeper.uninstall import cleanup
+
+    cleanup(kube.api_client(args.kubeconfig), timeout=args.timeout, progress=_progress)
     return 0
 
 
@@ -90,14 +119,17 @@ def _why_dropped(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
+    credentials = _daemon_credentials(args)
     answers = []
     for url in args.url:
         endpoint = f"{url.rstrip('/')}/drops?{urllib.parse.urlencode(query)}"
+        request, context = credentials.request(endpoint, args.certificate_authority, args.insecure_skip_tls_verify)
         try:
-            with urllib.request.urlopen(endpoint, timeout=10) as resp:
+            with urllib.request.urlopen(request, timeout=10, context=context) as resp:
                 answers.append(json.load(resp))
         except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"{url}: {json.loads(exc.read() or b'{}').get('error', exc.reason)}") from None
+            error = json.loads(exc.read() or b"{}").get("error", exc.reason)
+            raise RuntimeError(f"{url}: {exc.code} {error}{credentials.hint(exc.code, endpoint)}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise RuntimeError(f"{url}: cannot reach the node daemon ({exc})") from None
     if args.json:
@@ -105,6 +137,76 @@ def _why_dropped(args: argparse.Namespace) -> int:
     else:
         print(format_drops(answers, query))
     return 0
+
+
+@dataclass(frozen=True)
+class DaemonCredentials:
+    """What `why-dropped` shows a node daemon: the kubeconfig user's token and/or client certificate.
+
+    The daemon checks them with the API (TokenReview, SubjectAccessReview), so they are the
+    same credentials kubectl uses. The daemon's serving certificate is verified against the
+    kubeconfig's cluster CA unless --certificate-authority names another.
+    """
+
+    token: str | None = None
+    cert: tuple[str, str] | None = None
+    cluster_ca: str | None = None
+
+    def request(
+        self, url: str, ca_file: str | None, insecure: bool
+    ) -> tuple[urllib.request.Request, ssl.SSLContext | None]:
+        parts = urllib.parse.urlsplit(url)
+        headers = {}
+        if self.token:
+            if parts.scheme != "https" and not _loopback(parts.hostname or ""):
+                raise RuntimeError(
+                    f"refusing to send the kubeconfig's token in clear text to {parts.hostname}: "
+                    "serve the node daemon with --tls-cert-file and use https://"
+                )
+            headers["Authorization"] = f"Bearer {self.token}"
+        if parts.scheme != "https":
+            return urllib.request.Request(url, headers=headers), None
+        context = ssl.create_default_context(cafile=ca_file or self.cluster_ca)
+        if insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.cert:
+            context.load_cert_chain(*self.cert)
+        return urllib.request.Request(url, headers=headers), context
+
+    def hint(self, code: int, url: str) -> str:
+        if code == 401 and not self.token and self.cert and not url.startswith("https://"):
+            return " (the kubeconfig's user has a client certificate: it only counts over https://)"
+        if code == 401 and not self.token and not self.cert:
+            return " (no credentials: the kubeconfig has none; try --token)"
+        return ""
+
+
+def _daemon_credentials(args: argparse.Namespace) -> DaemonCredentials:
+    from kubernetes import config
+
+    from beekeeper import kube
+
+    try:
+        configuration = kube.api_client(args.kubeconfig).configuration
+    except (config.ConfigException, OSError):
+        return DaemonCredentials(token=args.token)
+    # the token of a kubeconfig user (static or from an exec plugin, refreshed here) or of the in-cluster account
+    header = configuration.get_api_key_with_prefix("BearerToken") or ""
+    scheme, _, token = header.partition(" ")
+    cert = (configuration.cert_file, configuration.key_file) if configuration.cert_file else None
+    return DaemonCredentials(
+        token=args.token or (token.strip() if scheme.lower() == "bearer" else None),
+        cert=cert,
+        cluster_ca=configuration.ssl_ca_cert,
+    )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def format_drops(answers: list[dict[str, Any]], query: dict[str, Any]) -> str:
@@ -143,7 +245,16 @@ def parser() -> argparse.ArgumentParser:
     metrics.add_argument("--grep", default=None, help="only series matching this regular expression, largest first")
     metrics.add_argument("--top", type=int, default=None, help="at most this many series")
     dev_sub.add_parser("build", help="build and cache kube-apiserver, kube-controller-manager, kubectl and etcd")
+    dev_sub.add_parser(
+        "build-promtool",
+        help="build and cache promtool, which the tests then also run on /metrics (`promtool check metrics`)",
+    )
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
+    images = dev_sub.add_parser("images", help="container images built without Docker (debootstrap base, buildah)")
+    images.add_subparsers(dest="images_command", required=True).add_parser(
+        "build", help="build (or find cached) the base and the project image; prints their OCI archives"
+    )
+    dev_sub.add_parser("chart-tools", help="build and cache helm and kubeconform (lint and validate the chart)")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")
     kubectl.add_argument("args", nargs=argparse.REMAINDER)
     dev.set_defaults(func=_dev)
@@ -157,6 +268,12 @@ def parser() -> argparse.ArgumentParser:
         help="policy map entries one NetworkIdentityPolicy may take on one node "
         "(default: $BEEKEEPER_POLICY_EXPANSION_BUDGET or 8192)",
     )
+    op.add_argument(
+        "--health-port",
+        type=int,
+        default=8081,
+        help="port of GET /healthz (liveness) and GET /readyz (readiness) on 0.0.0.0; 0 disables",
+    )
     op.set_defaults(func=_operator)
 
     nd = sub.add_parser("node-daemon", help="run the node daemon (compiles, verifies, attaches this node's programs)")
@@ -168,25 +285,71 @@ def parser() -> argparse.ArgumentParser:
     nd.add_argument(
         "--state-dir", type=Path, default=None, help="metadata next to the pins (default /var/lib/beekeeper)"
     )
-    nd.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port; 0 disables")
+    nd.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="port of /metrics and /drops (both need a caller the API authorizes); 0 disables",
+    )
     nd.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
+    nd.add_argument("--tls-cert-file", default=None, help="serving certificate (PEM): the port speaks TLS")
+    nd.add_argument("--tls-private-key-file", default=None, help="key of --tls-cert-file (PEM)")
+    nd.add_argument(
+        "--client-ca-file",
+        default=None,
+        help="also accept client certificates signed by this CA (the cluster's client CA), as the kubelet does",
+    )
     nd.add_argument(
         "--backend",
         choices=["bcc", "fake"],
         default="bcc",
         help="bcc: the kernel; fake: in memory, no policy datapath, no root (control plane scale tests)",
     )
+    nd.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=float(os.environ.get("BEEKEEPER_COMPILE_TIMEOUT", "120")),
+        help="seconds one program may take to compile and verify, else CompileTimeout (env BEEKEEPER_COMPILE_TIMEOUT)",
+    )
+    nd.add_argument(
+        "--compile-memory-limit", type=int, default=2048, help="MiB of address space the compiler may use per program"
+    )
+    nd.add_argument(
+        "--compile-sandbox",
+        choices=["landlock", "none"],
+        default="landlock",
+        help="landlock: the compiler reads only the kernel headers (#include of other files fails); none: unconfined",
+    )
     nd.set_defaults(func=_node_daemon)
+
+    clean = sub.add_parser(
+        "uninstall-cleanup",
+        help="delete every BpfProgram and NetworkIdentityPolicy and wait until all nodes detached them",
+        description="Run by the chart's pre-delete hook (helm uninstall, never upgrade) while the operator and "
+        "the node daemons still run, so nothing beekeeper attached stays in a node's kernel unmanaged.",
+    )
+    clean.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    clean.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
+    clean.set_defaults(func=_uninstall_cleanup)
 
     why = sub.add_parser(
         "why-dropped",
         help="explain recent NetworkIdentityPolicy drops recorded by node daemons",
         description="Ask node daemons (their metrics port) which recent drops match a flow and why each happened: "
         "the deny policy, or default deny, and the direction. A flow is dropped at the client's node (egress) "
-        "or the server's node (ingress): give both daemons' URLs to see either.",
+        "or the server's node (ingress): give both daemons' URLs to see either. The daemons check the kubeconfig "
+        "user's credentials with the API: it needs get on bpfnodestates/drops (group beekeeper.dev) of those nodes.",
     )
     why.add_argument(
-        "--url", action="append", required=True, help="node daemon base URL, e.g. http://NODE:9464 (repeatable)"
+        "--url", action="append", required=True, help="node daemon base URL, e.g. https://NODE:9464 (repeatable)"
+    )
+    why.add_argument("--kubeconfig", default=None, help="whose credentials to show (default: $KUBECONFIG, ...)")
+    why.add_argument("--token", default=None, help="bearer token to show instead of the kubeconfig's")
+    why.add_argument(
+        "--certificate-authority", default=None, help="CA of the daemons' serving certificates (default: the cluster's)"
+    )
+    why.add_argument(
+        "--insecure-skip-tls-verify", action="store_true", help="do not verify the daemons' serving certificates"
     )
     why.add_argument("--src", help="IPv4 address that opened the flow")
     why.add_argument("--dst", help="IPv4 address the flow was sent to")
@@ -209,17 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"beekeeper: error: {exc}")
         return 1
     except ApiException as exc:
-        _progress(
-            f"beekeeper: error: the Kubernetes API refused a request ({exc.status} {exc.reason}): {_api_message(exc)}"
-        )
+        refused = f"the Kubernetes API refused a request ({exc.status} {exc.reason})"
+        _progress(f"beekeeper: error: {refused}: {kube.api_message(exc)}")
         return 1
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return json.loads(exc.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        return str(exc.body)
 
 
 if __name__ == "__main__":

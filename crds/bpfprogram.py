@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from beekeeper.crds.common import (
     AGE_COLUMN,
@@ -356,7 +356,51 @@ def attach_field_problems(program: Program) -> list[str]:
 METRIC_NAME_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 # Prometheus label names; names starting with "__" are reserved for Prometheus itself.
 METRIC_LABEL_PATTERN = r"^([a-zA-Z]|_[a-zA-Z0-9])[a-zA-Z0-9_]*$"
-MetricLabel = Annotated[str, Field(min_length=1, max_length=128, pattern=METRIC_LABEL_PATTERN)]
+RESERVED_METRIC_PREFIX = "beekeeper_"
+"""beekeeper's own families (beekeeper_bpf_program_*, beekeeper_policy_*, and future ones)."""
+RESERVED_LABEL = "bpfprogram"
+"""The label the node daemon adds to every series: the BpfProgram it comes from."""
+
+
+def _not_reserved_label(value: str) -> str:
+    if value == RESERVED_LABEL:
+        raise ValueError(f"label {RESERVED_LABEL!r} is reserved: the node daemon adds it to every series")
+    return value
+
+
+def _not_reserved_name(value: str) -> str:
+    if value.startswith(RESERVED_METRIC_PREFIX):
+        raise ValueError(f"metric names starting with {RESERVED_METRIC_PREFIX!r} are reserved for beekeeper's own")
+    return value
+
+
+MetricLabel = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=METRIC_LABEL_PATTERN,
+        json_schema_extra=validations(
+            cel(
+                f"self != '{RESERVED_LABEL}'",
+                f"label {RESERVED_LABEL!r} is reserved: the node daemon adds it to every series",
+            )
+        ),
+    ),
+    AfterValidator(_not_reserved_label),
+]
+
+
+def metric_family(name: str) -> str:
+    """The family a metric occupies on /metrics: a counter `x_total` is exposed as family `x`
+    (sample `x_total`), so `x` and `x_total` of any type collide there. Two metrics with the
+    same family would give /metrics a second HELP/TYPE line for one name."""
+    return name.removesuffix("_total")
+
+
+def _cel_family(m: str) -> str:
+    """CEL twin of metric_family for the metric variable `m`."""
+    return f"({m}.name.endsWith('_total') ? {m}.name.substring(0, {m}.name.size() - 6) : {m}.name)"
 
 
 class MetricType(StrEnum):
@@ -479,11 +523,18 @@ class Metric(ApiModel):
     """
 
     map_name: CIdentifier = Field(alias="map", description="Name of the map in the C source, e.g. `counts`.")
-    name: str = Field(
+    name: Annotated[str, AfterValidator(_not_reserved_name)] = Field(
         min_length=1,
         max_length=200,
         pattern=METRIC_NAME_PATTERN,
-        description="Prometheus metric name, e.g. syscalls_total (unique within the list).",
+        description="Prometheus metric name, e.g. syscalls_total (unique within the list, also without a _total "
+        f"suffix; the prefix {RESERVED_METRIC_PREFIX} is reserved).",
+        json_schema_extra=validations(
+            cel(
+                f"!self.startsWith('{RESERVED_METRIC_PREFIX}')",
+                f"metric names starting with {RESERVED_METRIC_PREFIX!r} are reserved for beekeeper's own",
+            )
+        ),
     )
     type: MetricType = Field(description="counter (monotonic) or gauge.")
     help: str | None = Field(None, max_length=1024, description="Prometheus HELP text.")
@@ -524,14 +575,25 @@ class BpfProgramSpec(ApiModel):
     metrics: list[Metric] | None = Field(
         None,
         max_length=MAX_METRICS,
-        description="Maps exported as Prometheus metrics on each node daemon's /metrics; names are unique.",
-        json_schema_extra=list_map("name"),
+        description="Maps exported as Prometheus metrics on each node daemon's /metrics; names are unique, also "
+        "without a _total suffix (a counter x_total is exposed as family x).",
+        json_schema_extra={
+            **list_map("name"),
+            **validations(
+                cel(
+                    f"self.all(m, self.exists_one(o, {_cel_family('o')} == {_cel_family('m')}))",
+                    "metric names must differ after removing a _total suffix: a counter x_total is exposed as "
+                    "family x, so x and x_total collide on /metrics",
+                )
+            ),
+        },
     )
 
     @model_validator(mode="after")
     def _unique_names(self) -> BpfProgramSpec:
         _unique([p.name for p in self.programs], "program name")
         _unique([m.name for m in self.metrics or []], "metric name")
+        _unique([metric_family(m.name) for m in self.metrics or []], "metric family (name without _total)")
         return self
 
 
@@ -560,7 +622,12 @@ class FailingNode(ApiModel):
         None, max_length=64, description="Function that failed; absent when the whole source failed (e.g. compile)."
     )
     reason: str = Field(
-        max_length=128, description="CamelCase cause, e.g. CompileError, VerifierError, InterfaceNotFound."
+        max_length=128,
+        description=(
+            "CamelCase cause: CompileError (also a compiler crash or out of memory), CompileTimeout, Quarantined "
+            "(its build ended the node daemon twice in a row; retried when the spec changes), VerifierRejected, "
+            "LoadFailed, FunctionNotFound, InterfaceNotFound, TracepointNotFound, AttachFailed, UnsupportedOnNode, ..."
+        ),
     )
     message: str = Field(
         max_length=4096, description="Details: compiler error with line, verifier log excerpt, missing interface."
@@ -580,6 +647,12 @@ class BpfProgramStatus(ApiModel):
     phase: BpfProgramPhase | None = Field(None, description="Ready, Progressing, Degraded or Deleting.")
     failing_nodes: list[FailingNode] | None = Field(
         None, max_length=10, description="Up to 10 failing nodes with the reason; nodes.failed has the full count."
+    )
+    warnings: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None,
+        max_length=16,
+        description="Up to 16 problems that do not stop the program from running, with the nodes reporting them, "
+        "e.g. a metric whose map does not exist; the Degraded condition says MetricsNotExported.",
     )
 
 

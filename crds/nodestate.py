@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -284,6 +284,12 @@ class NodeNetworkPolicy(ApiModel):
         description="BpfPolicySlices holding the per-policy entries of this node; all of them are applied together.",
         json_schema_extra=list_map("name"),
     )
+    revision: ContentHash | None = Field(
+        None,
+        description="sha256 of the lists above (so of the slices' names and contentHashes too), set by the "
+        "operator; the daemon echoes it as status.networkPolicy.observedRevision once its maps hold them, "
+        "slices included (a change of programs alone moves metadata.generation, not this).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> NodeNetworkPolicy:
@@ -291,6 +297,17 @@ class NodeNetworkPolicy(ApiModel):
         check_unique(self.cidr_identities, "cidr", "cidrIdentities")
         check_unique(self.slices, "name", "slices")
         return self
+
+
+def policy_revision(network_policy: Mapping[str, Any]) -> str:
+    """sha256 over the wire form of spec.networkPolicy's lists (revision excluded)."""
+    canonical = json.dumps(
+        {k: v for k, v in network_policy.items() if k != "revision"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class BpfNodeStateSpec(ApiModel):
@@ -359,6 +376,12 @@ class ProgramStatus(ApiModel):
         None, max_length=4096, description="Details when Failed: compiler error, verifier log excerpt."
     )
     last_transition_time: Time | None = Field(None, description="When phase last changed.")
+    warnings: list[Annotated[str, Field(max_length=1024)]] | None = Field(
+        None,
+        max_length=MAX_METRICS,
+        description="Problems that do not stop the BpfProgram from running, e.g. a metric not exported because its "
+        "map does not exist or its name is taken; on the entry of the BpfProgram's first function.",
+    )
 
 
 class NetworkPolicyStatus(ApiModel):
@@ -372,6 +395,9 @@ class NetworkPolicyStatus(ApiModel):
     )
     rules: int = Field(0, ge=0, description="Policy rules in the maps.")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation last synced into the maps.")
+    observed_revision: ContentHash | None = Field(
+        None, description="spec.networkPolicy.revision last synced into the maps."
+    )
     last_sync_time: Time | None = Field(None, description="When the maps were last changed.")
     message: str | None = Field(None, max_length=2048, description="Why the datapath is not enforcing, if it is not.")
 

@@ -33,6 +33,14 @@ _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
 POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
 
 
+def _add_warnings(statuses: list[dict[str, Any]], warnings: Mapping[str, list[str]]) -> None:
+    """Put each BpfProgram's warnings (metrics not exported) on the entry of its first function."""
+    for bpf_program, items in warnings.items():
+        first = next((s for s in statuses if s["bpfProgram"] == bpf_program), None)
+        if first is not None and items:
+            first["warnings"] = [w[:1024] for w in items]
+
+
 class NodeAgent:
     """Converges one node. Not thread-safe: the daemon calls it from one loop."""
 
@@ -111,7 +119,7 @@ class NodeAgent:
             log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})
             self.backend.remove(key)
             self._applied.pop(key, None)
-        self.collector.set_programs(entries)
+        _add_warnings(statuses, self.collector.set_programs(entries))
         self._reconcile_policy(spec, generation)
         self._write_status(generation, statuses + broken)
 

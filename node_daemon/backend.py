@@ -54,7 +54,9 @@ class Phase(StrEnum):
 
 
 class Reason(StrEnum):
-    COMPILE_ERROR = "CompileError"
+    COMPILE_ERROR = "CompileError"  # also a compiler crash, abort or out-of-memory, with its words
+    COMPILE_TIMEOUT = "CompileTimeout"
+    QUARANTINED = "Quarantined"  # its build brought the node daemon down twice; retried once the spec changes
     VERIFIER_REJECTED = "VerifierRejected"
     LOAD_FAILED = "LoadFailed"
     FUNCTION_NOT_FOUND = "FunctionNotFound"

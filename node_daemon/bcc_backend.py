@@ -6,8 +6,11 @@ kernel object between calls: killing it (even with SIGKILL) changes nothing in t
 datapath, and a new instance adopts the pins without reloading anything.
 
 Converging a unit:
-1. Build: compile the source once per content hash, load and pin every program and map.
-   A build that failed for good (compile or verifier error) is remembered, not retried.
+1. Build: compile the source once per content hash in a compile worker (a child process
+   with time and memory limits and a sandbox: see compile_worker), which loads every
+   program and map and hands their fds over; pin them. A build that failed for good
+   (compile or verifier error, compiler crash or timeout) is remembered, not retried, and
+   one that ended the daemon twice in a row is quarantined (build_guard).
 2. Attach: resolve every spec to targets now (interfaces, cgroups, tracepoints) and make
    one pinned link per target: create it, keep it, swap its program in place
    (BPF_LINK_UPDATE) or, for hooks that cannot swap, attach the new link before dropping
@@ -43,9 +46,12 @@ from beekeeper.node_daemon.backend import (
     Reason,
     UnitNotFound,
 )
-from beekeeper.node_daemon.bcc_compile import CompiledModule, CompileFailed, LoadFailed
+from beekeeper.node_daemon.bcc_compile import CompileFailed
+from beekeeper.node_daemon.build_guard import QUARANTINE_AFTER, BuildGuard
 from beekeeper.node_daemon.capabilities import ensure_bpffs, ensure_tracefs, find_mount, probe
 from beekeeper.node_daemon.compile_errors import bound_head
+from beekeeper.node_daemon.compile_limits import CompileLimits
+from beekeeper.node_daemon.compile_worker import CompileWorkers, Load, sandbox_paths
 from beekeeper.node_daemon.hooks import Environment, Target, TargetError
 from beekeeper.node_daemon.map_codec import default_layout, value_ints
 from beekeeper.node_daemon.unit_state import (
@@ -78,7 +84,8 @@ class _View:
 class BccBackend(Backend):
     """Backend for the running kernel. base_dir (on bpffs) and state_dir belong to this
     backend alone (a lock on state_dir waits up to lock_timeout seconds for a previous
-    holder): give each node daemon on a machine its own pair."""
+    holder): give each node daemon on a machine its own pair. compile_limits bound every
+    build of user code."""
 
     def __init__(
         self,
@@ -87,12 +94,15 @@ class BccBackend(Backend):
         *,
         collect_run_stats: bool = False,
         lock_timeout: float = 60.0,
+        compile_limits: CompileLimits | None = None,
     ) -> None:
         ensure_bpffs(base_dir)
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._store = StateStore(state_dir, lock_timeout)
         self._env = Environment(tracefs=ensure_tracefs(), cgroup2=find_mount("cgroup2"))
+        self._guard = BuildGuard(state_dir)
+        self._workers = CompileWorkers(compile_limits or CompileLimits(), sandbox_paths(self._env.tracefs))
         self._lock = threading.RLock()
         self._caps: NodeCapabilities | None = None
         self._stats_fd = bpf.enable_run_time_stats() if collect_run_stats else None
@@ -104,6 +114,7 @@ class BccBackend(Backend):
         """Release this process's handles and the state lock; the kernel objects stay pinned."""
         if self._stats_fd is not None:
             self._stats_fd.close()
+        self._workers.close()
         self._store.close()
 
     # --- Backend -----------------------------------------------------------------------
@@ -139,6 +150,7 @@ class BccBackend(Backend):
             self._views.pop(key, None)
             self._prune(rec, wanted=set())
             self._store.delete(rec)
+            self._guard.end(rec.dirname)
         log.info("unit %s removed: links detached, pins deleted", key)
 
     def read_map(self, key: str, map_name: str, key_layout: Layout | None = None) -> list[MapEntry]:
@@ -233,33 +245,48 @@ class BccBackend(Backend):
         rec.builds[build.build_id] = build
         rec.current, rec.content_hash = build.build_id, unit.content_hash
         self._store.save(rec)  # from here on, a crash leaves pins the next adoption can attribute
-        started = time.monotonic()
-        try:
-            module = CompiledModule(unit.source, unit.cflags)
-        except CompileFailed as exc:
-            build.compile_failure = Failure(Reason.COMPILE_ERROR, exc.message)
-            log.warning("unit %s build %s does not compile:\n%s", rec.key, build.build_id, exc.message)
+        ended = self._guard.begin(rec.dirname, rec.key, unit.content_hash)
+        if ended >= QUARANTINE_AFTER:
+            message = (
+                f"quarantined: the node daemon ended {ended} times in a row while building this program "
+                f"(content hash {unit.content_hash[:12]}); it is not built again until its source, flags "
+                "or programs change"
+            )
+            build.compile_failure = Failure(Reason.QUARANTINED, message)
+            log.error("unit %s: %s", rec.key, message)
             return build
+        try:
+            self._build(rec, build, unit, loads)
+        finally:
+            self._guard.end(rec.dirname)
+        return build
+
+    def _build(self, rec: UnitRecord, build: BuildRecord, unit: ProgramUnit, loads: dict[str, AttachSpec]) -> None:
+        """Compile and load in a worker, then pin what it handed over."""
+        started = time.monotonic()
+        jobs = [Load(key, spec.name, *hooks.program_type(spec)) for key, spec in loads.items()]
+        try:
+            built = self._workers.build(unit.source, unit.cflags, jobs)
+        except CompileFailed as exc:
+            build.compile_failure = Failure(exc.reason, exc.message)
+            log.warning("unit %s build %s failed (%s):\n%s", rec.key, build.build_id, exc.reason, exc.message)
+            return
         unit_dir = self._unit_dir(rec)
         try:
-            with module:
+            with built:
                 for sub in ("maps", "progs"):
                     (unit_dir / build.build_id / sub).mkdir(parents=True, exist_ok=True)
-                for name, fd in module.maps().items():
+                for name, fd in built.maps.items():
                     build.maps[name] = f"{build.build_id}/maps/{safe_name(name)}"
-                    bpf.obj_pin(fd, str(unit_dir / build.maps[name]))
-                for load_key, spec in loads.items():
-                    prog_type, expected_attach = hooks.program_type(spec)
-                    try:
-                        with module.load(spec.name, prog_type, expected_attach) as prog:
-                            pin = f"{build.build_id}/progs/{safe_name(load_key)}"
-                            bpf.obj_pin(prog.fd, str(unit_dir / pin))
-                            build.programs[load_key] = ProgramRecord(
-                                spec.name, spec.type, pin, bpf.prog_info(prog.fd).id
-                            )
-                    except LoadFailed as exc:
-                        build.failures[load_key] = Failure(exc.reason, exc.message, exc.transient)
-                        log.warning("unit %s: %s not loaded (%s)", rec.key, spec.name, exc.reason)
+                    bpf.obj_pin(fd.fd, str(unit_dir / build.maps[name]))
+                for load_key, prog in built.programs.items():
+                    spec = loads[load_key]
+                    pin = f"{build.build_id}/progs/{safe_name(load_key)}"
+                    bpf.obj_pin(prog.fd, str(unit_dir / pin))
+                    build.programs[load_key] = ProgramRecord(spec.name, spec.type, pin, bpf.prog_info(prog.fd).id)
+                for load_key, exc in built.failures.items():
+                    build.failures[load_key] = Failure(exc.reason, exc.message, exc.transient)
+                    log.warning("unit %s: %s not loaded (%s)", rec.key, loads[load_key].name, exc.reason)
         except OSError as exc:
             build.compile_failure = Failure(
                 Reason.LOAD_FAILED, f"pinning under {unit_dir} failed: {exc}", transient=True
@@ -273,7 +300,6 @@ class BccBackend(Backend):
             len(build.failures),
             time.monotonic() - started,
         )
-        return build
 
     def _converge_spec(self, rec: UnitRecord, build: BuildRecord, spec: AttachSpec, desired: set[str]) -> ProgramReport:
         failure = build.compile_failure or build.failures.get(spec.load_key)

@@ -1,11 +1,17 @@
 """Compiling a unit's C with bcc and loading its functions, capturing every diagnostic.
 
+This runs bcc in the calling process: user programs are built in a compile worker
+(compile_worker), so a compiler crash takes down only that worker; the daemon itself
+builds only the project's own datapath this way.
+
 clang and libbcc print compile errors and verifier logs straight to file descriptor 2,
 not to a Python stream, so fd 2 is redirected to a temporary file while bcc runs. The
 redirect is process-wide: a lock serializes it, and whatever else was written to stderr
-in that window is re-logged at debug level rather than lost. bcc's own attach helpers are
-never used (they tie attachments to this process); the module is only a factory for
-verified program fds and map fds, which the caller pins, then closes.
+in that window is re-logged at debug level rather than lost. A compile worker instead
+keeps fd 2 on the file its parent reads (capture_stderr_in_place), so what LLVM printed
+before calling exit() survives the worker. bcc's own attach helpers are never used (they
+tie attachments to this process); the module is only a factory for verified program fds
+and map fds, which the caller pins, then closes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from beekeeper.node_daemon.compile_errors import compile_error_message, verifier
 log = logging.getLogger(__name__)
 
 _STDERR_LOCK = threading.Lock()
+_in_place = False
 _VERIFIER_LOG_SIZE = 256 * 1024  # the kernel keeps the tail when the log is longer
 _TRANSIENT_ERRNOS = frozenset({errno.EPERM, errno.ENOMEM, errno.EAGAIN, errno.EBUSY, errno.EINTR})
 
@@ -47,10 +54,27 @@ class Captured:
     text: str = ""
 
 
+def capture_stderr_in_place() -> None:
+    """Capture by reading back what was appended to fd 2 (a regular file) instead of
+    redirecting it: nothing is lost if the compiler ends the process mid-capture."""
+    global _in_place
+    _in_place = True
+
+
 @contextmanager
 def captured_stderr() -> Iterator[Captured]:
     """Everything written to fd 2 inside the block, available after it exits."""
     captured = Captured()
+    if _in_place:
+        with _STDERR_LOCK:
+            sys.stderr.flush()
+            start = os.lseek(2, 0, os.SEEK_END)
+            try:
+                yield captured
+            finally:
+                end = os.lseek(2, 0, os.SEEK_END)
+                captured.text = os.pread(2, end - start, start).decode(errors="replace")
+        return
     with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -67,11 +91,13 @@ def captured_stderr() -> Iterator[Captured]:
 
 
 class CompileFailed(Exception):
-    """The source did not compile; message holds the clang errors with file:line."""
+    """The source did not compile (message: the clang errors with file:line), or the
+    compiler crashed or ran out of time (reason CompileTimeout)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: Reason = Reason.COMPILE_ERROR) -> None:
         super().__init__(message)
         self.message = message
+        self.reason = reason
 
 
 class LoadFailed(Exception):

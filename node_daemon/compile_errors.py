@@ -6,6 +6,11 @@ keep the rejection reason first, then the tail of the log, which is where the ve
 explains the failing instruction. bcc compiles a rewritten copy of the source, so the
 verifier's "@ main.c:N" annotations count lines of that copy; they are translated back to
 the user's line numbers where the source text identifies the line unambiguously.
+
+Only the program's own source is ever quoted: clang's snippet lines under a diagnostic in
+another file, verifier annotations of code from headers, and anything else the compiler
+printed that is not a diagnostic are left out, so no included file's content reaches a
+status (the compile sandbox keeps the compiler from opening anything but headers anyway).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from beekeeper.node_daemon.backend import MESSAGE_LIMIT
 
@@ -23,6 +29,9 @@ _DIAG = re.compile(
 _ANNOTATION = re.compile(r"^; (?P<text>.*?) @ (?P<file>[^\s@]+):(?P<line>\d+)$")
 _STATS_PREFIXES = ("processed ", "verification time", "stack depth", "max_states_per_insn", "Func#")
 _VIRTUAL_PREFIX = "/virtual/"
+SOURCE_NAME = "main.c"
+"""The name bcc gives the program's own source (as /virtual/main.c)."""
+_MESSAGE_LINE = re.compile(r"^(?:(?:fatal )?error|warning|note|LLVM ERROR|HINT|bpf):? ", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,12 +57,12 @@ def parse_clang_diagnostics(output: str) -> list[Diagnostic]:
         m = _DIAG.match(line)
         if not m:
             continue
+        path = m["path"].removeprefix(_VIRTUAL_PREFIX)
         context = []
-        for follow in lines[i + 1 : i + 3]:
+        for follow in lines[i + 1 : i + 3] if path == SOURCE_NAME else ():
             if _DIAG.match(follow) or re.match(r"^\d+ (errors?|warnings?) generated", follow):
                 break
             context.append(follow)
-        path = m["path"].removeprefix(_VIRTUAL_PREFIX)
         diags.append(Diagnostic(path, int(m["line"]), int(m["col"]), m["severity"], m["text"], tuple(context)))
     return diags
 
@@ -62,7 +71,7 @@ def compile_error_message(output: str, limit: int = MESSAGE_LIMIT) -> str:
     """The errors of a failed compile, first ones first, bounded to limit bytes."""
     errors = [d for d in parse_clang_diagnostics(output) if d.severity in ("error", "fatal error")]
     if not errors:
-        tail = [line for line in output.splitlines() if line.strip()]
+        tail = [line.replace(_VIRTUAL_PREFIX, "") for line in output.splitlines() if _MESSAGE_LINE.match(line)]
         text = "\n".join(tail) if tail else "bcc could not compile the source and printed no diagnostics"
         return bound_tail(text, limit)
     head = f"{len(errors)} compile error(s); first at {errors[0].path}:{errors[0].line}"
@@ -101,7 +110,7 @@ def _with_user_lines(lines: list[str], source: str) -> list[str]:
     annotations = {i: m for i, line in enumerate(lines) if (m := _ANNOTATION.match(line))}
     anchors: dict[int, int] = {}  # rewritten line -> offset to the user's line
     for m in annotations.values():
-        matches = index.get(m["text"].strip(), [])
+        matches = index.get(m["text"].strip(), []) if _own(m) else []
         if len(matches) == 1:
             anchors[int(m["line"])] = int(m["line"]) - matches[0]
     ordered = sorted(anchors)
@@ -114,6 +123,9 @@ def _with_user_lines(lines: list[str], source: str) -> list[str]:
         text, rewritten = m["text"], int(m["line"])
         if not text.strip():
             continue  # "; @ main.c:0": compiler-generated code, no source line
+        if not _own(m):
+            out.append(f"; (code of {PurePath(m['file']).name}:{rewritten})")  # quote only the user's source
+            continue
         offset = anchors.get(rewritten)
         if offset is None:
             pos = bisect.bisect(ordered, rewritten)
@@ -122,6 +134,10 @@ def _with_user_lines(lines: list[str], source: str) -> list[str]:
                 offset = anchors[below[0]]
         out.append(f"; {text} @ line {rewritten - offset}" if offset is not None else f"; {text}")
     return out
+
+
+def _own(annotation: re.Match[str]) -> bool:
+    return PurePath(annotation["file"]).name == SOURCE_NAME
 
 
 def bound_head(text: str, limit: int) -> str:

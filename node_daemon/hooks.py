@@ -21,6 +21,7 @@ import ctypes as ct
 import errno
 import fnmatch
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from bcc.libbcc import bcc_symbol, bcc_symbol_option
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.backend import AttachSpec, ProgramType, Reason
-from beekeeper.node_daemon.capabilities import fstype_of, pmu_type, retprobe_bit
+from beekeeper.node_daemon.capabilities import find_mount, fstype_of, pmu_type, retprobe_bit
 
 SYS_CLASS_NET = "/sys/class/net"
 
@@ -298,7 +299,30 @@ def _explain(target: Target, exc: bpf.BpfError) -> TargetError:
         return TargetError(
             Reason.SYMBOL_NOT_FOUND, f"{target.point}: kernel function {spec.symbol} is unknown or not traceable"
         )
-    return TargetError(Reason.ATTACH_FAILED, f"{target.point}: {exc.strerror}")
+    if spec.type == ProgramType.TRACEPOINT and err == errno.EACCES:
+        return TargetError(Reason.ATTACH_FAILED, f"{target.point}: {_context_overrun(str(spec.tracepoint))}")
+    return TargetError(Reason.ATTACH_FAILED, f"{target.point}: {os.strerror(err)}")
+
+
+def _context_overrun(tracepoint: str) -> str:
+    """Why the kernel refuses (EACCES) a verified tracepoint program: the verifier accepts
+    any context offset up to a fixed maximum, and the attach checks it against this
+    tracepoint's record, whose layout tracefs describes."""
+    refusal = f"{os.strerror(errno.EACCES)}: the program reads past the end of its context"
+    tracefs = find_mount("tracefs")
+    if tracefs is None:
+        return refusal
+    fmt = os.path.join(tracefs, "events", *tracepoint.replace("/", ":").split(":"), "format")
+    try:
+        with open(fmt) as f:
+            fields = re.findall(r"offset:(\d+);\s*size:(\d+);", f.read())
+    except OSError:
+        return refusal
+    size = max((int(offset) + int(length) for offset, length in fields), default=0)
+    return (
+        f"{os.strerror(errno.EACCES)}: the program reads past the {size} bytes of its context "
+        f"(this tracepoint's record; its fields are in {fmt})"
+    )
 
 
 def alive(target: Target, info: bpf.LinkInfo) -> bool:

@@ -34,8 +34,10 @@ from prometheus_client import CollectorRegistry
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.node_daemon import http_api
+from beekeeper.node_daemon.access import ApiAccess
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
+from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.metrics import BpfCollector
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
@@ -90,7 +92,12 @@ def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: t
 
 
 def _kernel(
-    kind: str, node_name: str, bpffs_root: Path | None, state_dir: Path | None, drop_log: DropLog
+    kind: str,
+    node_name: str,
+    bpffs_root: Path | None,
+    state_dir: Path | None,
+    drop_log: DropLog,
+    compile_limits: CompileLimits | None = None,
 ) -> tuple[Backend, PolicyAgent | None]:
     """The backend for BpfPrograms and the policy datapath; the fake backend has no policy datapath."""
     if kind == "fake":
@@ -104,7 +111,12 @@ def _kernel(
 
     bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
     state_dir = Path(state_dir or DEFAULT_STATE_DIR)
-    backend = BccBackend(base_dir=str(bpffs_root / "programs"), state_dir=str(state_dir), collect_run_stats=True)
+    backend = BccBackend(
+        base_dir=str(bpffs_root / "programs"),
+        state_dir=str(state_dir),
+        collect_run_stats=True,
+        compile_limits=compile_limits,
+    )
     return backend, PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
 
 
@@ -116,11 +128,24 @@ def run(
     metrics_port: int = 9464,
     metrics_address: str = "0.0.0.0",
     backend_kind: str = "bcc",
+    compile_limits: CompileLimits | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    client_ca_file: str | None = None,
 ) -> None:
-    """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops."""
+    """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
+
+    The HTTP port speaks TLS with a serving certificate (tls_cert_file and tls_key_file), and
+    then also accepts client certificates signed by client_ca_file.
+    """
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise RuntimeError("--tls-cert-file and --tls-private-key-file go together")
+    if client_ca_file and not tls_cert_file:
+        raise RuntimeError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
+    tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
     api = kube.api_client(kubeconfig)
     drop_log = DropLog()
-    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log)
+    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
     collector = BpfCollector(backend, node_name)
     slices = SliceStore()
     agent = NodeAgent(
@@ -139,7 +164,7 @@ def run(
             from beekeeper.node_daemon.policy_metrics import PolicyCollector
 
             registry.register(PolicyCollector(policy))
-        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address)
+        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls)
 
     stop = threading.Event()
     events: queue.Queue[Any] = queue.Queue()

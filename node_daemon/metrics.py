@@ -2,23 +2,65 @@
 
 Maps are read at scrape time (no polling loop): a scrape costs one map walk per exported
 metric, and values are exactly what the kernel holds at that moment.
+
+One BpfProgram must never break another's metrics: a family name appears once on /metrics.
+Admission rejects what one object can get wrong (the reserved beekeeper_ prefix and
+bpfprogram label, two metrics of one family); across BpfPrograms the first entry in spec
+order keeps a contested family (the operator lists the oldest BpfProgram first), later ones
+are not exported and say so in status. Programs exporting the same metric (name, type and
+labels) share its family: their series differ in the bpfprogram label.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric as PromMetric
 
-from beekeeper.crds.bpfprogram import MetricType
+from beekeeper.crds.bpfprogram import Metric, MetricType, metric_family
 from beekeeper.crds.nodestate import NodeProgram
 from beekeeper.node_daemon.backend import Backend, MapNotFound, UnitNotFound
 from beekeeper.node_daemon.translate import key_layout, label_names, label_values
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Export:
+    """One metric of one BpfProgram that /metrics serves."""
+
+    bpf_program: str
+    metric: Metric
+
+
+def plan_exports(entries: Sequence[NodeProgram]) -> tuple[list[Export], dict[str, list[str]]]:
+    """(what to export, per BpfProgram the metrics left out and why); first in order wins a family."""
+    owners: dict[str, Export] = {}
+    exports: list[Export] = []
+    left_out: dict[str, list[str]] = defaultdict(list)
+    for entry in entries:
+        for metric in entry.metrics or []:
+            family = metric_family(metric.name)
+            owner = owners.setdefault(family, Export(entry.bpf_program, metric))
+            if owner.metric is metric or (owner.bpf_program != entry.bpf_program and _shareable(owner.metric, metric)):
+                exports.append(Export(entry.bpf_program, metric))
+                continue
+            theirs = "this BpfProgram" if owner.bpf_program == entry.bpf_program else f"BpfProgram {owner.bpf_program}"
+            left_out[entry.bpf_program].append(
+                f"metric {metric.name}: not exported: family {family} is exported by {theirs} on this node "
+                f"(metric {owner.metric.name}, {owner.metric.type.value}, labels "
+                f"{', '.join(label_names(owner.metric))}); rename it, or match its type and labels to share it"
+            )
+    return exports, dict(left_out)
+
+
+def _shareable(a: Metric, b: Metric) -> bool:
+    return a.name == b.name and a.type == b.type and label_names(a) == label_names(b)
 
 
 class BpfCollector:
@@ -28,38 +70,54 @@ class BpfCollector:
         self.backend = backend
         self.node = node
         self._entries: list[NodeProgram] = []
+        self._exports: list[Export] = []
         self._lock = threading.Lock()
 
-    def set_programs(self, entries: list[NodeProgram]) -> None:
+    def set_programs(self, entries: list[NodeProgram]) -> dict[str, list[str]]:
+        """Serve these programs' metrics from now on; returns, per BpfProgram, metrics not exported and why."""
+        exports, problems = plan_exports(entries)
         with self._lock:
             self._entries = list(entries)
+            self._exports = exports
+        for export in exports:
+            try:
+                self.backend.read_map(export.bpf_program, export.metric.map_name, key_layout(export.metric))
+            except UnitNotFound:
+                continue  # not loaded (its failure is reported on the program)
+            except MapNotFound as exc:
+                problems.setdefault(export.bpf_program, []).append(f"metric {export.metric.name}: not exported: {exc}")
+            except ValueError as exc:  # a key that does not decode with spec.metrics[].key
+                problems.setdefault(export.bpf_program, []).append(
+                    f"metric {export.metric.name}: map {export.metric.map_name} does not decode with its key: {exc}"
+                )
+        return problems
 
     def collect(self) -> Iterator[PromMetric]:
         with self._lock:
-            entries = list(self._entries)
+            entries, exports = list(self._entries), list(self._exports)
         families: dict[str, PromMetric] = {}
-        for entry in entries:
-            for metric in entry.metrics or []:
-                try:
-                    rows = self.backend.read_map(entry.bpf_program, metric.map_name, key_layout(metric))
-                except (UnitNotFound, MapNotFound) as exc:
-                    log.debug("map not readable", extra={"bpfprogram": entry.bpf_program, "error": str(exc)})
-                    continue
-                except Exception:
-                    log.exception("reading map failed", extra={"bpfprogram": entry.bpf_program, "map": metric.map_name})
-                    continue
+        for export in exports:
+            metric = export.metric
+            try:
+                rows = self.backend.read_map(export.bpf_program, metric.map_name, key_layout(metric))
+            except (UnitNotFound, MapNotFound) as exc:  # reported in status when the programs were set
+                log.debug("map not readable", extra={"bpfprogram": export.bpf_program, "error": str(exc)})
+                continue
+            except Exception:
+                log.exception("reading map failed", extra={"bpfprogram": export.bpf_program, "map": metric.map_name})
+                continue
+            family = families.get(metric_family(metric.name))
+            if family is None:
+                kind = CounterMetricFamily if metric.type == MetricType.COUNTER else GaugeMetricFamily
                 labels = ["bpfprogram", *label_names(metric)]
-                family = families.get(metric.name)
-                if family is None:
-                    kind = CounterMetricFamily if metric.type == MetricType.COUNTER else GaugeMetricFamily
-                    family = kind(metric.name, metric.help or f"BPF map {metric.map_name}", labels=labels)
-                    families[metric.name] = family
-                for row in rows:
-                    try:
-                        values = [entry.bpf_program, *label_values(metric, row.key)]
-                    except (KeyError, TypeError):
-                        continue
-                    family.add_metric(values, float(row.values[0] if row.values else 0))
+                family = kind(metric.name, metric.help or f"BPF map {metric.map_name}", labels=labels)
+                families[metric_family(metric.name)] = family
+            for row in rows:
+                try:
+                    values = [export.bpf_program, *label_values(metric, row.key)]
+                except (KeyError, TypeError):
+                    continue
+                family.add_metric(values, float(row.values[0] if row.values else 0))
         yield from families.values()
         yield from self._program_stats(entries)
 

@@ -74,10 +74,13 @@ def place(
     """Resolve every BpfProgram and the nodes its nodeSelector picks.
 
     Programs being deleted are placed nowhere, so every node detaches them and the
-    finalizer can complete.
+    finalizer can complete. Oldest first (creationTimestamp, then name): node entries keep this
+    order, and a node daemon gives a metric family two BpfPrograms claim to the first one.
     """
     placements = []
-    for body in sorted(bpfprograms, key=lambda b: b["metadata"]["name"]):
+    for body in sorted(
+        bpfprograms, key=lambda b: (b["metadata"].get("creationTimestamp") or "", b["metadata"]["name"])
+    ):
         meta = body["metadata"]
         placement = Placement(meta["name"], meta.get("generation"), deleting=bool(meta.get("deletionTimestamp")))
         placements.append(placement)

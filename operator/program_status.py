@@ -14,6 +14,7 @@ from beekeeper.crds.common import Condition, set_condition
 from beekeeper.operator.desired_state import Placement
 
 MAX_FAILING_NODES = 10
+MAX_WARNINGS = 16
 MAX_MESSAGE = 512
 
 
@@ -27,6 +28,21 @@ def _node_verdict(entry_hash: str, reports: Sequence[Mapping[str, Any]], expecte
     # it attaches by itself when a matching interface appears.
     running = [r for r in current if r.get("phase") in ("Attached", "Loaded")]
     return ("ready", None) if len(running) >= expected and expected > 0 else ("pending", None)
+
+
+def _warnings(entry_hash: str, reports: Mapping[str, Sequence[Mapping[str, Any]]], nodes: Sequence[str]) -> list[str]:
+    """Distinct warnings of the selected nodes' current reports, each with the nodes that report it."""
+    where: dict[str, list[str]] = {}
+    for node in nodes:
+        for report in reports.get(node, ()):
+            if report.get("contentHash") == entry_hash:
+                for warning in report.get("warnings") or []:
+                    where.setdefault(warning, []).append(node)
+    out = []
+    for warning, on in where.items():
+        shown = ", ".join(on[:3]) + (f" and {len(on) - 3} more" if len(on) > 3 else "")
+        out.append(f"{warning[: 1000 - len(shown)]} (node{'s' if len(on) > 1 else ''} {shown})")
+    return out[:MAX_WARNINGS]
 
 
 def aggregate(
@@ -58,6 +74,7 @@ def aggregate(
                     }
                 )
     pending = len(selected) - len(ready) - len(failing)
+    warnings = _warnings(placement.entry.content_hash, reports, selected) if placement.entry is not None else []
 
     if placement.error:
         phase, ready_ok, ready_reason, ready_msg = "Degraded", False, "SourceError", placement.error
@@ -65,7 +82,7 @@ def aggregate(
         degraded, deg_reason, deg_msg = True, "SourceError", placement.error
     else:
         progressing = pending > 0
-        degraded = bool(failing)
+        degraded = bool(failing or warnings)
         if not selected:
             ready_ok, ready_reason, ready_msg = True, "NoMatchingNodes", "no node matches spec.nodeSelector"
         elif len(ready) == len(selected):
@@ -78,6 +95,9 @@ def aggregate(
             first = failing[0]
             deg_reason = first["reason"]
             deg_msg = f"failed on {len(failing)} node(s); {first['node']}: {first['program']}: {first['message']}"
+        elif warnings:
+            deg_reason = "MetricsNotExported"
+            deg_msg = f"{len(warnings)} warning(s); {warnings[0]}"
         else:
             deg_reason, deg_msg = "NoFailures", ""
         phase = "Degraded" if degraded else "Progressing" if progressing else "Ready"
@@ -108,4 +128,5 @@ def aggregate(
         "ready": f"{len(ready)}/{len(selected)}",
         "phase": phase,
         "failingNodes": failing[:MAX_FAILING_NODES],
+        "warnings": warnings or None,  # None: a merge patch removes warnings that went away
     }

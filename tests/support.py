@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -11,14 +12,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
 from beekeeper import kube
-from beekeeper.devenv import processes
+from beekeeper.devenv import build, processes
+from beekeeper.devenv.controlplane import ControlPlane
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -31,6 +38,103 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
+    """The node's spec.networkPolicy with the BpfPolicySlices it lists folded in, as its daemon reads them.
+
+    `rules` and `ipcache` are the flat union of the inline lists and the listed slices that carry the
+    listed contentHash; {} while the node has no state or no policy.
+    """
+    from kubernetes import client
+
+    from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_POLICY_SLICE_PLURAL, GROUP, VERSION
+    from beekeeper.crds.nodestate import NodeNetworkPolicy
+    from beekeeper.crds.policyslice import BpfPolicySliceSpec
+    from beekeeper.node_daemon.policy_state import flat_rules, union_prefixes
+
+    try:
+        state = custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
+    except client.ApiException as exc:
+        if exc.status != 404:  # not written yet
+            raise
+        return {}
+    raw = (state.get("spec") or {}).get("networkPolicy") or {}
+    if not raw:
+        return {}
+    spec = NodeNetworkPolicy.model_validate(raw)
+    items = custom.list_cluster_custom_object(
+        GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node}"
+    )["items"]
+    found = {i["metadata"]["name"]: BpfPolicySliceSpec.model_validate(i["spec"]) for i in items}
+    listed = [
+        found[r.name] for r in spec.slices or [] if r.name in found and found[r.name].content_hash == r.content_hash
+    ]
+    ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.ipcache or []) for p in listed), "ipcache")
+    rules = [
+        {
+            "localIdentity": r.local_identity,
+            "direction": r.direction.value,
+            "peerIdentity": r.peer_identity,
+            "protocol": r.protocol.value,
+            "portStart": r.port_start,
+            "portEnd": r.port_end,
+            "action": r.action.value,
+            "policy": r.policy,
+        }
+        for r in flat_rules(spec, listed)
+    ]
+    return {
+        **raw,
+        "ipcache": sorted(({"cidr": e.cidr, "identity": e.identity} for e in ipcache), key=lambda e: e["cidr"]),
+        "rules": rules,
+    }
+
+
+def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tuple[str, tuple], float]]:
+    """Parse a /metrics answer as Prometheus would and fail on any family named twice; with promtool
+    (once built and cached by `beekeeper dev build-promtool`) also run `promtool check metrics` on the text format.
+
+    Returns family -> {(sample name, sorted labels): value}.
+    """
+    families: dict[str, dict[tuple[str, tuple], float]] = {}
+    for family in (parse_openmetrics if openmetrics else parse_text)(text):
+        assert family.name not in families, f"family {family.name} appears twice on /metrics:\n{text}"
+        families[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+    if not openmetrics and build.promtool().exists():
+        result = subprocess.run(
+            [str(build.promtool()), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+        )
+        # exit 3 is lint advice only (e.g. a counter without _total); 1 is an unparseable exposition
+        assert result.returncode in (0, 3), f"promtool check metrics: {result.stderr}\n{text}"
+    return families
+
+
+@dataclass
+class Cluster:
+    """A running local control plane and the pinned kubectl that talks to it."""
+
+    control_plane: ControlPlane
+    kubectl_path: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def api(self):
+        return kube.api_client(self.kubeconfig)
 
 
 @dataclass
@@ -65,6 +169,84 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 
+READER_RULES = [
+    {"nonResourceURLs": ["/metrics"], "verbs": ["get"]},
+    {"apiGroups": ["beekeeper.dev"], "resources": ["bpfnodestates/drops"], "verbs": ["get"]},
+]
+"""What a reader of every node daemon's /metrics and /drops is granted."""
+
+
+def service_account_token(api: Any, name: str, rules: list[dict[str, Any]] | None = None) -> str:
+    """A real token (TokenRequest API) of ServiceAccount default/`name`, bound to a ClusterRole with `rules`."""
+    from kubernetes import client
+
+    def create(call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    create(core.create_namespaced_service_account, "default", {"metadata": {"name": name}})
+    if rules:
+        create(rbac.create_cluster_role, {"metadata": {"name": name}, "rules": rules})
+        binding = {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}],
+        }
+        create(rbac.create_cluster_role_binding, binding)
+    request = core.create_namespaced_service_account_token(name, "default", {"spec": {"expirationSeconds": 3600}})
+    return request.status.token
+
+
+def token_kubeconfig(admin_kubeconfig: Path, token: str, path: Path) -> Path:
+    """A kubeconfig for the same cluster whose user is a bearer token (as a ServiceAccount's would be)."""
+    import yaml
+
+    config = yaml.safe_load(admin_kubeconfig.read_text())
+    config["users"] = [{"name": config["contexts"][0]["context"]["user"], "user": {"token": token}}]
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class OperatorProcess(Process):
+    """The operator, with its probe endpoint on health_port."""
+
+    health_port: int = 0
+
+    @classmethod
+    def create(cls, kubeconfig: Path, log: Path, env: dict[str, str] | None = None) -> OperatorProcess:
+        port = processes.free_port()
+        argv = [sys.executable, "-m", "beekeeper.cli", "operator", "--health-port", str(port)]
+        return cls("operator", argv, log, {**component_env(kubeconfig), **(env or {})}, health_port=port)
+
+    def probe(self, path: str) -> tuple[int, dict[str, Any]] | None:
+        """(HTTP status, JSON body) of /healthz or /readyz; None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=5) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Until /readyz says the cache is primed and a first pass completed."""
+        return wait_for(lambda: (r := self.probe("/readyz")) and r[0] == 200 and r[1], timeout, "operator ready")
+
+    def restart(self, env: dict[str, str] | None = None, kill: bool = False) -> None:
+        """Stop (or SIGKILL) and start again, optionally with another environment; waits until ready."""
+        self.kill() if kill else self.stop()
+        if env is not None:
+            self.env = env
+        self.start()
+        self.wait_ready()
+
+
 @dataclass
 class NodeDaemon(Process):
     """A simulated node: a Node object plus a node daemon process with its own pins and port."""
@@ -75,9 +257,14 @@ class NodeDaemon(Process):
     metrics_port: int = 0
     bpffs_root: Path = Path()
     state_dir: Path = Path()
+    token: str = ""
+    """A token the daemon's /metrics and /drops accept (READER_RULES)."""
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return resp.read().decode()
 
 
@@ -98,11 +285,24 @@ class NodeDaemons:
         self.api = cluster.api()
         self.test_id = uuid.uuid4().hex[:6]
         self.started: list[NodeDaemon] = []
+        self._token: str | None = None
+
+    @property
+    def reader_token(self) -> str:
+        """A token that may read every daemon's /metrics and /drops."""
+        if self._token is None:
+            self._token = service_account_token(self.api, "beekeeper-test-reader", READER_RULES)
+        return self._token
 
     def __call__(
-        self, labels: dict[str, str] | None = None, name: str | None = None, backend: str = "bcc"
+        self,
+        labels: dict[str, str] | None = None,
+        name: str | None = None,
+        backend: str = "bcc",
+        args: Sequence[str] = (),
     ) -> NodeDaemon:
-        """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend)."""
+        """backend "fake" runs the daemon without a kernel (node_daemon.fake_backend); args are
+        more node-daemon flags (e.g. a short --compile-timeout)."""
         node = name or f"node-{self.test_id}-{len(self.started)}"
         kube.register_node(self.api, node, {"beekeeper.dev/test": self.test_id, **(labels or {})})
         bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
@@ -110,7 +310,7 @@ class NodeDaemons:
         port = processes.free_port()
         argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]
         argv += ["--bpffs-root", str(bpffs_root), "--state-dir", str(state)]
-        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend]
+        argv += ["--metrics-address", "127.0.0.1", "--metrics-port", str(port), "--backend", backend, *args]
         daemon = NodeDaemon(
             f"node-daemon {node}",
             argv,
@@ -121,6 +321,7 @@ class NodeDaemons:
             metrics_port=port,
             bpffs_root=bpffs_root,
             state_dir=state,
+            token=self.reader_token,
         ).start()
         self.started.append(daemon)
         return daemon
@@ -206,6 +407,24 @@ int count_udp(struct xdp_md *ctx) {
     return XDP_PASS;
 }
 """
+
+
+# Compiler faults: LLVM exit()s on a function needing more than 512 bytes of stack.
+STACK_HOG = r"""
+int big_stack(void *ctx) {
+    char buf[1024];
+    bpf_get_current_comm(buf, sizeof(buf));
+    return buf[5];
+}
+"""
+
+
+def nested_macros(depth: int, function: str = "slow") -> str:
+    """A source whose preprocessing doubles in time (and memory) with each level of depth."""
+    lines = ["#define F0(x) x"]
+    lines += [f"#define F{i}(x) F{i - 1}(F{i - 1}(x))" for i in range(1, depth + 1)]
+    lines.append(f"int {function}(void *ctx) {{ return F{depth}(0); }}")
+    return "\n".join(lines) + "\n"
 
 
 _CLONE_NEWNET = 0x40000000

@@ -20,6 +20,8 @@ from beekeeper.devenv.paths import cache_dir
 
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
+PROMETHEUS_MODULE_VERSION = "v0.316.0"
+"""github.com/prometheus/prometheus's Go module version (Prometheus 3.x is tagged v0.3xx.y); for promtool."""
 
 # The controller manager runs only the namespace and garbage-collector controllers, so
 # namespaces really go away and ownerReferences are honoured as on a real cluster.
@@ -70,6 +72,37 @@ def ensure_built(progress=print) -> Binaries:
     return bins
 
 
+def promtool() -> Path:
+    """Where the pinned promtool lives (whether or not it is built yet)."""
+    return cache_dir() / "bin" / f"promtool-{PROMETHEUS_MODULE_VERSION}" / "promtool"
+
+
+def ensure_promtool(progress=print) -> Path:
+    """Build promtool (the Prometheus project's own exposition-format checker) once; cached like the control plane."""
+    path = promtool()
+    if not path.exists():
+        tmp = path.parent.with_name(path.parent.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        src = cache_dir() / "src"
+        src.mkdir(parents=True, exist_ok=True)
+        _go(
+            [
+                "install",
+                "-trimpath",
+                "-ldflags",
+                "-s -w",
+                f"github.com/prometheus/prometheus/cmd/promtool@{PROMETHEUS_MODULE_VERSION}",
+            ],
+            src,
+            progress,
+            f"build promtool {PROMETHEUS_MODULE_VERSION}",
+            {"GOBIN": str(tmp)},
+        )
+        shutil.rmtree(path.parent, ignore_errors=True)
+        tmp.rename(path.parent)
+    return path
+
+
 def staging_modules(kubernetes_go_mod: str) -> list[str]:
     """The k8s.io staging modules the release replaces with its own tree.
 
@@ -102,10 +135,10 @@ def kubernetes_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def _go(args: list[str], cwd: Path, progress, what: str) -> str:
+def _go(args: list[str], cwd: Path, progress, what: str, env: dict[str, str] | None = None) -> str:
     if shutil.which("go") is None:
         raise BuildError("`go` is not on PATH: install Go >= 1.24 (the control plane is built from source)")
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", **(env or {})}
     progress(f"[build] {what}: go {' '.join(args)}")
     started = time.monotonic()
     proc = subprocess.Popen(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -159,3 +160,32 @@ def ensure_pki(directory: Path) -> Pki:
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     return pki
+
+
+def ensure_serving_cert(pki: Pki, name: str, hosts: list[str]) -> tuple[Path, Path]:
+    """(cert, key) for a server of the environment (a node daemon), signed by the CA clients already trust.
+
+    Clients that verify with the kubeconfig's CA (`beekeeper why-dropped`) then trust it too.
+    """
+    cert_path, key_path = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    if cert_path.exists() and key_path.exists():
+        try:  # still from this CA (ensure_pki makes a new one when files went missing)
+            x509.load_pem_x509_certificate(cert_path.read_bytes()).verify_directly_issued_by(ca)
+            return cert_path, key_path
+        except (ValueError, TypeError, InvalidSignature):
+            pass
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = ca.subject
+    key = _key()
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    cert = _sign(_name(name), key.public_key(), ca_name, ca_key, usages=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path

@@ -6,10 +6,12 @@ lives in one directory so any shell can inspect or stop it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 import socket
+import ssl
 import sys
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -17,9 +19,17 @@ from pathlib import Path
 
 from beekeeper import kube
 from beekeeper.devenv import build, processes
+from beekeeper.devenv.certs import Pki, ensure_serving_cert
 from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.devenv.host import BPFFS, prepare_host
 from beekeeper.devenv.paths import state_dir
+
+
+def bpffs_root(state: Path) -> Path:
+    """This environment's bpffs directory: derived from its state directory, so `dev down` of one
+    environment never unpins another's programs (bpffs names allow no dots: a hash, not the path)."""
+    digest = hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:12]
+    return BPFFS / "beekeeper-dev" / digest
 
 
 @dataclass
@@ -27,6 +37,7 @@ class Components:
     """Pids of the beekeeper processes `dev up` started."""
 
     operator_pid: int | None = None
+    operator_health_port: int | None = None
     node_daemons: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -39,8 +50,10 @@ class DevEnvironment:
         self.control_plane = ControlPlane(self.root)
         self.node_name = socket.gethostname()
         self._file = self.root / "components.json"
-        # Pins of the dev daemon live apart from a production daemon's /sys/fs/bpf/beekeeper.
-        self.bpffs_root = BPFFS / "beekeeper-dev" / self.node_name
+        self.pki = Pki(self.root / "pki")
+        # Pins live apart from a production daemon's /sys/fs/bpf/beekeeper and from every other
+        # dev environment on this machine: the directory is named after this state directory.
+        self.bpffs_root = bpffs_root(self.root) / self.node_name
 
     def _load(self) -> Components:
         if self._file.exists():
@@ -69,13 +82,19 @@ class DevEnvironment:
         env = {"KUBECONFIG": str(self.control_plane.kubeconfig)}
         beekeeper = [sys.executable, "-m", "beekeeper.cli"]
         if not processes.alive(components.operator_pid):
+            components.operator_health_port = processes.free_port()  # another environment may run beside
             components.operator_pid = processes.spawn(
-                [*beekeeper, "operator"], self.root / "logs" / "operator.log", env
+                [*beekeeper, "operator", "--health-port", str(components.operator_health_port)],
+                self.root / "logs" / "operator.log",
+                env,
             )
         daemon_pid = components.node_daemons.get(self.node_name)
         if not processes.alive(daemon_pid):
             port = processes.free_port()
             components.metrics_ports[self.node_name] = port
+            # TLS from the environment's CA, and the admin's client certificate is accepted: the
+            # kubeconfig's credentials work for /metrics and `beekeeper why-dropped` as they do for kubectl.
+            cert, key = ensure_serving_cert(self.pki, f"node-daemon-{self.node_name}", ["127.0.0.1", "localhost"])
             components.node_daemons[self.node_name] = processes.spawn(
                 [
                     *beekeeper,
@@ -90,6 +109,12 @@ class DevEnvironment:
                     str(self.bpffs_root),
                     "--state-dir",
                     str(self.root / "node-state" / self.node_name),
+                    "--tls-cert-file",
+                    str(cert),
+                    "--tls-private-key-file",
+                    str(key),
+                    "--client-ca-file",
+                    str(self.pki.ca_cert),
                 ],
                 self.root / "logs" / f"node-daemon-{self.node_name}.log",
                 env,
@@ -100,9 +125,10 @@ class DevEnvironment:
     def down(self, progress=print) -> None:
         """Stop every process `up` started; cached binaries and PKI stay for a fast next start."""
         self._stop_components(self._load(), progress)
-        if self.bpffs_root.exists():
-            progress(f"[stop] unpinning {self.bpffs_root}: detaches every program the dev daemon attached")
-            shutil.rmtree(self.bpffs_root, ignore_errors=True)
+        pins = bpffs_root(self.root)
+        if pins.exists():
+            progress(f"[stop] unpinning {pins}: detaches every program this environment's daemon attached")
+            shutil.rmtree(pins, ignore_errors=True)
             shutil.rmtree(self.root / "node-state", ignore_errors=True)
         progress("[stop] control plane")
         self.control_plane.stop()
@@ -114,7 +140,9 @@ class DevEnvironment:
         port = self._load().metrics_ports.get(self.node_name)
         if not port:
             raise RuntimeError("no node daemon is running here: run `beekeeper dev up` first")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=10, context=context) as resp:
             lines = resp.read().decode().splitlines()
         series = [line for line in lines if not line.startswith("#")]
         if pattern:
@@ -151,19 +179,24 @@ class DevEnvironment:
                 f"https://127.0.0.1:{cp.apiserver_port}" if cp.apiserver_port else "",
             ),
             line("kube-controller-manager", cp.controller_manager_pid),
-            line("operator", components.operator_pid, str(self.root / "logs" / "operator.log")),
+            line(
+                "operator",
+                components.operator_pid,
+                f"http://127.0.0.1:{components.operator_health_port}/healthz {self.root / 'logs' / 'operator.log'}",
+            ),
         ]
         rows += [
             line(
                 f"node-daemon {node}",
                 pid,
-                f"http://127.0.0.1:{components.metrics_ports.get(node)}/metrics "
+                f"https://127.0.0.1:{components.metrics_ports.get(node)}/metrics "
                 f"{self.root / 'logs' / f'node-daemon-{node}.log'}",
             )
             for node, pid in components.node_daemons.items()
         ]
         rows += [
             f"  kubeconfig: {self.control_plane.kubeconfig}",
+            f"  pins:       {self.bpffs_root}",
             f"  kubectl:    {build.binaries().kubectl}",
             "  try:        KUBECONFIG=$(beekeeper dev kubeconfig) kubectl get beekeeper",
         ]

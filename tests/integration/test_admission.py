@@ -45,7 +45,7 @@ def valid_bpfprogram() -> dict[str, Any]:
             "metrics": [
                 {
                     "map": "counts",
-                    "name": "beekeeper_test_total",
+                    "name": "test_total",
                     "type": "counter",
                     "help": "Test.",
                     "key": {"kind": "struct", "fields": [{"name": "comm", "type": "string", "label": "comm"}]},
@@ -197,6 +197,7 @@ XDP = {"name": "fn", "type": "xdp", "interfaceSelector": {"interfaces": ["eth0"]
 UPROBE = {"name": "fn", "type": "uprobe", "binary": "/usr/lib/libc.so.6", "symbol": "malloc"}
 CGROUP_SKB = {"name": "fn", "type": "cgroup_skb", "cgroupPath": "/sys/fs/cgroup", "direction": "egress"}
 KPROBE = {"name": "fn", "type": "kprobe", "symbol": "tcp_v4_connect"}
+METRIC0 = valid_bpfprogram()["spec"]["metrics"][0]
 PEER0 = "spec.ingress[0].from[0]"
 PORT0 = "spec.ingress[0].ports[0]"
 NP = "spec.networkPolicy"
@@ -333,6 +334,42 @@ CASES = [
         {"spec.metrics[0].key.fields[0]": {"name": "pid", "type": "u32", "size": 4, "label": "pid"}},
         "spec.metrics[0].key.fields[0].size",
     ),
+    Case(
+        "metric-reserved-prefix",
+        "BpfProgram",
+        {"spec.metrics[0].name": "beekeeper_policy_packets_total"},
+        "spec.metrics[0].name",
+        "reserved for beekeeper's own",
+    ),
+    Case(
+        "metric-reserved-struct-label",
+        "BpfProgram",
+        {"spec.metrics[0].key.fields[0].label": "bpfprogram"},
+        "spec.metrics[0].key.fields[0].label",
+        "'bpfprogram' is reserved",
+    ),
+    Case(
+        "metric-reserved-key-label",
+        "BpfProgram",
+        {"spec.metrics[0].key": {"kind": "int", "label": "bpfprogram"}},
+        "spec.metrics[0].key.label",
+        "'bpfprogram' is reserved",
+    ),
+    Case(
+        "metric-duplicate-name",
+        "BpfProgram",
+        {"spec.metrics": [METRIC0, METRIC0 | {"map": "other"}]},
+        "spec.metrics[1]",
+        "Duplicate value",
+    ),
+    Case(
+        "metric-same-family",
+        "BpfProgram",
+        {"spec.metrics": [METRIC0, METRIC0 | {"name": "test", "type": "gauge"}]},
+        "spec.metrics",
+        "must differ after removing a _total suffix",
+    ),
+    Case("metric-name-with-dash", "BpfProgram", {"spec.metrics[0].name": "test-total"}, "spec.metrics[0].name"),
     # --- NetworkIdentityPolicy ------------------------------------------------------------
     Case("policy-missing-pod-selector", "NetworkIdentityPolicy", {"spec.podSelector": DELETE}, "spec.podSelector"),
     Case("policy-ingress-not-a-list", "NetworkIdentityPolicy", {"spec.ingress": {}}, "spec.ingress", "array"),

@@ -6,7 +6,6 @@ their IP set through the status subresource, as a kubelet would report it.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,20 +14,16 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from support import wait_for
+from support import node_network_policy, wait_for
 
 from beekeeper import kube
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
-    BPF_POLICY_SLICE_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
     VERSION,
 )
-from beekeeper.crds.nodestate import NodeNetworkPolicy
-from beekeeper.crds.policyslice import BpfPolicySliceSpec
-from beekeeper.node_daemon.policy_state import flat_rules, union_prefixes
 from beekeeper.operator.identities import GC_GRACE_ENV
 
 pytestmark = pytest.mark.integration
@@ -57,40 +52,7 @@ class Api:
         return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
 
     def network_policy(self, node: str) -> dict[str, Any]:
-        """The node's spec.networkPolicy with the slices it lists folded in, as the daemon reads them."""
-        try:
-            raw = (self.nodestate(node).get("spec") or {}).get("networkPolicy") or {}
-        except client.ApiException as exc:
-            if exc.status != 404:  # not written yet
-                raise
-            raw = {}
-        if not raw:
-            return {}
-        spec = NodeNetworkPolicy.model_validate(raw)
-        items = self.custom.list_cluster_custom_object(
-            GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node}"
-        )["items"]
-        found = {i["metadata"]["name"]: BpfPolicySliceSpec.model_validate(i["spec"]) for i in items}
-        listed = [found[r.name] for r in spec.slices or [] if r.name in found]
-        ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.ipcache or []) for p in listed), "ipcache")
-        rules = [
-            {
-                "localIdentity": r.local_identity,
-                "direction": r.direction.value,
-                "peerIdentity": r.peer_identity,
-                "protocol": r.protocol.value,
-                "portStart": r.port_start,
-                "portEnd": r.port_end,
-                "action": r.action.value,
-                "policy": r.policy,
-            }
-            for r in flat_rules(spec, listed)
-        ]
-        return {
-            **raw,
-            "ipcache": sorted(({"cidr": e.cidr, "identity": e.identity} for e in ipcache), key=lambda e: e["cidr"]),
-            "rules": rules,
-        }
+        return node_network_policy(self.custom, node)
 
     def policy(self, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(
@@ -137,18 +99,11 @@ def short_identity_grace(operator_process) -> Iterator[None]:
     """Restart the operator with a 1 s identity grace period; restart it as it was afterwards."""
     original = operator_process.env
 
-    def restart(env: dict[str, str]) -> None:
-        offset = operator_process.log.stat().st_size
-        operator_process.stop()
-        operator_process.env = env
-        operator_process.start()
-        wait_for(lambda: "cache primed" in operator_process.log.read_text()[offset:], 60, "operator restarted")
-
-    restart({**original, GC_GRACE_ENV: "1"})
+    operator_process.restart(env={**original, GC_GRACE_ENV: "1"})
     try:
         yield
     finally:
-        restart(original)
+        operator_process.restart(env=original)
 
 
 def frontend_to_backend(namespace: str, port: int | str) -> dict[str, Any]:
@@ -228,8 +183,7 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
     state_version = api.nodestate(node)["metadata"]["resourceVersion"]
     policy_version = api.policy("frontend-to-backend")["metadata"]["resourceVersion"]
     with short_identity_grace(operator_process):
-        assert api.identities() == ids
-        time.sleep(2)
+        assert api.identities() == ids  # the restarted operator is ready: its first pass completed
         assert api.nodestate(node)["metadata"]["resourceVersion"] == state_version
         assert api.policy("frontend-to-backend")["metadata"]["resourceVersion"] == policy_version
 

@@ -17,12 +17,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 from netpol_rig import PodRig, Probe, SimPod, TruthTable, assert_table, percentile, probe, tcx_program_ids
-from support import NodeDaemon, NodeDaemons, wait_for
+from support import NodeDaemon, NodeDaemons, token_kubeconfig, wait_for
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.crds.nodestate import Endpoint, IpcacheEntry, NodeNetworkPolicy, PolicyRule
@@ -216,11 +217,13 @@ def test_metrics_count_verdicts_per_policy_and_default_deny_per_identity(env: En
 
 def _drops(daemon: NodeDaemon, **query: Any) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{daemon.metrics_port}/drops?" + "&".join(f"{k}={v}" for k, v in query.items())
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {daemon.token}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
         return json.load(resp)["drops"]
 
 
-def test_why_dropped_names_default_deny_and_the_deny_policy(env: Env) -> None:
+def test_why_dropped_names_default_deny_and_the_deny_policy(env: Env, cluster, tmp_path) -> None:
+    """The CLI shows the daemon the credentials of its kubeconfig (here a ServiceAccount token)."""
     other, server, client_pod = env.pods["p/o1"], env.pods["p/s0"], env.pods["p/c0"]
     assert probe(env.pods, [Probe("p/o1", "p/s0", 80, "TCP")], 0.5) == {Probe("p/o1", "p/s0", 80, "TCP"): False}
     query = {"src": other.ip, "dst": server.ip, "port": 80, "protocol": "tcp"}
@@ -239,19 +242,28 @@ def test_why_dropped_names_default_deny_and_the_deny_policy(env: Env) -> None:
     assert_table(env.pods, env.expected(), "deny rule wins over the allow-any rule")
     assert probe(env.pods, [Probe("p/c0", "p/s0", 81, "UDP")], 0.5)[Probe("p/c0", "p/s0", 81, "UDP")] is False
     url = f"http://127.0.0.1:{env.nodes[0].metrics_port}"
+    kubeconfig = token_kubeconfig(cluster.kubeconfig, env.nodes[0].token, tmp_path / "reader.kubeconfig")
     out = wait_for(
-        lambda: "denied by" in (text := why_dropped(url, client_pod.ip, server.ip, "81", "udp")) and text,
+        lambda: "denied by" in (text := why_dropped(url, client_pod.ip, server.ip, "81", "udp", kubeconfig)) and text,
         10,
         "the CLI to explain the UDP/81 drop",
     )
     print(f"\n$ beekeeper why-dropped --url {url} --src {client_pod.ip} --dst {server.ip} --port 81 --protocol udp")
     print(out)
     assert f"denied by {DENY_UDP}" in out and "ingress of p/s0" in out
-    assert "no recorded drops match src=10.240.255.254" in why_dropped(url, "10.240.255.254")
+    assert "no recorded drops match src=10.240.255.254" in why_dropped(url, "10.240.255.254", kubeconfig=kubeconfig)
 
 
-def why_dropped(url: str, src: str, dst: str | None = None, port: str | None = None, proto: str | None = None) -> str:
+def why_dropped(
+    url: str,
+    src: str,
+    dst: str | None = None,
+    port: str | None = None,
+    proto: str | None = None,
+    kubeconfig: Path | None = None,
+) -> str:
     argv = [sys.executable, "-m", "beekeeper.cli", "why-dropped", "--url", url, "--src", src]
+    argv += ["--kubeconfig", str(kubeconfig)] if kubeconfig else []
     for flag, value in (("--dst", dst), ("--port", port), ("--protocol", proto)):
         if value:
             argv += [flag, value]

@@ -116,3 +116,31 @@ def test_bounds_respect_utf8_and_line_boundaries():
     tail = bound_tail(text, 40)
     assert len(tail.encode()) <= 40 and tail.endswith("last line")
     assert bound_head("short", 40) == "short"
+
+
+def test_only_the_programs_own_source_is_quoted():
+    output = """\
+In file included from /virtual/main.c:2:
+include/uapi/linux/if_ether.h:176:2: error: type name requires a specifier or qualifier
+        __be16          h_proto;                /* packet type ID field */
+        ^
+/virtual/main.c:1:16: note: expanded from macro '__be16'
+#define __be16 )
+               ^
+"""
+    header, note = parse_clang_diagnostics(output)
+    assert header.path == "include/uapi/linux/if_ether.h" and header.context == ()
+    assert note.context == ("#define __be16 )", "               ^")
+    assert "h_proto" not in compile_error_message(output)
+
+
+def test_output_without_diagnostics_keeps_only_the_compilers_messages():
+    output = "secret line of some file\nerror: /virtual/main.c:0:0: in function f i32 (i8*): stack limit\n"
+    assert compile_error_message(output) == "error: main.c:0:0: in function f i32 (i8*): stack limit"
+
+
+def test_verifier_annotations_of_header_code_name_the_file_without_quoting_it():
+    log = "; static inline int secret_helper(void) { @ helpers.h:12\n0: (b7) r0 = 0\nR0 !read_ok\n"
+    message = verifier_message("f", log, "int f(void *ctx) { return 0; }\n")
+    assert "secret_helper" not in message
+    assert "; (code of helpers.h:12)" in message

@@ -87,6 +87,10 @@ def test_missing_configmap_key_lists_keys(bpfprogram) -> None:
     assert placement.error is not None and "other.c" in placement.error
 
 
-def test_entries_ordered_by_name_for_stable_bytes(bpfprogram) -> None:
-    per_node = node_programs(place([bpfprogram("b"), bpfprogram("a")], NODES, no_configmaps), NODES)
-    assert [e["bpfProgram"] for e in per_node["n1"]] == ["a", "b"]
+def test_entries_ordered_oldest_first_then_by_name_for_stable_bytes(bpfprogram) -> None:
+    """The node daemon gives a metric family two BpfPrograms claim to the first entry: the oldest."""
+    programs = [bpfprogram("b"), bpfprogram("a"), bpfprogram("z"), bpfprogram("y")]
+    for body, created in zip(programs, ["2026-01-01T00:00:00Z"] * 2 + ["2025-06-01T00:00:00Z"] * 2, strict=True):
+        body["metadata"]["creationTimestamp"] = created
+    per_node = node_programs(place(programs, NODES, no_configmaps), NODES)
+    assert [e["bpfProgram"] for e in per_node["n1"]] == ["y", "z", "a", "b"]

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from beekeeper import cli
 from beekeeper.devenv import processes
 from beekeeper.node_daemon import http_api
+from beekeeper.node_daemon.access import Permission, User
 from beekeeper.node_daemon.drops import DropLog, DropRecord, explain
 from beekeeper.node_daemon.policy_maps import Direction, DropEvent, DropReason
 
@@ -65,12 +66,26 @@ def test_query_groups_repeated_drops_of_a_flow_newest_first() -> None:
     assert log.query(limit=1) == [newest]
 
 
+class OneToken:
+    """Stands in for the API's reviews (the real ones are tests/integration/test_daemon_access.py):
+    TOKEN is user "reader", who may do everything."""
+
+    def authenticate(self, token: str) -> User | None:
+        return User("reader") if token == TOKEN else None
+
+    def authorize(self, user: User, permission: Permission) -> tuple[bool, str]:
+        return True, ""
+
+
+TOKEN = "t0ken"
+
+
 @pytest.fixture
 def daemon_url() -> Iterator[str]:
     log = DropLog()
     log.add(DropRecord(time.time(), DEFAULT_DENY, "x/a"))
     port = processes.free_port()
-    server = http_api.serve(CollectorRegistry(), log, "node-1", port, "127.0.0.1")
+    server = http_api.serve(CollectorRegistry(), log, "node-1", port, "127.0.0.1", OneToken())  # type: ignore[arg-type]
     yield f"http://127.0.0.1:{port}"
     server.shutdown()
     server.server_close()
@@ -80,23 +95,30 @@ def test_why_dropped_command_explains_a_drop(
     daemon_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cli.logs, "setup", lambda *_: None)  # keep the session's logging as it is
-    assert cli.main(["why-dropped", "--url", daemon_url, "--src", "10.240.0.6", "--port", "80"]) == 0
+    monkeypatch.setenv("KUBECONFIG", "/nonexistent")
+    assert cli.main(["why-dropped", "--url", daemon_url, "--src", "10.240.0.6"]) == 1
+    assert "401 authentication required" in capsys.readouterr().err
+    argv = ["why-dropped", "--url", daemon_url, "--token", TOKEN]
+    assert cli.main([*argv, "--src", "10.240.0.6", "--port", "80"]) == 0
     out = capsys.readouterr().out
     assert "10.240.0.6 -> 10.240.0.2 TCP/80: dropped 1 packet at ingress of x/a on node node-1" in out
     assert "why: default deny: pod x/a is isolated for ingress" in out
 
-    assert cli.main(["why-dropped", "--url", daemon_url, "--dst", "10.240.0.9", "--protocol", "udp"]) == 0
+    assert cli.main([*argv, "--dst", "10.240.0.9", "--protocol", "udp"]) == 0
     assert capsys.readouterr().out.strip() == (
         "no recorded drops match dst=10.240.0.9 protocol=UDP (node-1 keeps its last 8192 drop events)"
     )
 
-    assert cli.main(["why-dropped", "--url", daemon_url, "--src", "not-an-ip"]) == 1
+    assert cli.main([*argv, "--src", "not-an-ip"]) == 1
     assert "src: 'not-an-ip' is not an IPv4 address" in capsys.readouterr().err
 
 
 def test_metrics_are_served_next_to_drops(daemon_url: str) -> None:
-    with urllib.request.urlopen(f"{daemon_url}/metrics", timeout=5) as resp:
+    request = urllib.request.Request(f"{daemon_url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as resp:
         assert resp.status == 200
+    with urllib.request.urlopen(f"{daemon_url}/healthz", timeout=5) as resp:
+        assert resp.status == 200, "probes need no credentials"
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{daemon_url}/nope", timeout=5)
     assert err.value.code == 404

@@ -127,3 +127,21 @@ def test_loaded_with_no_matching_interface_counts_as_ready(placed) -> None:
     p = placed(["a"])
     loaded = report(p, "Loaded", reason="NoMatchingInterfaces", message="pattern veth* matches no interface")
     assert aggregate(p, {"a": [loaded]}, None, False, NOW)["phase"] == "Ready"
+
+
+def test_metric_warnings_make_the_program_degraded_but_ready(placed) -> None:
+    p = placed(["a", "b"])
+    warning = "metric misses_total: not exported: unit p has no map 'missed' (it has: counts)"
+    reports = {"a": [report(p, "Attached", warnings=[warning])], "b": [report(p, "Attached", warnings=[warning])]}
+    status = aggregate(p, reports, None, False, NOW)
+    assert status["phase"] == "Degraded" and status["ready"] == "2/2"
+    assert conditions(status)["Ready"] == "True" and conditions(status)["Degraded"] == "True"
+    assert status["warnings"] == [f"{warning} (nodes a, b)"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["reason"] == "MetricsNotExported" and "no map 'missed'" in degraded["message"]
+    BpfProgramStatus.model_validate(status)
+
+    stale = {"a": [report(p, "Attached", warnings=[warning]) | {"contentHash": "0" * 64}]}
+    assert aggregate(p, stale, status, False, LATER)["warnings"] is None
+    fixed = aggregate(p, {"a": [report(p, "Attached")], "b": [report(p, "Attached")]}, status, False, LATER)
+    assert fixed["phase"] == "Ready" and fixed["warnings"] is None, "null: the merge patch removes them"
