@@ -49,19 +49,29 @@ int drop_port(struct __sk_buff *skb) {
 """
 
 TC_ORDER = r"""
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
 
 BPF_ARRAY(first, u32, 1);
 
-static __always_inline int claim(u32 me) {
+/* Only the test's probe claims: a stray packet on the fresh veth (IPv6 neighbour discovery)
+   may cross the first program before the second is attached. */
+static __always_inline int claim(struct __sk_buff *skb, u32 me) {
+    u8 proto = 0;
+    u16 dport = 0;
+    if (skb->protocol != bpf_htons(ETH_P_IP)
+        || bpf_skb_load_bytes(skb, ETH_HLEN + 9, &proto, 1) < 0 || proto != IPPROTO_UDP
+        || bpf_skb_load_bytes(skb, ETH_HLEN + 20 + 2, &dport, 2) < 0 || dport != bpf_htons(40001))
+        return TC_ACT_UNSPEC;
     int zero = 0;
     u32 *who = first.lookup(&zero);
     if (who && *who == 0)
         *who = me;
     return TC_ACT_UNSPEC;
 }
-int runs_late(struct __sk_buff *skb) { return claim(1); }
-int runs_early(struct __sk_buff *skb) { return claim(2); }
+int runs_late(struct __sk_buff *skb) { return claim(skb, 1); }
+int runs_early(struct __sk_buff *skb) { return claim(skb, 2); }
 """
 
 
