@@ -10,6 +10,8 @@ say() { printf '[install] %s\n' "$*" >&2; }
 # bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
 # iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane.
 PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod)
+# The real-node test rig: container runtime, CNI plugins (ptp), nft for kube-proxy's nftables mode.
+PACKAGES+=(containerd runc containernetworking-plugins nftables)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -4,47 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import NodeDaemons, Process, component_env
+from support import Cluster, NodeDaemons, Process, component_env
 
 from beekeeper import kube
 from beekeeper.devenv import build
 from beekeeper.devenv.controlplane import ControlPlane
-
-
-@dataclass
-class Cluster:
-    """A running local control plane and the pinned kubectl that talks to it."""
-
-    control_plane: ControlPlane
-    kubectl_path: Path
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.control_plane.kubeconfig
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-        return result
-
-    def api(self):
-        return kube.api_client(self.kubeconfig)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from typing import Any
 
 from beekeeper import kube
 from beekeeper.devenv import processes
+from beekeeper.devenv.controlplane import ControlPlane
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -31,6 +32,33 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class Cluster:
+    """A running local control plane and the pinned kubectl that talks to it."""
+
+    control_plane: ControlPlane
+    kubectl_path: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.control_plane.kubeconfig
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(self.kubectl_path), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def api(self):
+        return kube.api_client(self.kubeconfig)
 
 
 @dataclass
