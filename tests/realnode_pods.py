@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
+from support import Cluster
+
 from beekeeper.devenv import testimages
 
 HOST_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops", "net/ipv4/ip_forward")
@@ -28,3 +33,31 @@ def pod_manifest(namespace: str, name: str, args: list[str], labels: dict[str, s
             ],
         },
     }
+
+
+@dataclass
+class Verdicts:
+    """What a probe-loop pod saw in a time window: allowed and refused connection attempts."""
+
+    ok: int
+    failed: int
+    failures: list[str]
+
+
+def probe_verdicts(cluster: Cluster, namespace: str, pod: str, since_ms: int, until_ms: int) -> Verdicts:
+    """Parse a `testpod probe-loop` pod's log lines ("<unix ms> ok NAME" / "<unix ms> fail WHY")."""
+    ok = failed = 0
+    failures = []
+    for line in cluster.kubectl("logs", "-n", namespace, pod).stdout.splitlines():
+        stamp, verdict = line.split()[:2]
+        if since_ms <= int(stamp) <= until_ms:
+            if verdict == "ok":
+                ok += 1
+            else:
+                failed += 1
+                failures.append(line)
+    return Verdicts(ok, failed, failures)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

@@ -29,7 +29,7 @@ import yaml
 
 from beekeeper.devenv import build, processes, testimages
 from beekeeper.devenv.certs import Pki, ensure_client_cert
-from beekeeper.devenv.controlplane import ControlPlane, ControlPlaneOptions
+from beekeeper.devenv.controlplane import SERVICE_CIDR, ControlPlane, ControlPlaneOptions
 from beekeeper.devenv.host import prepare_host
 
 HOST_IP = "10.243.0.1"
@@ -210,6 +210,8 @@ class RealNode:
         self.node_exec("ip", "link", "set", NODE_LINK, "up")
         # ip_forward is per network namespace: this is the node's, not the machine's.
         self.node_exec("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        # Host-network clients (the node daemon) need a route before kube-proxy's DNAT applies.
+        self.node_exec("ip", "route", "add", SERVICE_CIDR, "via", HOST_IP, "dev", NODE_LINK)
         _run("ip", "route", "add", POD_CIDR, "via", NODE_IP, "dev", HOST_LINK)
 
     def node_exec(self, *argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
