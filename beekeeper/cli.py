@@ -46,6 +46,15 @@ def _dev(args: argparse.Namespace) -> int:
             return _dev_cluster(args)
         case "prepare-host":
             prepare_host(_progress)
+        case "images":
+            from beekeeper.devenv import images
+
+            print(images.build_all(_progress))
+        case "chart-tools":
+            from beekeeper.devenv.chart_tools import ensure_chart_tools
+
+            tools = ensure_chart_tools(_progress)
+            print(f"helm {tools.helm}\nkubeconform {tools.kubeconform}")
         case "kubectl":
             bins = build.ensure_built(_progress)
             argv = args.args[1:] if args.args[:1] == ["--"] else args.args
@@ -173,6 +182,11 @@ def parser() -> argparse.ArgumentParser:
     cluster_sub.add_parser("down", help="stop it and remove every mount, interface, cgroup and process it made")
     cluster_sub.add_parser("status", help="show what runs and the kubeconfig")
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
+    images = dev_sub.add_parser("images", help="container images built without Docker (debootstrap base, buildah)")
+    images.add_subparsers(dest="images_command", required=True).add_parser(
+        "build", help="build (or find cached) the base and the project image; prints their OCI archives"
+    )
+    dev_sub.add_parser("chart-tools", help="build and cache helm and kubeconform (lint and validate the chart)")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")
     kubectl.add_argument("args", nargs=argparse.REMAINDER)
     dev.set_defaults(func=_dev)

@@ -1,9 +1,10 @@
 """Generate the CustomResourceDefinitions from the models, or check the committed ones.
 
-    python -m beekeeper.crds.generate            # (re)write crds/<plural>.beekeeper.dev.yaml
+    python -m beekeeper.crds.generate            # (re)write crds/ and helm/beekeeper/crds/
     python -m beekeeper.crds.generate --check    # exit 1 with a diff if they are stale
 
-Everything else (the operator, tests, helm) gets the manifests from `crd_manifests()`.
+The chart carries the same files in helm/beekeeper/crds/ (helm installs that folder before
+the templates). Everything else (the operator, tests) gets the manifests from `crd_manifests()`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from beekeeper.crds.resources import RESOURCES
 from beekeeper.crds.schema import SchemaError, model_schema, structural_problems
 
 CRD_DIR = Path(__file__).resolve().parent
+CHART_CRD_DIR = CRD_DIR.parent / "helm" / "beekeeper" / "crds"
+"""Only in a source checkout; an installed beekeeper has no chart next to its models."""
 REGENERATE_HINT = "run `python -m beekeeper.crds.generate` and commit the result"
 
 _API_VERSION_DESCRIPTION = (
@@ -132,11 +135,12 @@ def stale_files(directory: Path = CRD_DIR) -> dict[str, str]:
         path = directory / name
         actual = path.read_text() if path.exists() else ""
         if actual != expected:
+            shown = path.relative_to(CRD_DIR.parent) if path.is_relative_to(CRD_DIR.parent) else path
             diff = difflib.unified_diff(
                 actual.splitlines(keepends=True),
                 expected.splitlines(keepends=True),
-                fromfile=f"crds/{name} (committed)",
-                tofile=f"crds/{name} (from the models)",
+                fromfile=f"{shown} (committed)",
+                tofile=f"{shown} (from the models)",
             )
             stale[name] = "".join(diff)
     return stale
@@ -144,6 +148,7 @@ def stale_files(directory: Path = CRD_DIR) -> dict[str, str]:
 
 def write(directory: Path = CRD_DIR) -> list[Path]:
     written = []
+    directory.mkdir(parents=True, exist_ok=True)
     for name, content in rendered_files().items():
         path = directory / name
         if not path.exists() or path.read_text() != content:
@@ -157,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 with a diff when the committed CRDs are stale")
     parser.add_argument("--output-dir", type=Path, default=CRD_DIR, help=f"default: {CRD_DIR}")
     args = parser.parse_args(argv)
+    directories = [args.output_dir]
+    if args.output_dir == CRD_DIR and CHART_CRD_DIR.parent.is_dir():
+        directories.append(CHART_CRD_DIR)
     if args.check:
-        stale = stale_files(args.output_dir)
+        stale = {f"{d}/{name}": diff for d in directories for name, diff in stale_files(d).items()}
         for diff in stale.values():
             sys.stdout.write(diff)
         if stale:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("CRDs are up to date", file=sys.stderr)
         return 0
-    for path in write(args.output_dir):
+    for path in (p for d in directories for p in write(d)):
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 say() { printf '[install] %s\n' "$*" >&2; }
 
 # bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
-# iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane.
-PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod)
+# iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane,
+# debootstrap/buildah/skopeo to build the container image without Docker or a registry.
+PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod
+    debootstrap buildah skopeo)
 # The real-node test rig: container runtime, CNI plugins (ptp), nft for kube-proxy's nftables mode.
 PACKAGES+=(containerd runc containernetworking-plugins nftables)
 missing=()
@@ -32,7 +34,8 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 say "installing beekeeper and test tools into .venv"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# constraints.txt pins the whole dependency set; the container image installs the same one.
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 
 # bcc is not on PyPI: expose only Debian's bcc module to the venv, not all of dist-packages.
 shim=.venv/system-bcc

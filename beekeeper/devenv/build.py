@@ -128,10 +128,10 @@ def kubernetes_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def _go(args: list[str], cwd: Path, progress, what: str) -> str:
+def _go(args: list[str], cwd: Path, progress, what: str, env: dict[str, str] | None = None) -> str:
     if shutil.which("go") is None:
         raise BuildError("`go` is not on PATH: install Go >= 1.24 (the control plane is built from source)")
-    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", **(env or {})}
     progress(f"[build] {what}: go {' '.join(args)}")
     started = time.monotonic()
     proc = subprocess.Popen(

@@ -52,10 +52,17 @@ def test_committed_crds_match_the_models() -> None:
     )
 
 
-def test_no_orphan_crd_files() -> None:
+def test_chart_crds_match_the_models() -> None:
+    """helm installs helm/beekeeper/crds/ as they are: they must be the models' CRDs too."""
+    stale = generate.stale_files(generate.CHART_CRD_DIR)
+    assert not stale, f"helm/beekeeper/crds/ is stale: {generate.REGENERATE_HINT}\n\n" + "\n".join(stale.values())
+
+
+@pytest.mark.parametrize("directory", [CRD_DIR, generate.CHART_CRD_DIR], ids=["crds", "chart"])
+def test_no_orphan_crd_files(directory: Path) -> None:
     expected = {generate.file_name(r) for r in RESOURCES}
-    present = {p.name for p in CRD_DIR.glob("*.beekeeper.dev.yaml")}
-    assert present == expected, "remove CRD files whose resource no longer exists"
+    present = {p.name for p in directory.glob("*.yaml")}
+    assert present == expected, f"remove CRD files in {directory} whose resource no longer exists"
 
 
 def test_committed_yaml_parses_to_the_manifests() -> None:
@@ -75,6 +82,20 @@ def test_check_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "edited" in out and "python -m beekeeper.crds.generate" in err
     (tmp_path / generate.file_name(RESOURCES[1])).unlink()
     assert generate.main(["--check", "--output-dir", str(tmp_path)]) == 1
+
+
+def test_check_mode_covers_the_chart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--check` (default directories) fails when only the chart's copy is stale."""
+    crds, chart = tmp_path / "crds", tmp_path / "helm" / "beekeeper" / "crds"
+    monkeypatch.setattr(generate, "CRD_DIR", crds)
+    monkeypatch.setattr(generate, "CHART_CRD_DIR", chart)
+    crds.mkdir()
+    chart.parent.mkdir(parents=True)
+    assert generate.main(["--output-dir", str(crds)]) == 0
+    assert sorted(p.name for p in chart.iterdir()) == sorted(generate.rendered_files())
+    assert generate.main(["--check", "--output-dir", str(crds)]) == 0
+    (chart / generate.file_name(RESOURCES[0])).write_text("# edited\n")
+    assert generate.main(["--check", "--output-dir", str(crds)]) == 1
 
 
 def test_generation_is_deterministic() -> None:

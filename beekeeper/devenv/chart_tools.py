@@ -1,0 +1,66 @@
+"""Build helm and kubeconform, the tools that lint, render and validate the chart, from the Go module proxy.
+
+Neither is packaged in Debian 12, and the machines we target download no prebuilt binaries,
+so both are compiled at pinned versions and cached like the control plane: minutes once,
+nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from beekeeper.devenv.build import _go
+from beekeeper.devenv.paths import cache_dir
+
+HELM_VERSION = "v3.22.0"
+KUBECONFORM_VERSION = "v0.7.0"
+
+
+@dataclass(frozen=True)
+class ChartTools:
+    helm: Path
+    kubeconform: Path
+
+
+def tools() -> ChartTools:
+    """Where the pinned binaries live (whether or not they are built yet)."""
+    bins = cache_dir() / "bin"
+    return ChartTools(
+        bins / f"helm-{HELM_VERSION}" / "helm", bins / f"kubeconform-{KUBECONFORM_VERSION}" / "kubeconform"
+    )
+
+
+def ensure_chart_tools(progress=print) -> ChartTools:
+    """Build whichever pinned tool is missing; cheap when both are cached."""
+    paths = tools()
+    if not paths.helm.exists():
+        # Without the stamp `helm version` says "+unreleased"; the chart's kubeVersion checks do not care.
+        ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+        _install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, ldflags, paths.helm, progress)
+    if not paths.kubeconform.exists():
+        package = "github.com/yannh/kubeconform/cmd/kubeconform"
+        _install(package, KUBECONFORM_VERSION, "-s -w", paths.kubeconform, progress)
+    return paths
+
+
+def _install(package: str, version: str, ldflags: str, target: Path, progress) -> None:
+    """`go install pkg@version` into a temporary directory, then move it in place (never a half-built binary)."""
+    tmp = target.parent.with_name(target.parent.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _go(
+        ["install", "-trimpath", "-ldflags", ldflags, f"{package}@{version}"],
+        tmp,
+        progress,
+        f"build {target.name} {version}",
+        env={"GOBIN": str(tmp)},
+    )
+    shutil.rmtree(target.parent, ignore_errors=True)
+    tmp.rename(target.parent)
+
+
+if __name__ == "__main__":
+    print(ensure_chart_tools(lambda msg: print(msg, file=sys.stderr, flush=True)))
