@@ -41,6 +41,8 @@ NODE_NAME = "beekeeper-node"
 CGROUP_ROOT = "beekeeper-realnode"
 CGROUPS = Path("/sys/fs/cgroup")
 LOCK = Path("/run/beekeeper-realnode.lock")
+BPFFS_ROOT = Path("/sys/fs/bpf/beekeeper-realnode")
+"""Where the rig's node daemon pins (the chart's nodeDaemon.bpffsRoot); down() unpins what is left."""
 
 # What the kubelet insists on setting machine-wide (kubelet's setupKernelTunables); inside
 # the rig's mount namespace these paths are files of the rig, so the host keeps its values.
@@ -113,7 +115,7 @@ class RealNode:
         started = time.monotonic()
         build.ensure_built(progress)
         node_bins = build.ensure_node_built(progress)
-        archive = testimages.ensure_archive(progress)
+        archives = testimages.ensure_archives(progress)
         prepare_host(progress)
         state = RigState()
         state.timings["builds_s"] = round(time.monotonic() - started, 2)
@@ -127,7 +129,8 @@ class RealNode:
             self._make_cgroups()
             t = time.monotonic()
             self._start_containerd(state)
-            self.import_images(archive)
+            for archive in archives:
+                self.import_images(archive)
             state.timings["containerd_and_images_s"] = round(time.monotonic() - t, 2)
             t = time.monotonic()
             self._start_kubelet(state, node_bins.kubelet)
@@ -321,7 +324,7 @@ class RealNode:
         if any((state.lock_pid, state.holder_pid, state.created_dirs)):
             progress("[realnode] stopping the node")
         for pid in (state.kubelet_pid, state.kube_proxy_pid):
-            processes.stop(pid)
+            processes.stop(pid, timeout=3)  # the node goes away whole: no graceful pod shutdown
         self._kill_pods()
         holder_mnt = _ns_id(state.holder_pid, "mnt")
         processes.stop(state.containerd_pid)
@@ -336,6 +339,7 @@ class RealNode:
         processes.wait_until(lambda: not processes.alive(state.holder_pid), "rig namespaces released", 15)
         subprocess.run(["ip", "link", "del", HOST_LINK], capture_output=True)  # gone with the netns, normally
         self._remove_cgroups()
+        shutil.rmtree(BPFFS_ROOT, ignore_errors=True)  # unpinning detaches what a daemon left attached
         for path in reversed(state.created_dirs):
             with contextlib.suppress(FileNotFoundError, OSError):
                 Path(path).rmdir()
@@ -383,6 +387,7 @@ class RealNode:
         routes = subprocess.run(["ip", "route", "show", POD_CIDR], capture_output=True, text=True).stdout.strip()
         found += [f"route: {routes}"] if routes else []
         found += [f"cgroup: {h / CGROUP_ROOT}" for h in _hierarchies() if (h / CGROUP_ROOT).exists()]
+        found += [f"pin: {p}" for p in (BPFFS_ROOT.rglob("*") if BPFFS_ROOT.exists() else []) if not p.is_dir()]
         found += [f"dir: {path}" for path in self.load_state().created_dirs if Path(path).exists()]
         mine = _ancestors(os.getpid())
         for pid in _all_pids():
@@ -597,8 +602,3 @@ def _pids_in_namespace(kind: str, ns: str) -> list[int]:
             if os.readlink(f"/proc/{pid}/ns/{kind}") == ns:
                 found.append(pid)
     return found
-
-
-def remove_rig_dir(root: Path) -> None:
-    """Delete a stopped rig's directory (its state, logs, images and pod data)."""
-    shutil.rmtree(root, ignore_errors=True)

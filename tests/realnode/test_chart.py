@@ -23,7 +23,7 @@ from support import Cluster, wait_for
 
 from beekeeper.devenv import images
 from beekeeper.devenv.chart_tools import ensure_chart_tools
-from beekeeper.devenv.realnode import RealNode
+from beekeeper.devenv.realnode import BPFFS_ROOT, RealNode
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "beekeeper"
@@ -31,7 +31,6 @@ NAMESPACE = "beekeeper-system"
 EXAMPLES = sorted(ROOT.glob("examples/bpfprogram-*.yaml"))
 POLICY = ROOT / "examples" / "networkidentitypolicy-frontend-backend.yaml"
 APPS = "default"  # the example policy's namespace
-BPFFS_ROOT = "/sys/fs/bpf/beekeeper-realnode"
 TIMINGS: dict[str, float] = {}
 
 
