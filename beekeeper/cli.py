@@ -72,6 +72,13 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     match args.cluster_command:
         case "up":
             rig.up(_progress)
+            if not args.no_chart:
+                from beekeeper.devenv import chart_release
+
+                release = chart_release.prepare(rig, _progress)
+                if not release.installed():
+                    _progress(f"[chart] helm install {chart_release.RELEASE} {chart_release.CHART}")
+                    _progress(f"[chart] installed and Ready in {release.install():.1f}s")
             print(rig.status())
         case "down":
             rig.down(_progress)
@@ -178,7 +185,10 @@ def parser() -> argparse.ArgumentParser:
         "cluster", help="a real one-node cluster on this machine: containerd, kubelet, kube-proxy, scheduler"
     )
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
-    cluster_sub.add_parser("up", help="build what is missing, start the node, wait until it is Ready")
+    cluster_up = cluster_sub.add_parser(
+        "up", help="build what is missing, start the node, install the chart with the image built here"
+    )
+    cluster_up.add_argument("--no-chart", action="store_true", help="only the node, without beekeeper")
     cluster_sub.add_parser("down", help="stop it and remove every mount, interface, cgroup and process it made")
     cluster_sub.add_parser("status", help="show what runs and the kubeconfig")
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")

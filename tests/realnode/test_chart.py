@@ -13,86 +13,31 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 from realnode_pods import now_ms, pod_manifest, probe_verdicts
 from support import Cluster, wait_for
 
-from beekeeper.devenv import images
-from beekeeper.devenv.chart_tools import ensure_chart_tools
+from beekeeper.devenv import chart_release
+from beekeeper.devenv.chart_release import NAMESPACE, ChartRelease
 from beekeeper.devenv.realnode import BPFFS_ROOT, RealNode
 
 ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "helm" / "beekeeper"
-NAMESPACE = "beekeeper-system"
 EXAMPLES = sorted(ROOT.glob("examples/bpfprogram-*.yaml"))
 POLICY = ROOT / "examples" / "networkidentitypolicy-frontend-backend.yaml"
 APPS = "default"  # the example policy's namespace
 TIMINGS: dict[str, float] = {}
 
 
-@dataclass
-class Release:
-    """One Helm release of the chart on the rig, with the pinned helm binary."""
-
-    helm: Path
-    kubeconfig: Path
-    repository: str
-    tag: str
-    state_dir: Path
-    history: list[str] = field(default_factory=list)
-
-    def values(self, tag: str) -> list[str]:
-        return [
-            f"--set=image.repository={self.repository}",
-            f"--set=image.tag={tag}",
-            "--set=image.pullPolicy=Never",
-            f"--set=nodeDaemon.bpffsRoot={BPFFS_ROOT}",
-            f"--set=nodeDaemon.stateHostPath={self.state_dir}",
-        ]
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(self.helm), f"--kubeconfig={self.kubeconfig}", f"--namespace={NAMESPACE}", *args],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-        return result
-
-    def timed(self, what: str, *args: str) -> None:
-        started = time.monotonic()
-        self.run(*args)
-        TIMINGS[what] = round(time.monotonic() - started, 2)
-        print(f"helm {what}: {TIMINGS[what]}s")
-
-
 @pytest.fixture(scope="module")
-def release(realnode: RealNode, node_cluster: Cluster) -> Iterator[Release]:
-    tools = ensure_chart_tools(print)
-    built = images.build_all(print)
+def release(realnode: RealNode, node_cluster: Cluster) -> Iterator[ChartRelease]:
     started = time.monotonic()
-    realnode.import_images(built.project)
-    TIMINGS["image_import_s"] = round(time.monotonic() - started, 2)
-    repository, tag = built.project_ref.rsplit(":", 1)
-    rel = Release(tools.helm, realnode.kubeconfig, repository, tag, realnode.dir / "beekeeper-state")
-    rel.timed(
-        "install_s",
-        "install",
-        "beekeeper",
-        str(CHART),
-        "--create-namespace",
-        "--wait",
-        "--timeout=5m",
-        *rel.values(tag),
-    )
+    rel = chart_release.prepare(realnode, print)
+    TIMINGS["tools_images_import_s"] = round(time.monotonic() - started, 2)
+    TIMINGS["install_s"] = round(rel.install(), 2)
     yield rel
-    rel.run("uninstall", "beekeeper", "--wait", check=False)
+    rel.uninstall(check=False)
     print(f"real-node chart timings: {TIMINGS}")
 
 
@@ -140,14 +85,14 @@ def _in_kernel(prog_id: int) -> bool:
     return subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)], capture_output=True).returncode == 0
 
 
-def test_install_runs_the_operator_and_a_daemon_on_the_node(release: Release, node_cluster: Cluster) -> None:
+def test_install_runs_the_operator_and_a_daemon_on_the_node(release: ChartRelease, node_cluster: Cluster) -> None:
     pods = _pods(node_cluster, NAMESPACE)
     assert pods and all(_ready(p) for p in pods), [p["metadata"]["name"] for p in pods]
     assert _daemon_pod(node_cluster) is not None
 
 
 def test_examples_become_ready_with_their_programs_in_the_kernel(
-    release: Release, node_cluster: Cluster, realnode: RealNode
+    release: ChartRelease, node_cluster: Cluster, realnode: RealNode
 ) -> None:
     started = time.monotonic()
     for example in EXAMPLES:
@@ -160,7 +105,7 @@ def test_examples_become_ready_with_their_programs_in_the_kernel(
 
 
 @pytest.fixture(scope="module")
-def policy_pods(release: Release, node_cluster: Cluster) -> Iterator[dict[str, str]]:
+def policy_pods(release: ChartRelease, node_cluster: Cluster) -> Iterator[dict[str, str]]:
     """backend, frontend, quarantined frontend, other; two probe loops; the example policy. name -> IP"""
     specs = {
         "backend": (["serve", "8080", "8081"], {"app": "backend"}),
@@ -215,7 +160,7 @@ def _wrong_verdicts(cluster: Cluster, since: int, until: int) -> tuple[int, int,
 
 
 def test_upgrade_replaces_the_daemon_and_keeps_programs_and_enforcement(
-    release: Release, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
+    release: ChartRelease, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
 ) -> None:
     before_pod = _daemon_pod(node_cluster)
     assert before_pod is not None
@@ -224,7 +169,7 @@ def test_upgrade_replaces_the_daemon_and_keeps_programs_and_enforcement(
     new_tag = f"{release.tag}-upgrade"
     realnode.ctr("images", "tag", "--force", f"{release.repository}:{release.tag}", f"{release.repository}:{new_tag}")
     since = now_ms()
-    release.timed("upgrade_s", "upgrade", "beekeeper", str(CHART), "--wait", "--timeout=5m", *release.values(new_tag))
+    TIMINGS["upgrade_s"] = round(release.upgrade(new_tag), 2)
     after_pod = wait_for(
         lambda: (p := _daemon_pod(node_cluster)) and p["metadata"]["uid"] != before_pod["metadata"]["uid"] and p,
         120,
@@ -242,7 +187,7 @@ def test_upgrade_replaces_the_daemon_and_keeps_programs_and_enforcement(
 
 
 def test_killed_daemon_is_restarted_and_enforcement_never_stops(
-    release: Release, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
+    release: ChartRelease, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
 ) -> None:
     pod = _daemon_pod(node_cluster)
     assert pod is not None
@@ -266,16 +211,16 @@ def test_killed_daemon_is_restarted_and_enforcement_never_stops(
 
 
 def test_uninstall_detaches_everything_while_programs_and_policies_exist(
-    release: Release, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
+    release: ChartRelease, node_cluster: Cluster, realnode: RealNode, policy_pods: dict[str, str]
 ) -> None:
     programs = [i for ids in _program_ids(node_cluster, realnode.node_name).values() for i in ids]
     links = _veth_links(realnode, policy_pods["backend"])
     assert programs and node_cluster.kubectl("get", "bpfprograms", "-o", "name").stdout.strip()
-    release.timed("uninstall_s", "uninstall", "beekeeper", "--wait", "--timeout=5m")
+    TIMINGS["uninstall_s"] = round(release.uninstall(), 2)
     assert not [i for i in programs if _in_kernel(i)], "programs beekeeper loaded must be gone from the kernel"
     assert not [prog for _, prog in links.values() if _in_kernel(prog)], "the policy programs must be detached"
     left = subprocess.run(["find", BPFFS_ROOT, "-mindepth", "1", "-not", "-type", "d"], capture_output=True, text=True)
     assert not left.stdout.strip(), f"pins left after uninstall:\n{left.stdout}"
     # Pods keep talking: without beekeeper the node falls back to no policy at all.
     assert _probe(node_cluster, "other", f"{policy_pods['backend']}:8080") == "ok backend"
-    assert yaml.safe_load(release.run("list", "-o", "yaml").stdout) == []
+    assert not release.installed()
