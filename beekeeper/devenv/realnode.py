@@ -399,6 +399,17 @@ class RealNode:
                     found.append(f"process {pid}: {cmdline[:200]}")
         return found
 
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of the node's own processes, for the record."""
+        state = self.load_state()
+        found = {}
+        for name, pid in (("containerd", state.containerd_pid), ("kubelet", state.kubelet_pid)):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        found[name] = round(int(line.split()[1]) / 1024, 1)
+        return found
+
     def status(self) -> str:
         state = self.load_state()
 
@@ -416,6 +427,7 @@ class RealNode:
             f"  kubeconfig: {self.kubeconfig}",
             f"  logs:       {self.logs}",
             f"  timings:    {state.timings}",
+            f"  rss MB:     {self.rss_mb()}",
         ]
         return "\n".join(rows)
 

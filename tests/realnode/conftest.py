@@ -45,6 +45,7 @@ def realnode(host_sysctls_before: dict[str, str]) -> Iterator[RealNode]:
     try:
         rig.up(lambda msg: print(msg, flush=True), lock_wait=900)
         yield rig
+        print(f"real node: timings {rig.load_state().timings}, RSS MB {rig.rss_mb()}")
     finally:
         rig.down(lambda msg: print(msg, flush=True))
         left = rig.leftovers()
