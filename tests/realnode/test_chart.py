@@ -9,13 +9,18 @@ must be 0: the daemon re-adopts the pinned programs, so enforcement has no gap.
 
 from __future__ import annotations
 
+import base64
 import json
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from realnode_pods import now_ms, pod_manifest, probe_verdicts
 from support import Cluster, wait_for
 
@@ -208,6 +213,66 @@ def test_killed_daemon_is_restarted_and_enforcement_never_stops(
     TIMINGS["kill_wrong_verdicts"] = wrong
     print(f"daemon kill: {wrong} wrong verdicts out of {probes} probes")
     assert probes > 10 and wrong == 0, failures
+
+
+def _as_token(realnode: RealNode, token: str, method: str, path: str, body: dict) -> tuple[int, str]:
+    """One API request with a bearer token (no kubeconfig user), as a pod's client would make it."""
+    pki_ca = realnode.control_plane.dir / "pki" / "ca.crt"
+    server = yaml.safe_load(realnode.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    request = urllib.request.Request(
+        f"{server}{path}?dryRun=All",
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"},
+    )
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(pki_ca)), timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_daemon_token_bound_to_this_node_cannot_change_another_nodes_state(
+    release: ChartRelease, node_cluster: Cluster, realnode: RealNode
+) -> None:
+    pod = _daemon_pod(node_cluster)
+    assert pod is not None
+    token = node_cluster.kubectl(
+        "exec",
+        "-n",
+        NAMESPACE,
+        pod["metadata"]["name"],
+        "--",
+        "cat",
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+    ).stdout.strip()
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["kubernetes.io"]["node"]["name"] == realnode.node_name, "a pod's token is bound to its node"
+    other = "node-b"  # a Node object only: no kubelet, no kubernetes.io/os label, so no daemon pod
+    node_cluster.kubectl(
+        "create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": other}})
+    )
+    try:
+        state = {
+            "apiVersion": "beekeeper.dev/v1alpha1",
+            "kind": "BpfNodeState",
+            "metadata": {"name": other},
+            "spec": {"nodeName": other},
+        }
+        if node_cluster.kubectl("get", "bpfnodestate", other, check=False).returncode != 0:
+            node_cluster.kubectl("create", "-f", "-", input=json.dumps(state))
+        body = {"status": {"attached": "0/0"}}
+        own, _ = _as_token(
+            realnode, token, "PATCH", f"/apis/beekeeper.dev/v1alpha1/bpfnodestates/{realnode.node_name}/status", body
+        )
+        theirs, message = _as_token(
+            realnode, token, "PATCH", f"/apis/beekeeper.dev/v1alpha1/bpfnodestates/{other}/status", body
+        )
+        assert own == 200
+        assert theirs in (403, 422) and "ValidatingAdmissionPolicy" in message, (theirs, message)
+    finally:
+        node_cluster.kubectl("delete", "node", other, "--ignore-not-found", check=False)
+        node_cluster.kubectl("delete", "bpfnodestate", other, "--ignore-not-found", check=False)
 
 
 def test_uninstall_detaches_everything_while_programs_and_policies_exist(
