@@ -13,9 +13,9 @@ import base64
 import json
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
