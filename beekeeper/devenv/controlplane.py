@@ -57,6 +57,9 @@ class ControlPlaneOptions:
     """Where the apiserver listens and what it advertises as the `kubernetes` endpoint."""
     hosts_pods: bool = False
     """Run what real kubelets and pods need: see the module docstring."""
+    port: int | None = None
+    """The apiserver's port; None picks a free one. The `kubernetes` Service's endpoints and
+    kubeconfigs handed to nodes keep pointing at one port across restarts only if it is fixed."""
 
 
 @dataclass
@@ -131,7 +134,7 @@ class ControlPlane:
         progress(f"[control-plane] etcd {build.ETCD_VERSION} pid {state.etcd_pid} on {etcd_url}")
         processes.wait_until(lambda: _http_ok(f"{etcd_url}/health"), "etcd", 60, state.etcd_pid, etcd_log)
 
-        state.apiserver_port = processes.free_port()
+        state.apiserver_port = self.options.port or processes.free_port()
         api_log = self.logs / "kube-apiserver.log"
         state.apiserver_pid = processes.spawn(
             [

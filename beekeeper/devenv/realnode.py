@@ -33,6 +33,7 @@ from beekeeper.devenv.controlplane import SERVICE_CIDR, ControlPlane, ControlPla
 from beekeeper.devenv.host import prepare_host
 
 HOST_IP = "10.243.0.1"
+APISERVER_PORT = 6443  # HOST_IP is the rig's alone (one rig per machine), so a fixed port is free
 NODE_IP = "10.243.0.2"
 POD_CIDR = "10.244.0.0/24"
 HOST_LINK = "bkrig-host"
@@ -81,7 +82,9 @@ class RealNode:
     def __init__(self, root: Path, node_name: str = NODE_NAME) -> None:
         self.dir = root
         self.node_name = node_name
-        self.control_plane = ControlPlane(root / "control-plane", ControlPlaneOptions(address=HOST_IP, hosts_pods=True))
+        self.control_plane = ControlPlane(
+            root / "control-plane", ControlPlaneOptions(address=HOST_IP, hosts_pods=True, port=APISERVER_PORT)
+        )
         self.logs = root / "logs"
         self._state_file = root / "realnode.json"
         self.containerd_socket = root / "containerd" / "containerd.sock"
@@ -344,9 +347,13 @@ class RealNode:
             with contextlib.suppress(FileNotFoundError, OSError):
                 Path(path).rmdir()
         self.control_plane.stop()
-        kept = RigState(timings=state.timings)
+        # The node is gone, so is its cluster: the next `up` starts from an empty etcd, not
+        # with pods whose containers died with the node.
+        for child in self.dir.iterdir() if self.dir.exists() else []:
+            if child.name != "logs" and child != self._state_file:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         if self._state_file.exists():
-            self._save(kept)
+            self._save(RigState(timings=state.timings))
 
     def _kill_pods(self) -> None:
         """SIGKILL every process in the rig's pod cgroups until they are empty (containers)."""
@@ -354,11 +361,9 @@ class RealNode:
         while time.monotonic() < deadline:
             pids = set()
             for hierarchy in _hierarchies():
-                root = hierarchy / CGROUP_ROOT
-                if root.is_dir():
-                    for procs in root.rglob("cgroup.procs"):
-                        with contextlib.suppress(OSError):
-                            pids.update(int(p) for p in procs.read_text().split())
+                for cgroup in _subtree(hierarchy / CGROUP_ROOT):
+                    with contextlib.suppress(OSError):
+                        pids.update(int(p) for p in (cgroup / "cgroup.procs").read_text().split())
             if not pids:
                 return
             for pid in pids:
@@ -372,9 +377,9 @@ class RealNode:
             root = hierarchy / CGROUP_ROOT
             if not root.is_dir():
                 continue
-            for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                path.rmdir()
-            root.rmdir()
+            for path in reversed(_subtree(root)):  # children before parents
+                with contextlib.suppress(FileNotFoundError):
+                    path.rmdir()
 
     def leftovers(self) -> list[str]:
         """Everything of a rig still on this machine; empty after a clean `down`."""
@@ -580,6 +585,11 @@ def _hierarchies() -> list[Path]:
         if fstype in ("cgroup", "cgroup2") and fields[4].startswith(str(CGROUPS)):
             found.append(Path(fields[4]))
     return found
+
+
+def _subtree(root: Path) -> list[Path]:
+    """A cgroup and its descendants, parents first; cgroups vanishing meanwhile are skipped."""
+    return [Path(top) for top, _, _ in os.walk(root)]
 
 
 def _all_pids() -> list[int]:
