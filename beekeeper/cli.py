@@ -113,6 +113,14 @@ def _node_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _uninstall_cleanup(args: argparse.Namespace) -> int:
+    from beekeeper import kube
+    from beekeeper.uninstall import cleanup
+
+    cleanup(kube.api_client(args.kubeconfig), timeout=args.timeout, progress=_progress)
+    return 0
+
+
 def _why_dropped(args: argparse.Namespace) -> int:
     """Ask node daemons which recent drops match a flow, and why each happened."""
     query = {
@@ -223,6 +231,16 @@ def parser() -> argparse.ArgumentParser:
         help="bcc: the kernel; fake: in memory, no policy datapath, no root (control plane scale tests)",
     )
     nd.set_defaults(func=_node_daemon)
+
+    clean = sub.add_parser(
+        "uninstall-cleanup",
+        help="delete every BpfProgram and NetworkIdentityPolicy and wait until all nodes detached them",
+        description="Run by the chart's pre-delete hook (helm uninstall, never upgrade) while the operator and "
+        "the node daemons still run, so nothing beekeeper attached stays in a node's kernel unmanaged.",
+    )
+    clean.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    clean.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the nodes (default 240)")
+    clean.set_defaults(func=_uninstall_cleanup)
 
     why = sub.add_parser(
         "why-dropped",

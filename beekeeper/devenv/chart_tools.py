@@ -16,6 +16,9 @@ from beekeeper.devenv.build import _go
 from beekeeper.devenv.paths import cache_dir
 
 HELM_VERSION = "v3.22.0"
+HELM_KUBE_VERSION = (1, 37)
+"""What helm's own Makefile stamps in: the Kubernetes version of its client-go (v0.37), the default
+of `helm template` and `helm lint` (unstamped it is 1.20, below the chart's kubeVersion)."""
 KUBECONFORM_VERSION = "v0.7.0"
 
 
@@ -37,8 +40,11 @@ def ensure_chart_tools(progress=print) -> ChartTools:
     """Build whichever pinned tool is missing; cheap when both are cached."""
     paths = tools()
     if not paths.helm.exists():
-        # Without the stamp `helm version` says "+unreleased"; the chart's kubeVersion checks do not care.
-        ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}"
+        major, minor = HELM_KUBE_VERSION
+        stamps = [f"helm.sh/helm/v3/internal/version.version={HELM_VERSION}"]
+        for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+            stamps += [f"{pkg}.k8sVersionMajor={major}", f"{pkg}.k8sVersionMinor={minor}"]
+        ldflags = " ".join(["-s", "-w", *(f"-X {stamp}" for stamp in stamps)])
         _install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, ldflags, paths.helm, progress)
     if not paths.kubeconform.exists():
         package = "github.com/yannh/kubeconform/cmd/kubeconform"
