@@ -2,8 +2,8 @@
 
 Shared by `beekeeper dev cluster up` (a cluster to look at, chart installed) and the real-node
 tests (install, upgrade, uninstall). The image is imported into the rig's containerd, so the
-release runs with `image.pullPolicy=Never`; the daemon pins under the rig's bpffs root and
-keeps its state under the rig's directory, so nothing of it outlives `dev cluster down`.
+release runs with `image.pullPolicy=Never`; the daemon keeps its state under the rig's directory
+and pins where the chart says (/sys/fs/bpf/beekeeper), which `dev cluster down` clears.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from beekeeper.devenv import images
 from beekeeper.devenv.chart_tools import ensure_chart_tools
-from beekeeper.devenv.realnode import BPFFS_ROOT, RealNode
+from beekeeper.devenv.realnode import RealNode
 
 CHART = images.REPO_ROOT / "helm" / "beekeeper"
 NAMESPACE = "beekeeper-system"
@@ -37,8 +37,7 @@ class ChartRelease:
             f"--set=image.repository={self.repository}",
             f"--set=image.tag={tag or self.tag}",
             "--set=image.pullPolicy=Never",
-            f"--set=nodeDaemon.bpffsRoot={BPFFS_ROOT}",
-            f"--set=nodeDaemon.stateHostPath={self.state_dir}",
+            f"--set=nodeDaemon.stateDir={self.state_dir}",
         ]
 
     def helm_cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

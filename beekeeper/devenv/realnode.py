@@ -42,8 +42,10 @@ NODE_NAME = "beekeeper-node"
 CGROUP_ROOT = "beekeeper-realnode"
 CGROUPS = Path("/sys/fs/cgroup")
 LOCK = Path("/run/beekeeper-realnode.lock")
-BPFFS_ROOT = Path("/sys/fs/bpf/beekeeper-realnode")
-"""Where the rig's node daemon pins (the chart's nodeDaemon.bpffsRoot); down() unpins what is left."""
+BPFFS_ROOT = Path("/sys/fs/bpf/beekeeper")
+"""Where the chart's node daemon pins (nodeDaemon.bpffsRoot + /beekeeper; the mount point
+must be bpffs itself, a container cannot mount onto a new directory in sysfs). Nothing else on
+these machines uses the production path; down() unpins what is left."""
 
 # What the kubelet insists on setting machine-wide (kubelet's setupKernelTunables); inside
 # the rig's mount namespace these paths are files of the rig, so the host keeps its values.
