@@ -15,7 +15,7 @@ from typing import Any
 
 from kubernetes.client.rest import ApiException
 
-from beekeeper import logs
+from beekeeper import kube, logs
 
 
 def _progress(message: str) -> None:
@@ -94,7 +94,7 @@ def _dev_cluster(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     from beekeeper.operator.main import run
 
-    run(kubeconfig=args.kubeconfig)
+    run(kubeconfig=args.kubeconfig, health_port=args.health_port)
     return 0
 
 
@@ -211,6 +211,12 @@ def parser() -> argparse.ArgumentParser:
 
     op = sub.add_parser("operator", help="run the operator (reconciles CRs into per-node BpfNodeState)")
     op.add_argument("--kubeconfig", default=None, help="default: $KUBECONFIG, ~/.kube/config or in-cluster")
+    op.add_argument(
+        "--health-port",
+        type=int,
+        default=8081,
+        help="port of GET /healthz (liveness) and GET /readyz (readiness) on 0.0.0.0; 0 disables",
+    )
     op.set_defaults(func=_operator)
 
     nd = sub.add_parser("node-daemon", help="run the node daemon (compiles, verifies, attaches this node's programs)")
@@ -273,17 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"beekeeper: error: {exc}")
         return 1
     except ApiException as exc:
-        _progress(
-            f"beekeeper: error: the Kubernetes API refused a request ({exc.status} {exc.reason}): {_api_message(exc)}"
-        )
+        refused = f"the Kubernetes API refused a request ({exc.status} {exc.reason})"
+        _progress(f"beekeeper: error: {refused}: {kube.api_message(exc)}")
         return 1
-
-
-def _api_message(exc: ApiException) -> str:
-    try:
-        return json.loads(exc.body)["message"]
-    except (TypeError, ValueError, KeyError):
-        return str(exc.body)
 
 
 if __name__ == "__main__":

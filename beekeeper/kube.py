@@ -120,3 +120,11 @@ def register_node(api: client.ApiClient, name: str, labels: dict[str, str] | Non
         if exc.status != 409:
             raise
         core.patch_node(name, {"metadata": {"labels": all_labels}})
+
+
+def api_message(exc: ApiException) -> str:
+    """The apiserver's own words from a refused request (its Status message), else the raw body."""
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(exc.body)

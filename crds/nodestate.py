@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
@@ -197,6 +197,23 @@ class NodeNetworkPolicy(ApiModel):
         "containing an address gives its CIDR identity.",
     )
     rules: list[PolicyRule] | None = Field(None, max_length=65536, description="Policy entries for local identities.")
+    revision: ContentHash | None = Field(
+        None,
+        description="sha256 of the lists above, set by the operator; the daemon echoes it as "
+        "status.networkPolicy.observedRevision once its maps hold them (a change of programs alone "
+        "moves metadata.generation, not this).",
+    )
+
+
+def policy_revision(network_policy: Mapping[str, Any]) -> str:
+    """sha256 over the wire form of spec.networkPolicy's lists (revision excluded)."""
+    canonical = json.dumps(
+        {k: v for k, v in network_policy.items() if k != "revision"},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class BpfNodeStateSpec(ApiModel):
@@ -278,6 +295,9 @@ class NetworkPolicyStatus(ApiModel):
     )
     rules: int = Field(0, ge=0, description="Policy rules in the maps.")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation last synced into the maps.")
+    observed_revision: ContentHash | None = Field(
+        None, description="spec.networkPolicy.revision last synced into the maps."
+    )
     last_sync_time: Time | None = Field(None, description="When the maps were last changed.")
     message: str | None = Field(None, max_length=2048, description="Why the datapath is not enforcing, if it is not.")
 

@@ -63,6 +63,7 @@ class PolicyAgent:
         self._counts = (0, 0, 0)
         self._unresolved: dict[str, str] = {}
         self._synced_generation: int | None = None
+        self._synced_revision: str | None = None
         self._last_sync: dt.datetime | None = None
         self._restored = False
 
@@ -82,6 +83,7 @@ class PolicyAgent:
         if not self._restored:
             self._restored = True
             self._synced_generation = (previous or {}).get("observedGeneration")
+            self._synced_revision = (previous or {}).get("observedRevision")
             if (previous or {}).get("lastSyncTime"):
                 self._last_sync = dt.datetime.fromisoformat(previous["lastSyncTime"])
         if raw is None:
@@ -102,7 +104,7 @@ class PolicyAgent:
         with self._lock:
             synced, attached, problems = self._converge(datapath, plan, generation)
         if synced:
-            self._synced_generation = generation
+            self._synced_generation, self._synced_revision = generation, spec.revision
         self._report_unresolved(plan.unresolved)
         return self._status(spec, plan, attached, "; ".join(problems) or None)
 
@@ -178,6 +180,7 @@ class PolicyAgent:
             missing=missing[:MAX_MISSING] or None,
             rules=len(spec.rules or []) if spec else 0,
             observed_generation=self._synced_generation,
+            observed_revision=self._synced_revision,
             last_sync_time=self._last_sync,
             message=problem[:2048] if problem else None,
         ).to_dict()
@@ -213,6 +216,7 @@ class PolicyAgent:
         if datapath is not None:
             datapath.remove()
             self._counts, self._unresolved, self._synced_generation = (0, 0, 0), {}, None
+            self._synced_revision = None
             log.info("policy datapath removed", extra={"node": self.node})
 
     def close(self) -> None:

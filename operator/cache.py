@@ -1,13 +1,23 @@
-"""What the operator has observed of the cluster, fed by watch events.
+"""What the operator has observed of the cluster, fed by its informers (informers.py).
 
-The reconciler decides from this snapshot instead of listing the API on every change;
-it is primed by one full list at start so nothing is decided from a partial view.
+The reconciler decides from this snapshot instead of reading the API on every change.
+Every kind's table is replaced by each full listing (start-up, and any relist after a
+watch gap or 410 Gone), so after a relist the cache equals the API: an object deleted
+during the gap is gone. Changes the operator caused itself (the resourceVersions its writes
+returned) do not wake the reconciler; every other change does.
+
+ConfigMaps are watched cluster-wide (a BpfProgram may name any ConfigMap, and users do not
+label them), but only the ones some BpfProgram references are stored: a cluster holds many,
+some large. A newly referenced one is fetched once by the informers (`unknown_configmaps`)
+and kept current by the watch from then on; passes wait until none is unknown.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,18 +25,28 @@ from beekeeper.operator.pods import slim_pod
 
 Body = dict[str, Any]
 
-KINDS = ("BpfProgram", "Node", "BpfNodeState", "Pod", "Namespace", "NetworkIdentityPolicy", "NetworkIdentity")
-NAMESPACED = frozenset({"Pod", "NetworkIdentityPolicy"})
+KINDS = (
+    "BpfProgram",
+    "Node",
+    "BpfNodeState",
+    "Pod",
+    "Namespace",
+    "NetworkIdentityPolicy",
+    "NetworkIdentity",
+    "ConfigMap",
+)
+NAMESPACED = frozenset({"Pod", "NetworkIdentityPolicy", "ConfigMap"})
+DELETED = "DELETED"
+OWN_WRITE_TTL_SECONDS = 300.0
+"""An own write whose watch event never came (e.g. lost in a watch gap) is forgotten after this."""
 
 
-def _newer(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+def _version(body: Mapping[str, Any] | None) -> int | None:
     """resourceVersions are opaque but, within one resource type from one etcd, they grow."""
-    if old is None:
-        return True
     try:
-        return int(new["metadata"]["resourceVersion"]) >= int(old["metadata"]["resourceVersion"])
-    except (KeyError, ValueError):
-        return True
+        return int((body or {})["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _slim_namespace(body: Mapping[str, Any]) -> Body:
@@ -34,8 +54,20 @@ def _slim_namespace(body: Mapping[str, Any]) -> Body:
     return {"metadata": {k: meta[k] for k in ("name", "labels", "resourceVersion") if meta.get(k) is not None}}
 
 
+def _slim_configmap(body: Mapping[str, Any]) -> Body:
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion") if meta.get(k) is not None},
+        "data": dict(body.get("data") or {}),
+    }
+
+
 # Pods and Namespaces are kept only in the fields the policy compiler reads: a cluster has many.
-_SLIM: dict[str, Callable[[Mapping[str, Any]], Body]] = {"Pod": slim_pod, "Namespace": _slim_namespace}
+_SLIM: dict[str, Callable[[Mapping[str, Any]], Body]] = {
+    "Pod": slim_pod,
+    "Namespace": _slim_namespace,
+    "ConfigMap": _slim_configmap,
+}
 
 
 def _stored(kind: str, body: Mapping[str, Any]) -> Body:
@@ -52,9 +84,20 @@ def program_reports(nodestates: Mapping[str, Mapping[str, Any]], bpfprogram: str
     return reports
 
 
-def _key(kind: str, body: Mapping[str, Any]) -> str:
+def object_key(kind: str, body: Mapping[str, Any]) -> str:
+    """The cache key of an object: namespace/name for namespaced kinds, else name."""
     meta = body["metadata"]
     return f"{meta['namespace']}/{meta['name']}" if kind in NAMESPACED else meta["name"]
+
+
+def configmap_refs(bpfprograms: Iterable[Mapping[str, Any]]) -> set[str]:
+    """namespace/name of every ConfigMap a BpfProgram takes its source from."""
+    refs = set()
+    for body in bpfprograms:
+        ref = ((body.get("spec") or {}).get("source") or {}).get("configMapRef") or {}
+        if ref.get("name") and ref.get("namespace"):
+            refs.add(f"{ref['namespace']}/{ref['name']}")
+    return refs
 
 
 @dataclass(frozen=True)
@@ -69,18 +112,67 @@ class Snapshot:
     """name -> labels."""
     policies: list[Body]
     identities: list[Body]
+    configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
+    """namespace/name -> data, for the referenced ConfigMaps that exist."""
 
     def node_labels(self) -> dict[str, dict[str, str]]:
         return {name: dict(body["metadata"].get("labels") or {}) for name, body in self.nodes.items()}
 
+    def configmap(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """A referenced ConfigMap's data; None when it does not exist."""
+        return self.configmaps.get(f"{namespace}/{name}")
+
+
+class OwnWrites:
+    """resourceVersions the operator's own writes produced (and objects it deleted), per object.
+
+    Filled by the pass thread as each write returns and consulted on the event loop when
+    the watch event comes back, so the event is recognised however the two race.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._expected: dict[tuple[str, str, str], float] = {}
+
+    def expect(self, kind: str, key: str, version: str) -> None:
+        """version is the written resourceVersion, or DELETED."""
+        with self._lock:
+            now = time.monotonic()
+            self._expected = {k: t for k, t in self._expected.items() if now - t < OWN_WRITE_TTL_SECONDS}
+            self._expected[kind, key, version] = now
+
+    def claim(self, kind: str, key: str, version: str) -> bool:
+        """Whether this change is one of ours (each is claimed once)."""
+        with self._lock:
+            return self._expected.pop((kind, key, version), None) is not None
+
+    def forget(self, kind: str) -> None:
+        """A relist replaced the kind's table: events of earlier writes will not come."""
+        with self._lock:
+            self._expected = {k: t for k, t in self._expected.items() if k[0] != kind}
+
 
 @dataclass
 class ClusterCache:
-    """Latest known objects of every watched kind, plus a wake-up for the reconciler."""
+    """Latest known objects of every watched kind, plus a wake-up for the reconciler.
+
+    Mutated only on the event loop (the informers hand over through call_soon_threadsafe).
+    """
 
     tables: dict[str, dict[str, Body]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    listed: set[str] = field(default_factory=set)
+    """Kinds listed at least once."""
     primed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Every kind listed and no referenced ConfigMap unknown: a pass may decide."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    own: OwnWrites = field(default_factory=OwnWrites)
+    dirty: set[tuple[str, str, str]] = field(default_factory=set)
+    """(kind, key, resourceVersion or DELETED) of the changes since the last pass began."""
+    referenced: set[str] = field(default_factory=set)
+    """namespace/name of the ConfigMaps BpfPrograms reference."""
+    unknown_configmaps: set[str] = field(default_factory=set)
+    """Referenced ConfigMaps not seen since they became referenced; the informers fetch them."""
+    on_unknown_configmap: Callable[[str], None] | None = None
 
     @property
     def bpfprograms(self) -> dict[str, Body]:
@@ -94,31 +186,108 @@ class ClusterCache:
     def nodestates(self) -> dict[str, Body]:
         return self.tables["BpfNodeState"]
 
-    def observe(self, kind: str, event_type: str | None, body: Mapping[str, Any], wake: bool = True) -> None:
-        """Apply one watch event (type None is kopf's initial listing).
-
-        wake=False records the operator's own writes without causing another pass.
-        """
+    def observe(self, kind: str, event_type: str, body: Mapping[str, Any]) -> bool:
+        """Apply one watch event (ADDED, MODIFIED, DELETED); True when the table changed."""
+        key = object_key(kind, body)
+        if kind == "ConfigMap":
+            if key not in self.referenced:
+                return False
+            if key in self.unknown_configmaps:  # the watch told first: the fetch is moot
+                self.unknown_configmaps.discard(key)
+                self._update_primed()
         table = self.tables[kind]
-        key = _key(kind, body)
-        if event_type == "DELETED":
-            table.pop(key, None)
-        elif _newer(table.get(key), body):
+        if event_type == DELETED:
+            if key not in table:
+                return False
+            del table[key]
+            self._changed(kind, key, DELETED)
+        else:
+            new, old = _version(body), _version(table.get(key))
+            if key in table and new is not None and old is not None and new <= old:
+                return False
             table[key] = _stored(kind, body)
-        if wake:
-            self.changed.set()
+            self._changed(kind, key, str(new))
+        if kind == "BpfProgram":
+            self._track_references()
+        return True
 
-    def replace(self, kind: str, bodies: list[Mapping[str, Any]]) -> None:
-        """Merge a full listing: objects missing from it are gone."""
+    def replace(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
+        """A full listing of one kind: afterwards the table holds exactly what it lists."""
         table = self.tables[kind]
-        listed = {_key(kind, b): b for b in bodies}
+        listed = {object_key(kind, b): b for b in bodies}
+        if kind == "ConfigMap":
+            listed = {k: b for k, b in listed.items() if k in self.referenced}
+            self.unknown_configmaps -= self.referenced
+        self.own.forget(kind)
         for key in list(table):
             if key not in listed:
                 del table[key]
+                self._changed(kind, key, DELETED)
         for key, body in listed.items():
-            if _newer(table.get(key), body):
+            if key not in table or _version(body) != _version(table[key]):
                 table[key] = _stored(kind, body)
+                self._changed(kind, key, str(_version(body)))
+        self.listed.add(kind)
+        if kind == "BpfProgram":
+            self._track_references()
+        self._update_primed()
+
+    def fetched(self, key: str, body: Mapping[str, Any] | None) -> None:
+        """A newly referenced ConfigMap read by the informers (None: it does not exist)."""
+        if key not in self.unknown_configmaps:  # no longer referenced, or a watch event came first
+            return
+        self.unknown_configmaps.discard(key)
+        if body is not None:
+            self.tables["ConfigMap"][key] = _stored("ConfigMap", body)
+        self.dirty.add(("ConfigMap", key, "fetched"))
         self.changed.set()
+        self._update_primed()
+
+    def record_own(self, kind: str, body: Mapping[str, Any] | None, key: str | None = None) -> None:
+        """Put the result of an own write into the table without waking (body None: deleted)."""
+        table = self.tables[kind]
+        if body is None:
+            if key is not None:
+                table.pop(key, None)
+            return
+        key = object_key(kind, body)
+        old, new = _version(table.get(key)), _version(body)
+        if key not in table or old is None or (new is not None and new > old):
+            table[key] = _stored(kind, body)
+
+    def take_dirty(self) -> set[tuple[str, str]]:
+        """(kind, key) of the foreign changes since the last call (a pass is due when non-empty).
+
+        Own writes are told apart here, not when their events arrive: an event can overtake
+        the write's reply, and by now the pass that wrote has registered all its writes.
+        """
+        dirty, self.dirty = self.dirty, set()
+        self.changed.clear()
+        return {(kind, key) for kind, key, version in dirty if not self.own.claim(kind, key, version)}
+
+    def _changed(self, kind: str, key: str, version: str) -> None:
+        self.dirty.add((kind, key, version))
+        self.changed.set()
+
+    def _track_references(self) -> None:
+        referenced = configmap_refs(self.bpfprograms.values())
+        for key in set(self.tables["ConfigMap"]) - referenced:
+            del self.tables["ConfigMap"][key]
+        new = referenced - self.referenced
+        self.referenced = referenced
+        self.unknown_configmaps &= referenced
+        if "ConfigMap" in self.listed:
+            for key in sorted(new):
+                self.unknown_configmaps.add(key)
+                if self.on_unknown_configmap is not None:
+                    self.on_unknown_configmap(key)
+        self._update_primed()
+
+    def _update_primed(self) -> None:
+        if self.listed.issuperset(KINDS) and not self.unknown_configmaps:
+            self.primed.set()
+        else:
+            self.primed.clear()
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -131,6 +300,7 @@ class ClusterCache:
             },
             policies=list(self.tables["NetworkIdentityPolicy"].values()),
             identities=list(self.tables["NetworkIdentity"].values()),
+            configmaps={key: dict(body.get("data") or {}) for key, body in self.tables["ConfigMap"].items()},
         )
 
     def reports_for(self, bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:

@@ -2,9 +2,10 @@
 
 Valid says whether the spec could be compiled (and carries warnings about parts that cannot
 take effect); Ready says whether every node with a selected endpoint runs the state written
-for it: its daemon reports status.networkPolicy.enforcing for at least the BpfNodeState
-generation the operator last wrote. A node's generation moves with any change to its
-state, so Ready can dip briefly for edits elsewhere: it never claims more than is known.
+for it: its daemon reports status.networkPolicy.enforcing with the observedRevision of the
+spec.networkPolicy the operator wrote. The revision is the policy's own: a BpfProgram
+change on the node moves metadata.generation but not it, so Ready does not dip for it.
+(A daemon that reports no revision is compared by generation, as before.)
 """
 
 from __future__ import annotations
@@ -29,18 +30,18 @@ class NodeEnforcement:
     """status.networkPolicy of the BpfNodeState."""
     write_error: str | None = None
     """Why the operator could not write the node's state, if it could not."""
+    revision: str | None = None
+    """spec.networkPolicy.revision written."""
 
     @property
     def enforcing(self) -> bool:
         reported = self.reported or {}
+        if self.write_error is not None or not reported.get("enforcing"):
+            return False
+        if self.revision is not None and reported.get("observedRevision") is not None:
+            return reported["observedRevision"] == self.revision
         observed = reported.get("observedGeneration")
-        return (
-            self.write_error is None
-            and bool(reported.get("enforcing"))
-            and observed is not None
-            and self.generation is not None
-            and observed >= self.generation
-        )
+        return observed is not None and self.generation is not None and observed >= self.generation
 
 
 def _listed(items: list[str]) -> str:

@@ -2,20 +2,30 @@
 
 Every change (BpfProgram, Node, BpfNodeState status, referenced ConfigMap, Pod, Namespace,
 NetworkIdentityPolicy, NetworkIdentity) only wakes this loop; bursts coalesce into one pass.
-A pass writes a BpfNodeState only when its desired spec (programs and network policy)
-differs and a status only when the aggregate differs, so restarts and resyncs cause no
-churn. Identities are persisted before any node state names them, and collected only after
-the node states stopped naming them.
+The changes the operator's own writes cause come back as watch events too: they are
+recognised by the resourceVersions the writes returned and wake nothing. A pass writes a
+BpfNodeState only when its desired spec (programs and network policy) differs and a status
+only when the aggregate differs, so restarts and resyncs cause no churn. Identities are
+persisted before any node state names them, and collected only after the node states
+stopped naming them.
+
+The BpfProgram finalizer is the reconciler's too (level-based, no stored diffbase): added
+on first sight, removed once no existing node reports the program, with small merge
+patches guarded by resourceVersion, so deletion completes for any object the API accepts
+(kopf's annotations would not fit beside a large client-side-applied source).
+
+The loop is supervised: a failing pass is retried with back-off, an unexpected error in
+the loop itself restarts it, and both show on the health endpoint (health.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
+import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +33,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from beekeeper import kube
 from beekeeper.crds.bpfprogram import BpfProgramStatus
 from beekeeper.crds.common import ApiModel, timestamp
 from beekeeper.crds.names import (
@@ -35,10 +46,11 @@ from beekeeper.crds.names import (
     VERSION,
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
-from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram
+from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, policy_revision
 from beekeeper.operator import policy_status
-from beekeeper.operator.cache import ClusterCache, Snapshot, program_reports
+from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
+from beekeeper.operator.health import Health
 from beekeeper.operator.identities import (
     IdentityKey,
     gc_grace_seconds,
@@ -53,8 +65,12 @@ from beekeeper.operator.program_status import aggregate
 
 log = logging.getLogger(__name__)
 
-RESYNC_SECONDS = 60.0
+RESYNC_ENV = "BEEKEEPER_RESYNC_SECONDS"
+"""Seconds between passes when nothing changes (default 60); the liveness bound is three of them."""
 DEBOUNCE_SECONDS = 0.05
+RETRY_MAX_SECONDS = 30.0
+FINALIZER = "beekeeper.dev/detach"
+"""Holds a BpfProgram until every node has detached it (the name kopf used before, so old objects keep working)."""
 IDENTITY_ALLOCATION_ROUNDS = 5
 """Re-plans after 409 conflicts (another writer took a number) before a pass gives up on the rest."""
 NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules")
@@ -76,8 +92,8 @@ class PassResult:
     """What a pass hands back to the event loop."""
 
     notices: list[Notice] = field(default_factory=list)
-    identities_created: list[dict[str, Any]] = field(default_factory=list)
-    identities_deleted: list[str] = field(default_factory=list)
+    written: list[tuple[str, str, dict[str, Any] | None]] = field(default_factory=list)
+    """(kind, key, the object as written or None when deleted): the pass's own writes, for the cache."""
     wake_in: float | None = None
     """Seconds until an unused identity's grace period ends and a pass should collect it."""
 
@@ -87,7 +103,6 @@ class Identities:
     """One pass's persisted identities and the collection due after the node states are written."""
 
     assigned: dict[IdentityKey, int]
-    created: list[dict[str, Any]]
     delete: list[int]
     next_gc: float | None
 
@@ -125,6 +140,17 @@ def _normal(model: type[ApiModel], status: Mapping[str, Any] | None) -> dict[str
         return dict(status or {})
 
 
+def _describe(exc: Exception) -> str:
+    """One line for logs and /healthz: the apiserver's words for a refused request."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}: {kube.api_message(exc)}"[:1024]
+    return f"{type(exc).__name__}: {exc}"[:1024]
+
+
+def resync_seconds() -> float:
+    return float(os.environ.get(RESYNC_ENV) or 60)
+
+
 class Reconciler:
     """Computes and writes desired state; beyond the cache it only remembers since when identities are unused."""
 
@@ -133,79 +159,90 @@ class Reconciler:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.identity_gc_grace = gc_grace_seconds()
+        self.resync = resync_seconds()
         self._unused_since: dict[int, float] = {}
         """Identity number -> time.monotonic() it was first seen unused (touched by the pass thread only)."""
+        self._written: list[tuple[str, str, dict[str, Any] | None]] = []
+        """The current pass's own writes (pass thread only)."""
 
-    async def prime(self) -> None:
-        """One full list of every input before the first decision."""
+    async def supervise(self, health: Health) -> None:
+        """Run the loop forever: an unexpected error restarts it (with back-off) instead of ending it."""
+        health.update(loop_running=True)
+        try:
+            while True:
+                try:
+                    await self.run(health)
+                except Exception as exc:
+                    delay = min(RETRY_MAX_SECONDS, 2.0**health.restarts)
+                    health.update(restarts=health.restarts + 1, last_error=_describe(exc))
+                    log.exception(
+                        "reconcile loop failed; restarting", extra={"restarts": health.restarts, "retryIn": delay}
+                    )
+                    await asyncio.sleep(delay)
+        finally:
+            health.update(loop_running=False)
 
-        def list_all() -> dict[str, list[dict[str, Any]]]:
-            def custom(plural: str) -> list[dict[str, Any]]:
-                return self.custom.list_cluster_custom_object(GROUP, VERSION, plural)["items"]
-
-            def core(items: Iterable[Any]) -> list[dict[str, Any]]:
-                return [self.core.api_client.sanitize_for_serialization(i) for i in items]
-
-            return {
-                "BpfProgram": custom(BPF_PROGRAM_PLURAL),
-                "BpfNodeState": custom(BPF_NODE_STATE_PLURAL),
-                "NetworkIdentityPolicy": custom(NETWORK_IDENTITY_POLICY_PLURAL),
-                "NetworkIdentity": custom(NETWORK_IDENTITY_PLURAL),
-                "Node": core(self.core.list_node().items),
-                "Namespace": core(self.core.list_namespace().items),
-                "Pod": core(self.core.list_pod_for_all_namespaces().items),
-            }
-
-        for kind, items in (await asyncio.to_thread(list_all)).items():
-            self.cache.replace(kind, items)
-        self.cache.primed.set()
-        log.info(
-            "cache primed",
-            extra={kind.lower(): len(table) for kind, table in self.cache.tables.items()},
-        )
-
-    async def run(self) -> None:
-        """Forever: wait for a change (or the resync period), coalesce, reconcile once."""
-        await self.cache.primed.wait()
-        timeout = RESYNC_SECONDS
+    async def run(self, health: Health) -> None:
+        """Wait for a foreign change (or the resync period), coalesce, reconcile once; again."""
+        timeout = 0.0  # a first pass as soon as the cache is primed, even in an empty cluster
         while True:
-            with contextlib.suppress(TimeoutError):  # the resync period passed: reconcile anyway
+            try:
                 await asyncio.wait_for(self.cache.changed.wait(), timeout=timeout)
+                due = False
+            except TimeoutError:  # the resync period (or a retry back-off) passed: reconcile anyway
+                due = True
             await asyncio.sleep(DEBOUNCE_SECONDS)
-            self.cache.changed.clear()
+            if not self.cache.primed.is_set():
+                log.info("waiting for the informers' listings")
+                await self.cache.primed.wait()
+            if not health.primed:
+                health.update(primed=True)
+                log.info("cache primed", extra={kind.lower(): len(t) for kind, t in self.cache.tables.items()})
+            dirty = self.cache.take_dirty()
+            if not dirty and not due:
+                timeout = self.resync
+                continue  # only the operator's own writes came back
+            health.pass_began()
             try:
                 result = await asyncio.to_thread(self.reconcile, self.cache.snapshot())
-            except Exception:
-                log.exception("reconcile pass failed; retrying")
-                await asyncio.sleep(1)
-                self.cache.changed.set()
+            except Exception as exc:
+                health.pass_failed(_describe(exc))
+                delay = min(RETRY_MAX_SECONDS, 2.0 ** (health.consecutive_failures - 1))
+                log.error(
+                    "reconcile pass failed; retrying",
+                    exc_info=True,
+                    extra={"failures": health.consecutive_failures, "retryIn": delay, "changes": len(dirty)},
+                )
+                await asyncio.sleep(delay)
+                timeout = 0
                 continue
-            # Our own identity writes, so the next pass sees them even before their watch events.
-            for body in result.identities_created:
-                self.cache.observe("NetworkIdentity", "ADDED", body, wake=False)
-            for name in result.identities_deleted:
-                self.cache.observe("NetworkIdentity", "DELETED", {"metadata": {"name": name}}, wake=False)
-            timeout = min(RESYNC_SECONDS, result.wake_in) if result.wake_in is not None else RESYNC_SECONDS
+            for kind, key, body in result.written:  # seen by the next pass even before their watch events
+                self.cache.record_own(kind, body, key)
+            health.pass_done()
+            shown = ", ".join(f"{kind}/{key}" for kind, key in sorted(dirty)[:5])
+            log.debug("reconcile pass", extra={"changes": len(dirty), "changed": shown, "writes": len(result.written)})
+            timeout = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
             for notice in result.notices:
                 await asyncio.to_thread(self._post, notice)
 
+    def _wrote(self, kind: str, body: Mapping[str, Any]) -> None:
+        """Note an own write: its watch event must not wake the loop, the next pass must see it."""
+        key = object_key(kind, body)
+        self.cache.own.expect(kind, key, str(body["metadata"]["resourceVersion"]))
+        self._written.append((kind, key, dict(body)))
+
+    def _deleted(self, kind: str, key: str) -> None:
+        self.cache.own.expect(kind, key, DELETED)
+        self._written.append((kind, key, None))
+
     def reconcile(self, snapshot: Snapshot) -> PassResult:
         """One pass; returns the Events to post and the cache updates. Runs in a worker thread (blocking client)."""
-        configmaps: dict[tuple[str, str], Mapping[str, str] | None] = {}
-
-        def configmap(namespace: str, name: str) -> Mapping[str, str] | None:
-            if (namespace, name) not in configmaps:
-                try:
-                    configmaps[namespace, name] = self.core.read_namespaced_config_map(name, namespace).data or {}
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
-                    configmaps[namespace, name] = None
-            return configmaps[namespace, name]
-
+        self._written = []
         bpfprograms, nodestates = snapshot.bpfprograms, snapshot.nodestates
+        for body in bpfprograms:
+            self._hold(body)
         node_labels = snapshot.node_labels()
-        placements = place(bpfprograms, node_labels, configmap)
+        placements = place(bpfprograms, node_labels, snapshot.configmap)
         desired = node_programs(placements, node_labels)
 
         pods = pod_records(snapshot.pods, snapshot.namespaces)
@@ -220,23 +257,25 @@ class Reconciler:
         for node, programs in desired.items():
             existing = nodestates.get(node)
             try:
-                generation = self._write_nodestate(node, programs, compiled.nodes.get(node), existing)
+                generation, revision = self._write_nodestate(node, programs, compiled.nodes.get(node), existing)
                 error = None
             except ApiException as exc:
                 if exc.status is None or not 400 <= exc.status < 500:
                     raise
-                generation, error = None, f"{exc.status} {exc.reason}"
+                generation, revision, error = None, None, f"{exc.status} {exc.reason}"
                 log.error("bpfnodestate not written", extra={"node": node, "status": exc.status, "reason": exc.reason})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
-            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error)
+            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error, revision)
         for node in sorted(set(nodestates) - set(node_labels)):
             self._delete_nodestate(node)
 
         reports = {p["metadata"]["name"]: p for p in bpfprograms}
-        result = PassResult(identities_created=identities.created)
+        result = PassResult()
         now = timestamp()
         for placement in placements:
             body = reports[placement.name]
+            if placement.deleting and self._release(body, nodestates, snapshot.nodes):
+                continue
             previous = body.get("status") or {}
             node_reports = program_reports(nodestates, placement.name)
             status = aggregate(placement, node_reports, previous, placement.deleting, now)
@@ -255,7 +294,8 @@ class Reconciler:
             if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
                 self._patch_policy_status(outcome.namespace, outcome.name, status)
 
-        result.identities_deleted = self._collect(identities.delete)
+        self._collect(identities.delete)
+        result.written = self._written
         if identities.next_gc is not None:
             result.wake_in = max(0.0, identities.next_gc - time.monotonic())
         return result
@@ -269,7 +309,6 @@ class Reconciler:
         """
         existing = parse_identities(identity_bodies)
         wanted = {pod.key for pod in pods}
-        created: list[dict[str, Any]] = []
         for _ in range(IDENTITY_ALLOCATION_ROUNDS):
             plan = plan_identities(wanted, existing, self._unused_since, time.monotonic(), self.identity_gc_grace)
             conflicts = False
@@ -280,15 +319,13 @@ class Reconciler:
                     continue
                 parsed = parse_identity(body)
                 existing[number] = parsed[1] if parsed else None
-                if existing[number] == key:
-                    created.append(body)
-                else:
+                if existing[number] != key:
                     conflicts = True
             if not conflicts:
                 break
         self._unused_since = plan.unused_since
         assigned = {key: number for key, number in plan.assigned.items() if existing.get(number) == key}
-        return Identities(assigned, created, plan.delete, plan.next_gc)
+        return Identities(assigned, plan.delete, plan.next_gc)
 
     def _create_identity(self, number: int, key: IdentityKey) -> dict[str, Any] | None:
         """The object now holding `number` (ours, or another writer's on 409); None if the API refuses ours."""
@@ -297,6 +334,7 @@ class Reconciler:
             body = self.custom.create_cluster_custom_object(
                 GROUP, VERSION, NETWORK_IDENTITY_PLURAL, identity_body(number, key)
             )
+            self._wrote("NetworkIdentity", body)
             log.info("identity allocated", extra=extra)
             return body
         except ApiException as exc:
@@ -312,9 +350,8 @@ class Reconciler:
                 return None
             raise
 
-    def _collect(self, numbers: list[int]) -> list[str]:
-        """Delete identities unused for the whole grace period; returns the names gone."""
-        gone = []
+    def _collect(self, numbers: list[int]) -> None:
+        """Delete identities unused for the whole grace period."""
         for number in numbers:
             try:
                 self.custom.delete_cluster_custom_object(GROUP, VERSION, NETWORK_IDENTITY_PLURAL, str(number))
@@ -322,8 +359,39 @@ class Reconciler:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
-            gone.append(str(number))
-        return gone
+            self._deleted("NetworkIdentity", str(number))
+
+    def _hold(self, body: Mapping[str, Any]) -> None:
+        """Add the finalizer to a BpfProgram that lacks it (before any node is told to run it)."""
+        meta = body["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp") or FINALIZER in finalizers:
+            return
+        self._patch_finalizers(meta, [*finalizers, FINALIZER])
+
+    def _release(self, body: Mapping[str, Any], nodestates: Mapping[str, Any], nodes: Mapping[str, Any]) -> bool:
+        """Remove the finalizer of a deleted BpfProgram once no existing node reports it; True when done."""
+        meta = body["metadata"]
+        waiting = sorted(node for node in program_reports(nodestates, meta["name"]) if node in nodes)
+        if waiting:
+            log.debug("waiting for nodes to detach", extra={"bpfprogram": meta["name"], "nodes": len(waiting)})
+            return False
+        finalizers = list(meta.get("finalizers") or [])
+        if FINALIZER in finalizers:
+            self._patch_finalizers(meta, [f for f in finalizers if f != FINALIZER])
+            log.info("detached from every node", extra={"bpfprogram": meta["name"]})
+        return True
+
+    def _patch_finalizers(self, meta: Mapping[str, Any], finalizers: list[str]) -> None:
+        """A merge patch of metadata.finalizers only, guarded by resourceVersion (409: the change wakes a pass)."""
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        try:
+            written = self.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, meta["name"], patch)
+        except ApiException as exc:
+            if exc.status in (404, 409):  # gone, or changed meanwhile: its watch event brings the next pass
+                return
+            raise
+        self._wrote("BpfProgram", written)
 
     def _post(self, notice: Notice) -> None:
         """Create a core/v1 Event; events of cluster-scoped objects live in `default`, as kubectl expects."""
@@ -348,6 +416,8 @@ class Reconciler:
             self.core.create_namespaced_event("default", event)
         except ApiException as exc:
             log.warning("posting event failed", extra={"reason": notice.reason, "status": exc.status})
+        except Exception as exc:  # transport errors: an Event is informational, the status already says it
+            log.warning("posting event failed", extra={"reason": notice.reason, "error": str(exc)[:300]})
 
     def _notice(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> Notice:
         phase = status["phase"]
@@ -364,9 +434,15 @@ class Reconciler:
         programs: list[dict[str, Any]],
         network_policy: dict[str, Any] | None,
         existing: Mapping[str, Any] | None,
-    ) -> int | None:
-        """Write the node's spec if it differs; returns the state's metadata.generation afterwards."""
-        spec = {"programs": programs, "networkPolicy": network_policy}
+    ) -> tuple[int | None, str | None]:
+        """Write the node's spec if it differs; returns its generation and networkPolicy.revision afterwards."""
+        old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
+        same_policy = _same_network_policy(old_policy, network_policy)
+        revision = None
+        if network_policy is not None:  # hashed only when it changed: the stored revision stands for it otherwise
+            revision = ((old_policy or {}).get("revision") if same_policy else None) or policy_revision(network_policy)
+        written_policy = None if network_policy is None else {**network_policy, "revision": revision}
+        spec = {"programs": programs, "networkPolicy": written_policy}
         extra = {
             "node": node,
             "bpfprograms": len(programs),
@@ -375,15 +451,18 @@ class Reconciler:
         }
         if existing is not None:
             old = existing.get("spec") or {}
-            if _normal_programs(old.get("programs")) == programs and _same_network_policy(
-                old.get("networkPolicy"), network_policy
+            if (
+                _normal_programs(old.get("programs")) == programs
+                and same_policy
+                and (old_policy or {}).get("revision") == revision
             ):
-                return existing["metadata"].get("generation")
+                return existing["metadata"].get("generation"), revision
             written = self.custom.patch_cluster_custom_object(
                 GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
             )
+            self._wrote("BpfNodeState", written)
             log.info("bpfnodestate updated", extra=extra)
-            return written["metadata"].get("generation")
+            return written["metadata"].get("generation"), revision
         node_obj = self.core.read_node(node)
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -405,7 +484,8 @@ class Reconciler:
             written = self.custom.patch_cluster_custom_object(
                 GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
             )
-        return written["metadata"].get("generation")
+        self._wrote("BpfNodeState", written)
+        return written["metadata"].get("generation"), revision
 
     def _delete_nodestate(self, node: str) -> None:
         try:
@@ -414,10 +494,14 @@ class Reconciler:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+        self._deleted("BpfNodeState", node)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
         try:
-            self.custom.patch_cluster_custom_object_status(GROUP, VERSION, BPF_PROGRAM_PLURAL, name, {"status": status})
+            written = self.custom.patch_cluster_custom_object_status(
+                GROUP, VERSION, BPF_PROGRAM_PLURAL, name, {"status": status}
+            )
+            self._wrote("BpfProgram", written)
             log.info(
                 "bpfprogram status", extra={"bpfprogram": name, "phase": status["phase"], "ready": status["ready"]}
             )
@@ -427,9 +511,10 @@ class Reconciler:
 
     def _patch_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            written = self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, namespace, NETWORK_IDENTITY_POLICY_PLURAL, name, {"status": status}
             )
+            self._wrote("NetworkIdentityPolicy", written)
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
                 raise

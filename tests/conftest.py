@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Cluster, NodeDaemons, Process, component_env
+from support import Cluster, NodeDaemons, OperatorProcess
 
 from beekeeper import kube
 from beekeeper.devenv import build
@@ -52,14 +51,9 @@ def workdir(cluster: Cluster) -> Path:
 
 
 @pytest.fixture(scope="session")
-def operator_process(cluster: Cluster, workdir: Path) -> Iterator[Process]:
+def operator_process(cluster: Cluster, workdir: Path) -> Iterator[OperatorProcess]:
     """The operator, running for the whole session (tests may restart it)."""
-    proc = Process(
-        "operator",
-        [sys.executable, "-m", "beekeeper.cli", "operator"],
-        workdir / "operator.log",
-        component_env(cluster.kubeconfig),
-    ).start()
+    proc = OperatorProcess.create(cluster.kubeconfig, workdir / "operator.log").start()
     yield proc
     proc.stop()
 

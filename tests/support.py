@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -91,6 +93,41 @@ class Process:
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+@dataclass
+class OperatorProcess(Process):
+    """The operator, with its probe endpoint on health_port."""
+
+    health_port: int = 0
+
+    @classmethod
+    def create(cls, kubeconfig: Path, log: Path, env: dict[str, str] | None = None) -> OperatorProcess:
+        port = processes.free_port()
+        argv = [sys.executable, "-m", "beekeeper.cli", "operator", "--health-port", str(port)]
+        return cls("operator", argv, log, {**component_env(kubeconfig), **(env or {})}, health_port=port)
+
+    def probe(self, path: str) -> tuple[int, dict[str, Any]] | None:
+        """(HTTP status, JSON body) of /healthz or /readyz; None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=5) as resp:
+                return resp.status, json.load(resp)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Until /readyz says the cache is primed and a first pass completed."""
+        return wait_for(lambda: (r := self.probe("/readyz")) and r[0] == 200 and r[1], timeout, "operator ready")
+
+    def restart(self, env: dict[str, str] | None = None, kill: bool = False) -> None:
+        """Stop (or SIGKILL) and start again, optionally with another environment; waits until ready."""
+        self.kill() if kill else self.stop()
+        if env is not None:
+            self.env = env
+        self.start()
+        self.wait_ready()
 
 
 @dataclass

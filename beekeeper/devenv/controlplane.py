@@ -13,7 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import signal
 import ssl
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -108,7 +111,7 @@ class ControlPlane:
         bins = build.ensure_built(progress)
         self.dir.mkdir(parents=True, exist_ok=True)
         server_ips = [self.options.address, KUBERNETES_SERVICE_IP] if self.options.hosts_pods else []
-        pki = ensure_pki(self.dir / "pki", [ip for ip in server_ips if ip != "127.0.0.1"])
+        ensure_pki(self.dir / "pki", [ip for ip in server_ips if ip != "127.0.0.1"])
         state = ControlPlaneState()
 
         state.etcd_port, state.etcd_peer_port = processes.free_port(), processes.free_port()
@@ -135,11 +138,21 @@ class ControlPlane:
         processes.wait_until(lambda: _http_ok(f"{etcd_url}/health"), "etcd", 60, state.etcd_pid, etcd_log)
 
         state.apiserver_port = self.options.port or processes.free_port()
+        self._start_apiserver(state, progress)
+        self._ensure_controller_manager(state)
+        self._ensure_scheduler(state)
+        progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
+        return True
+
+    def _start_apiserver(self, state: ControlPlaneState, progress=print) -> None:
+        """Start kube-apiserver on state.apiserver_port over this plane's etcd and wait until it is ready."""
+        bins = build.binaries()
+        pki = Pki(self.dir / "pki")
         api_log = self.logs / "kube-apiserver.log"
         state.apiserver_pid = processes.spawn(
             [
                 str(bins.kube_apiserver),
-                f"--etcd-servers={etcd_url}",
+                f"--etcd-servers=http://127.0.0.1:{state.etcd_port}",
                 f"--bind-address={self.options.address}",
                 f"--advertise-address={self.options.address}",
                 f"--secure-port={state.apiserver_port}",
@@ -164,10 +177,29 @@ class ControlPlane:
         )
         self._write_kubeconfig(pki, state.apiserver_port)
         processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
-        self._ensure_controller_manager(state)
-        self._ensure_scheduler(state)
-        progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
-        return True
+
+    def kill_apiserver(self) -> None:
+        """SIGKILL only kube-apiserver, like a crash: etcd and its data stay (fault tests)."""
+        state = self.load_state()
+        if processes.alive(state.apiserver_pid):
+            os.killpg(state.apiserver_pid, signal.SIGKILL)
+            processes.wait_until(lambda: not processes.alive(state.apiserver_pid), "kube-apiserver killed", 10)
+
+    def restart_apiserver(self, progress=print) -> None:
+        """Start kube-apiserver again on the same port and etcd, after kill_apiserver()."""
+        state = self.load_state()
+        if processes.alive(state.apiserver_pid):
+            raise RuntimeError(f"kube-apiserver pid {state.apiserver_pid} still runs")
+        for attempt in range(30):
+            try:
+                self._start_apiserver(state, progress)
+                return
+            except RuntimeError as exc:
+                # The port is free for binding only once no socket holds it: another process's
+                # connection may briefly have it as its ephemeral source port.
+                if "address already in use" not in str(exc) or attempt == 29:
+                    raise
+                time.sleep(1)
 
     def _ensure_controller_manager(self, state: ControlPlaneState) -> None:
         if processes.alive(state.controller_manager_pid):

@@ -27,6 +27,7 @@ class Components:
     """Pids of the beekeeper processes `dev up` started."""
 
     operator_pid: int | None = None
+    operator_health_port: int | None = None
     node_daemons: dict[str, int] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -69,8 +70,11 @@ class DevEnvironment:
         env = {"KUBECONFIG": str(self.control_plane.kubeconfig)}
         beekeeper = [sys.executable, "-m", "beekeeper.cli"]
         if not processes.alive(components.operator_pid):
+            components.operator_health_port = processes.free_port()  # another environment may run beside
             components.operator_pid = processes.spawn(
-                [*beekeeper, "operator"], self.root / "logs" / "operator.log", env
+                [*beekeeper, "operator", "--health-port", str(components.operator_health_port)],
+                self.root / "logs" / "operator.log",
+                env,
             )
         daemon_pid = components.node_daemons.get(self.node_name)
         if not processes.alive(daemon_pid):
@@ -151,7 +155,11 @@ class DevEnvironment:
                 f"https://127.0.0.1:{cp.apiserver_port}" if cp.apiserver_port else "",
             ),
             line("kube-controller-manager", cp.controller_manager_pid),
-            line("operator", components.operator_pid, str(self.root / "logs" / "operator.log")),
+            line(
+                "operator",
+                components.operator_pid,
+                f"http://127.0.0.1:{components.operator_health_port}/healthz {self.root / 'logs' / 'operator.log'}",
+            ),
         ]
         rows += [
             line(

@@ -38,6 +38,20 @@ def test_stale_or_not_enforcing_nodes_are_waited_for() -> None:
     assert status["nodesEnforcing"] == 1
 
 
+def test_the_policy_revision_decides_not_the_generation() -> None:
+    """A BpfProgram change moves the node's generation, not its policy: still enforced."""
+    a, b = "a" * 64, "b" * 64
+    report = {"enforcing": True, "observedGeneration": 5, "observedRevision": a}
+    assert NodeEnforcement(7, report, revision=a).enforcing
+    assert not NodeEnforcement(7, report, revision=b).enforcing
+    assert not NodeEnforcement(5, {**report, "enforcing": False}, revision=a).enforcing
+    older_daemon = {"enforcing": True, "observedGeneration": 5}
+    assert (
+        not NodeEnforcement(7, older_daemon, revision=a).enforcing
+        and NodeEnforcement(5, older_daemon, revision=a).enforcing
+    )
+
+
 def test_node_write_errors_are_named() -> None:
     nodes = {"n1": NodeEnforcement(None, {"enforcing": True, "observedGeneration": 9}, "422 Unprocessable Entity")}
     ready = next(c for c in aggregate(outcome({"n1"}), nodes, None, NOW)["conditions"] if c["type"] == "Ready")

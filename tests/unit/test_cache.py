@@ -1,0 +1,87 @@
+"""The operator's cache: relists replace, own writes wake nothing, ConfigMaps only when referenced."""
+
+from __future__ import annotations
+
+from beekeeper.operator.cache import KINDS, ClusterCache
+from beekeeper.operator.health import Health
+
+
+def obj(name: str, version: int, namespace: str | None = None, **extra) -> dict:
+    meta = {"name": name, "resourceVersion": str(version), **({"namespace": namespace} if namespace else {})}
+    return {"metadata": meta, **extra}
+
+
+def listed(cache: ClusterCache, **tables: list[dict]) -> ClusterCache:
+    for kind in KINDS:
+        cache.replace(kind, tables.get(kind, []))
+    return cache
+
+
+def test_a_relist_drops_what_vanished_during_the_gap() -> None:
+    cache = listed(ClusterCache(), NetworkIdentityPolicy=[obj("gone", 1, "ns"), obj("kept", 2, "ns")])
+    assert cache.primed.is_set()
+    cache.take_dirty()
+    cache.replace("NetworkIdentityPolicy", [obj("kept", 2, "ns"), obj("new", 5, "ns")])
+    assert set(cache.tables["NetworkIdentityPolicy"]) == {"ns/kept", "ns/new"}
+    assert cache.take_dirty() == {("NetworkIdentityPolicy", "ns/gone"), ("NetworkIdentityPolicy", "ns/new")}
+
+
+def test_events_apply_in_version_order() -> None:
+    cache = listed(ClusterCache(), Node=[obj("n", 5)])
+    cache.take_dirty()
+    assert not cache.observe("Node", "MODIFIED", obj("n", 4))  # older than what is known
+    assert not cache.observe("Node", "MODIFIED", obj("n", 5))  # the same
+    assert cache.observe("Node", "MODIFIED", obj("n", 6))
+    assert cache.observe("Node", "DELETED", obj("n", 7)) and "n" not in cache.nodes
+    assert not cache.observe("Node", "DELETED", obj("n", 7))
+
+
+def test_own_writes_wake_nothing_whichever_comes_first() -> None:
+    cache = listed(ClusterCache(), BpfNodeState=[obj("a", 1), obj("b", 1)])
+    cache.take_dirty()
+    cache.observe("BpfNodeState", "MODIFIED", obj("a", 2))  # the event overtook the write's reply
+    cache.own.expect("BpfNodeState", "a", "2")
+    cache.own.expect("BpfNodeState", "b", "3")
+    cache.record_own("BpfNodeState", obj("b", 3))  # the reply came first
+    cache.observe("BpfNodeState", "MODIFIED", obj("b", 3))
+    cache.observe("BpfNodeState", "MODIFIED", obj("b", 4))  # someone else's change
+    assert cache.take_dirty() == {("BpfNodeState", "b")}
+    assert cache.nodestates["b"]["metadata"]["resourceVersion"] == "4"
+
+
+def test_only_referenced_configmaps_are_kept_and_a_new_reference_is_fetched() -> None:
+    fetch: list[str] = []
+    cache = ClusterCache(on_unknown_configmap=fetch.append)
+    listed(cache, ConfigMap=[obj("src", 1, "ns", data={"k": "v"}), obj("other", 1, "ns", data={"x": "y"})])
+    assert cache.tables["ConfigMap"] == {} and fetch == []
+    program = obj("p", 2, spec={"source": {"configMapRef": {"namespace": "ns", "name": "src", "key": "k"}}})
+    cache.observe("BpfProgram", "ADDED", program)
+    assert fetch == ["ns/src"] and not cache.primed.is_set()  # no pass decides before it is known
+    cache.fetched("ns/src", obj("src", 1, "ns", data={"k": "v"}))
+    assert cache.primed.is_set() and cache.snapshot().configmap("ns", "src") == {"k": "v"}
+    assert not cache.observe("ConfigMap", "MODIFIED", obj("other", 2, "ns", data={}))
+    cache.observe("ConfigMap", "MODIFIED", obj("src", 3, "ns", data={"k": "w"}))
+    assert cache.snapshot().configmap("ns", "src") == {"k": "w"}
+    cache.observe("BpfProgram", "DELETED", program)
+    assert cache.tables["ConfigMap"] == {}
+
+
+def test_a_configmap_deleted_while_being_fetched_stays_absent() -> None:
+    cache = listed(ClusterCache(on_unknown_configmap=lambda key: None))
+    ref = obj("p", 2, spec={"source": {"configMapRef": {"namespace": "ns", "name": "src", "key": "k"}}})
+    cache.observe("BpfProgram", "ADDED", ref)
+    cache.observe("ConfigMap", "DELETED", obj("src", 4, "ns"))
+    cache.fetched("ns/src", obj("src", 3, "ns", data={"k": "stale"}))
+    assert cache.primed.is_set() and cache.snapshot().configmap("ns", "src") is None
+
+
+def test_liveness_fails_when_the_loop_stopped_or_no_pass_completes() -> None:
+    health = Health(resync_seconds=10, started=100.0, loop_running=True)
+    assert health.live(now=125.0)[0]
+    assert not health.live(now=131.0)[0]  # 3 resync periods without a completed pass
+    health.pass_done()
+    assert health.live()[0]
+    health.update(loop_running=False)
+    healthy, report = health.live()
+    assert not healthy and report["problem"] == "the reconcile loop has stopped"
+    assert health.ready() == (False, {"primed": False, "passes": 1})
