@@ -259,8 +259,9 @@ def test_a_daemon_token_bound_to_this_node_cannot_change_another_nodes_state(
             "metadata": {"name": other},
             "spec": {"nodeName": other},
         }
-        if node_cluster.kubectl("get", "bpfnodestate", other, check=False).returncode != 0:
-            node_cluster.kubectl("create", "-f", "-", input=json.dumps(state))
+        # The operator makes one for every Node; create it first if it has not yet.
+        created = node_cluster.kubectl("create", "-f", "-", input=json.dumps(state), check=False)
+        assert created.returncode == 0 or "AlreadyExists" in created.stderr, created.stderr
         body = {"status": {"attached": "0/0"}}
         own, _ = _as_token(
             realnode, token, "PATCH", f"/apis/beekeeper.dev/v1alpha1/bpfnodestates/{realnode.node_name}/status", body
