@@ -452,8 +452,11 @@ def compile_policies(
                     outcome.selected.add(pod.ref)
                     outcome.nodes.add(pod.node)
 
+    # No valid policy anywhere: nothing to enforce, so no node runs the datapath at all (a node
+    # told None detaches it). Otherwise the programs would stay on every pod's veth for good,
+    # and an uninstall could never leave the nodes' kernels clean.
     compiled = {
-        node: _node_policy(endpoints, nodes[node], compiler, cidr_ids) if endpoints else None
+        node: _node_policy(endpoints, nodes[node], compiler, cidr_ids) if endpoints and valid else None
         for node, endpoints in per_node.items()
     }
     return CompiledPolicies(compiled, outcomes)
