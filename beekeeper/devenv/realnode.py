@@ -171,39 +171,43 @@ class RealNode:
             fake.write_text(value + "\n")
             script.append(f"mount --bind {fake} /proc/sys/{name}")
         script += ["ip link set lo up", f"echo $$ > {self.dir / 'holder.pid'}", "exec sleep infinity"]
-        (self.dir / "holder.pid").unlink(missing_ok=True)
+        pid_file, locked = self.dir / "holder.pid", self.dir / "locked"
+        pid_file.unlink(missing_ok=True)
+        locked.unlink(missing_ok=True)
+        # The lock has a keeper of its own, stopped last by down(): a rig waiting for this
+        # machine starts only once everything of this one is gone.
         state.lock_pid = processes.spawn(
             [
                 "flock",
                 "--wait" if lock_wait else "--nonblock",
                 *([str(lock_wait)] if lock_wait else []),
-                "--conflict-exit-code",
-                "75",
                 str(LOCK),
-                "unshare",
-                "--mount",
-                "--net",
-                "--propagation",
-                "slave",
-                "--",
                 "sh",
                 "-c",
-                "\n".join(script),
+                f"echo locked > {locked}; exec sleep infinity",
             ],
-            self.logs / "holder.log",
+            self.logs / "lock.log",
         )
         self._save(state)
-        pid_file = self.dir / "holder.pid"
 
-        def ready() -> bool:
+        def lock_taken() -> bool:
             if not processes.alive(state.lock_pid):
                 raise RuntimeError(
                     "another real-node rig holds this machine (only one can run: fixed addresses); "
-                    f"see `beekeeper dev cluster status` or {self.logs / 'holder.log'}"
+                    f"see `beekeeper dev cluster status` or {self.logs / 'lock.log'}"
                 )
+            return locked.exists()
+
+        processes.wait_until(lock_taken, "the real-node rig lock", lock_wait + 30)
+        holder = processes.spawn(
+            ["unshare", "--mount", "--net", "--propagation", "slave", "--", "sh", "-c", "\n".join(script)],
+            self.logs / "holder.log",
+        )
+
+        def ready() -> bool:
             return pid_file.exists() and pid_file.read_text().strip() != ""
 
-        processes.wait_until(ready, "rig namespaces", lock_wait + 30)
+        processes.wait_until(ready, "rig namespaces", 30, holder, self.logs / "holder.log")
         state.holder_pid = int(pid_file.read_text())
         self._save(state)
         progress(f"[realnode] namespaces held by pid {state.holder_pid}")
@@ -337,7 +341,6 @@ class RealNode:
             for pid in _pids_in_namespace("mnt", holder_mnt):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        processes.stop(state.lock_pid)
         if processes.alive(state.holder_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state.holder_pid, signal.SIGKILL)
@@ -356,6 +359,7 @@ class RealNode:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         if self._state_file.exists():
             self._save(RigState(timings=state.timings))
+        processes.stop(state.lock_pid)  # last: the next rig may start now
 
     def _kill_pods(self) -> None:
         """SIGKILL every process in the rig's pod cgroups until they are empty (containers)."""
