@@ -9,11 +9,11 @@ say() { printf '[install] %s\n' "$*" >&2; }
 
 # bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
 # iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane,
-# debootstrap/buildah/skopeo to build the container image without Docker or a registry.
+# debootstrap/buildah/skopeo to build the container image without Docker or a registry, nft for the test rig.
 PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod
-    debootstrap buildah skopeo)
-# The real-node test rig: container runtime, CNI plugins (ptp), nft for kube-proxy's nftables mode.
-PACKAGES+=(containerd runc containernetworking-plugins nftables)
+    debootstrap buildah skopeo nftables)
+# The real-node test rig: container runtime, CNI plugins (ptp).
+PACKAGES+=(containerd runc containernetworking-plugins)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
