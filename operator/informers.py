@@ -41,7 +41,8 @@ PAGE = 500
 WATCH_SECONDS = 300
 """Server-side watch timeout; the watch is then resumed from the last resourceVersion."""
 CONNECT_SECONDS = 10
-BACKOFF_MAX_SECONDS = 5.0
+BACKOFF_MAX_SECONDS = 2.5
+"""An apiserver back after a restart is found within this (watches are cheap to re-open)."""
 
 Lister = Callable[..., Any]
 """A kubernetes client list function taking the list/watch query parameters."""
@@ -85,11 +86,17 @@ def _raise_for_status(resp: Any) -> None:
 
 
 def _lines(resp: Any) -> Iterator[bytes]:
-    buffer = b""
+    """The watch stream's events, one JSON line each (only new bytes are searched: events can be MBs)."""
+    pending = bytearray()
     for chunk in resp.stream(amt=None, decode_content=False):
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        yield from (line for line in complete if line.strip())
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            pending += chunk[start:end]
+            if pending.strip():
+                yield bytes(pending)
+            pending.clear()
+            start = end + 1
+        pending += chunk[start:]
 
 
 class Informer:

@@ -184,12 +184,12 @@ class Reconciler:
 
     async def run(self, health: Health) -> None:
         """Wait for a foreign change (or the resync period), coalesce, reconcile once; again."""
-        timeout = 0.0  # a first pass as soon as the cache is primed, even in an empty cluster
+        due_at = time.monotonic()  # a first pass as soon as the cache is primed, even in an empty cluster
         while True:
             try:
-                await asyncio.wait_for(self.cache.changed.wait(), timeout=timeout)
+                await asyncio.wait_for(self.cache.changed.wait(), timeout=max(0.0, due_at - time.monotonic()))
                 due = False
-            except TimeoutError:  # the resync period (or a retry back-off) passed: reconcile anyway
+            except TimeoutError:  # the resync period (or a retry back-off, or an identity's grace) passed
                 due = True
             await asyncio.sleep(DEBOUNCE_SECONDS)
             if not self.cache.primed.is_set():
@@ -200,7 +200,6 @@ class Reconciler:
                 log.info("cache primed", extra={kind.lower(): len(t) for kind, t in self.cache.tables.items()})
             dirty = self.cache.take_dirty()
             if not dirty and not due:
-                timeout = self.resync
                 continue  # only the operator's own writes came back
             health.pass_began()
             try:
@@ -214,14 +213,15 @@ class Reconciler:
                     extra={"failures": health.consecutive_failures, "retryIn": delay, "changes": len(dirty)},
                 )
                 await asyncio.sleep(delay)
-                timeout = 0
+                due_at = time.monotonic()
                 continue
             for kind, key, body in result.written:  # seen by the next pass even before their watch events
                 self.cache.record_own(kind, body, key)
             health.pass_done()
             shown = ", ".join(f"{kind}/{key}" for kind, key in sorted(dirty)[:5])
             log.debug("reconcile pass", extra={"changes": len(dirty), "changed": shown, "writes": len(result.written)})
-            timeout = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
+            wait = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
+            due_at = time.monotonic() + wait
             for notice in result.notices:
                 await asyncio.to_thread(self._post, notice)
 

@@ -9,6 +9,7 @@ probes say the truth. Figures are printed (run with -s to see them).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -253,19 +254,28 @@ def test_operator_sigkill_writes_nothing_for_unchanged_state(
 
 
 def test_own_writes_do_not_trigger_passes(api: Api, operator: OperatorProcess) -> None:
-    """Each edit costs one pass: the watch events of the operator's own writes wake nothing."""
+    """Each edit costs one pass: the watch events of the operator's own writes wake nothing.
+
+    Read from the operator's debug log, which names what woke each pass (other tests' leftovers
+    being cleaned up on this plane wake passes too, so a bare pass count would not do).
+    """
     node = api.node()
     two_pods(api, node)
     api.apply(policy(api.namespace, "p", 80))
     wait_for(lambda: api.policy("p").get("status", {}).get("observedGeneration") == 1, 30, "policy status")
     wait_for(lambda: api.enforced(node) == {("p", 80)}, 30, "rule on the node")
-    before = operator.probe("/healthz")[1]["passes"]
+    offset = operator.log.stat().st_size
     for generation, port in ((2, 81), (3, 82)):
         api.apply(policy(api.namespace, "p", port))
         wait_for(lambda g=generation: api.policy("p").get("status", {}).get("observedGeneration") == g, 30, "status")
         assert api.enforced(node) == {("p", port)}
-    after = operator.probe("/healthz")[1]["passes"]
-    assert after - before == 2, f"{after - before} passes for 2 edits (own writes woke the loop)"
+    api.core.patch_namespace(api.namespace, {"metadata": {"annotations": {"poke": "1"}}})  # a last foreign change
+    wake = f"Namespace/{api.namespace}"
+    wait_for(lambda: wake in operator.log.read_text()[offset:], 30, "the pass after the edits")
+    passes = [line for line in operator.log.read_text()[offset:].splitlines() if 'msg="reconcile pass"' in line]
+    ours = [line for line in passes if f"NetworkIdentityPolicy/{api.namespace}/p" in line]
+    echoes = [line for line in passes if f"BpfNodeState/{node}" in line]  # no daemon writes there: only we do
+    assert len(ours) == 2 and not echoes, "\n".join(passes)
 
 
 def test_rapid_edits_converge_with_bounded_writes(api: Api, operator: OperatorProcess, daemons: NodeDaemons) -> None:
@@ -332,6 +342,35 @@ def test_large_source_applied_client_side_can_be_deleted(api: Api, daemons: Node
     wait_for(lambda: api.program(name) is None, 30, "the BpfProgram gone")
     print(f"\n{len(source)} byte source: deleted {time.monotonic() - started:.2f}s after kubectl delete")
     assert not [p for p in (api.nodestate(daemon.node).get("status") or {}).get("programs") or []]
+
+
+def test_configmap_source_follows_the_configmap(api: Api, daemons: NodeDaemons) -> None:
+    """A source from a ConfigMap: missing, created, edited, deleted — read from the watch, never per pass."""
+    daemon = daemons(backend="fake")
+    name = f"cm-{uuid.uuid4().hex[:6]}"
+    program = bpfprogram(name, daemon.node)
+    program["spec"]["source"] = {"configMapRef": {"namespace": api.namespace, "name": "src", "key": "prog.c"}}
+    api.apply(program)
+
+    def status_says(text: str) -> bool:
+        return text in json.dumps((api.program(name) or {}).get("status") or {})
+
+    def node_source() -> str | None:
+        entries = (api.nodestate(daemon.node).get("spec") or {}).get("programs") or []
+        return entries[0]["source"] if entries else None
+
+    try:
+        wait_for(lambda: status_says("ConfigMap " + api.namespace + "/src not found"), 30, "missing ConfigMap named")
+        configmap = {"metadata": {"name": "src"}, "data": {"prog.c": SOURCE}}
+        api.core.create_namespaced_config_map(api.namespace, configmap)
+        wait_for(lambda: ((api.program(name) or {}).get("status") or {}).get("phase") == "Ready", 60, "Ready")
+        assert node_source() == SOURCE
+        api.core.patch_namespaced_config_map("src", api.namespace, {"data": {"prog.c": SOURCE + "// v2\n"}})
+        wait_for(lambda: node_source() == SOURCE + "// v2\n", 30, "the edited source on the node")
+        api.core.delete_namespaced_config_map("src", api.namespace)
+        wait_for(lambda: status_says("not found"), 30, "the deleted ConfigMap named")
+    finally:
+        api.plane.kubectl("delete", "bpfprogram", name, "--wait=false", check=False)
 
 
 def failing_webhook(port: int) -> dict[str, Any]:
