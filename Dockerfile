@@ -40,7 +40,9 @@ COPY --from=build /opt/beekeeper /opt/beekeeper
 RUN mkdir /opt/beekeeper/system-bcc \
     && ln -s /usr/lib/python3/dist-packages/bcc /opt/beekeeper/system-bcc/bcc \
     && echo /opt/beekeeper/system-bcc > "$(/opt/beekeeper/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/system-bcc.pth" \
-    && /opt/beekeeper/bin/python -c 'import bcc, beekeeper.cli, beekeeper.operator.handlers'
+    && /opt/beekeeper/bin/python -c 'import bcc, beekeeper.cli, beekeeper.operator.handlers' \
+    && groupadd --gid 65532 beekeeper \
+    && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin beekeeper
 # Last, so a new revision does not invalidate the cached layers above.
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -52,6 +54,7 @@ LABEL org.opencontainers.image.title="beekeeper" \
       org.opencontainers.image.source="https://github.com/beekeeper-dev/beekeeper" \
       org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 # Non-root by default (the operator); the chart runs the node daemon as root with a few capabilities.
+# The user has a passwd entry: kopf asks getpass.getuser(), which fails for an unnamed uid.
 USER 65532:65532
 ENTRYPOINT ["/opt/beekeeper/bin/beekeeper"]
 CMD ["--help"]

@@ -44,6 +44,9 @@ def _dev(args: argparse.Namespace) -> int:
             print(env.metrics(args.grep, args.top))
         case "build":
             print(build.ensure_built(_progress))
+            print(build.ensure_node_built(_progress))
+        case "cluster":
+            return _dev_cluster(args)
         case "build-promtool":
             print(build.ensure_promtool(_progress))
         case "prepare-host":
@@ -63,6 +66,33 @@ def _dev(args: argparse.Namespace) -> int:
             os.execve(
                 str(bins.kubectl), ["kubectl", *argv], {**os.environ, "KUBECONFIG": str(env.control_plane.kubeconfig)}
             )
+    return 0
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from beekeeper.devenv.paths import state_dir
+    from beekeeper.devenv.realnode import RealNode
+
+    rig = RealNode(state_dir().with_name("realnode"))
+    match args.cluster_command:
+        case "up":
+            rig.up(_progress)
+            if not args.no_chart:
+                from beekeeper.devenv import chart_release
+
+                release = chart_release.prepare(rig, _progress)
+                if not release.installed():
+                    _progress(f"[chart] helm install {chart_release.RELEASE} {chart_release.CHART}")
+                    _progress(f"[chart] installed and Ready in {release.install():.1f}s")
+            print(rig.status())
+        case "down":
+            rig.down(_progress)
+            left = rig.leftovers()
+            if left:
+                _progress("beekeeper: error: left behind after down:\n  " + "\n  ".join(left))
+                return 1
+        case "status":
+            print(rig.status())
     return 0
 
 
@@ -244,7 +274,19 @@ def parser() -> argparse.ArgumentParser:
     metrics = dev_sub.add_parser("metrics", help="show this machine's node daemon metrics")
     metrics.add_argument("--grep", default=None, help="only series matching this regular expression, largest first")
     metrics.add_argument("--top", type=int, default=None, help="at most this many series")
-    dev_sub.add_parser("build", help="build and cache kube-apiserver, kube-controller-manager, kubectl and etcd")
+    dev_sub.add_parser(
+        "build", help="build and cache the control plane (and kubelet, kube-scheduler, kube-proxy) from source"
+    )
+    cluster = dev_sub.add_parser(
+        "cluster", help="a real one-node cluster on this machine: containerd, kubelet, kube-proxy, scheduler"
+    )
+    cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
+    cluster_up = cluster_sub.add_parser(
+        "up", help="build what is missing, start the node, install the chart with the image built here"
+    )
+    cluster_up.add_argument("--no-chart", action="store_true", help="only the node, without beekeeper")
+    cluster_sub.add_parser("down", help="stop it and remove every mount, interface, cgroup and process it made")
+    cluster_sub.add_parser("status", help="show what runs and the kubeconfig")
     dev_sub.add_parser(
         "build-promtool",
         help="build and cache promtool, which the tests then also run on /metrics (`promtool check metrics`)",

@@ -105,7 +105,7 @@ class BccBackend(Backend):
         self._workers = CompileWorkers(compile_limits or CompileLimits(), sandbox_paths(self._env.tracefs))
         self._lock = threading.RLock()
         self._caps: NodeCapabilities | None = None
-        self._stats_fd = bpf.enable_run_time_stats() if collect_run_stats else None
+        self._stats_fd = _run_time_stats() if collect_run_stats else None
         self._units: dict[str, UnitRecord] = {}
         self._views: dict[str, _View] = {}
         self._adopt()
@@ -598,3 +598,22 @@ def _unpin_link(path: Path) -> None:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT):
             log.warning("detaching %s: %s", path, exc)
     path.unlink(missing_ok=True)
+
+
+def _run_time_stats() -> bpf.OwnedFd | None:
+    """Switch on per-program run time accounting, or run without it where the kernel refuses.
+
+    BPF_ENABLE_STATS needs CAP_SYS_ADMIN, which a least-privilege daemon does not hold; the
+    kernel still counts when the sysctl kernel.bpf_stats_enabled is 1, so losing the fd loses
+    nothing there, and elsewhere only the run-time metrics stay at zero.
+    """
+    try:
+        return bpf.enable_run_time_stats()
+    except bpf.BpfError as exc:
+        if exc.errno != errno.EPERM:
+            raise
+        log.warning(
+            "program run-time stats off: BPF_ENABLE_STATS needs CAP_SYS_ADMIN "
+            "(or set the sysctl kernel.bpf_stats_enabled=1 on the node)"
+        )
+        return None

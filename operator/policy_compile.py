@@ -666,11 +666,14 @@ def compile_policies(
     cidr_ids = assign_cidr_identities(
         p for view in views.values() for ref in view.items if ref in refs for b in view.blocks[ref] for p in b.prefixes
     )
+    # No valid policy anywhere: nothing to enforce, so no node runs the datapath at all (a node
+    # told None detaches it). Otherwise the programs would stay on every pod's veth for good,
+    # and an uninstall could never leave the nodes' kernels clean.
     compiled: dict[str, dict[str, Any] | None] = dict.fromkeys(nodes)
     slices: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
     for node, view in views.items():
         slices[node] = _node_slices(node, view, refs, compiler, cidr_ids, expansions)
-        compiled[node] = _node_policy(view, compiler, refs, slices[node])
+        compiled[node] = _node_policy(view, compiler, refs, slices[node]) if refs else None
     return CompiledPolicies(compiled, outcomes, slices)
 
 

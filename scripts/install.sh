@@ -12,6 +12,8 @@ say() { printf '[install] %s\n' "$*" >&2; }
 # debootstrap/buildah/skopeo to build the container image without Docker or a registry, nft for the test rig.
 PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod
     debootstrap buildah skopeo nftables)
+# The real-node test rig: container runtime, CNI plugins (ptp).
+PACKAGES+=(containerd runc containernetworking-plugins)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

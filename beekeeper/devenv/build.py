@@ -1,4 +1,4 @@
-"""Build the local control plane (kube-apiserver, kubectl, etcd) from the Go module proxy.
+"""Build the local control plane (kube-apiserver, kubectl, etcd) and node binaries from the Go module proxy.
 
 There is no Docker engine and no prebuilt binary download on the machines we target,
 so the control plane is compiled from pinned module versions and cached per version:
@@ -26,6 +26,9 @@ PROMETHEUS_MODULE_VERSION = "v0.316.0"
 # The controller manager runs only the namespace and garbage-collector controllers, so
 # namespaces really go away and ownerReferences are honoured as on a real cluster.
 _KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kubectl")
+# What a real node and a schedulable control plane add (the real-node rig); built apart so
+# the control plane alone stays a shorter cold build.
+_NODE_COMMANDS = ("kubelet", "kube-scheduler", "kube-proxy")
 
 _ETCD_MAIN = """\
 // Command etcd is etcd's own server entry point, wrapped so it builds from the module proxy.
@@ -53,6 +56,15 @@ class Binaries:
     kube_controller_manager: Path
     kubectl: Path
     etcd: Path
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    """Paths of the built binaries of a real node (and the scheduler that places pods on it)."""
+
+    kubelet: Path
+    kube_scheduler: Path
+    kube_proxy: Path
 
 
 def binaries() -> Binaries:
@@ -101,6 +113,20 @@ def ensure_promtool(progress=print) -> Path:
         shutil.rmtree(path.parent, ignore_errors=True)
         tmp.rename(path.parent)
     return path
+
+
+def node_binaries() -> NodeBinaries:
+    """Where the pinned node binaries live (whether or not they are built yet)."""
+    node = cache_dir() / "bin" / f"kubernetes-node-{KUBERNETES_VERSION}"
+    return NodeBinaries(node / "kubelet", node / "kube-scheduler", node / "kube-proxy")
+
+
+def ensure_node_built(progress=print) -> NodeBinaries:
+    """Build kubelet, kube-scheduler and kube-proxy if missing (cold: minutes, the kubelet most)."""
+    bins = node_binaries()
+    if not all(p.exists() for p in (bins.kubelet, bins.kube_scheduler, bins.kube_proxy)):
+        _build_kubernetes(bins.kubelet.parent, progress, _NODE_COMMANDS)
+    return bins
 
 
 def staging_modules(kubernetes_go_mod: str) -> list[str]:
@@ -156,8 +182,9 @@ def _go(args: list[str], cwd: Path, progress, what: str, env: dict[str, str] | N
     return "\n".join(tail)
 
 
-def _build_kubernetes(out: Path, progress) -> None:
-    src = cache_dir() / "src" / f"kubernetes-{KUBERNETES_VERSION}"
+def _build_kubernetes(out: Path, progress, commands: tuple[str, ...] = _KUBERNETES_COMMANDS) -> None:
+    # One module directory per output: concurrent builds never rewrite each other's go.mod.
+    src = cache_dir() / "src" / out.name
     src.mkdir(parents=True, exist_ok=True)
     (src / "go.mod").write_text("module beekeeper.dev/controlplane\n\ngo 1.24.0\n")
     _go(["mod", "download", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"], src, progress, "fetch kubernetes go.mod")
@@ -192,7 +219,7 @@ def _build_kubernetes(out: Path, progress) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     ldflags = kubernetes_ldflags(KUBERNETES_VERSION)
-    for cmd in _KUBERNETES_COMMANDS:
+    for cmd in commands:
         _go(
             ["build", "-trimpath", "-ldflags", ldflags, "-o", str(tmp / cmd), f"k8s.io/kubernetes/cmd/{cmd}"],
             src,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,12 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def ensure_pki(directory: Path) -> Pki:
-    """Create the PKI once; reuse it on later starts so kubeconfigs stay valid."""
+def ensure_pki(directory: Path, server_ips: Sequence[str] = ()) -> Pki:
+    """Create the PKI once; reuse it on later starts so kubeconfigs stay valid.
+
+    server_ips are extra serving-cert addresses: the one pods reach the apiserver on and the
+    `kubernetes` Service IP, so in-cluster clients verify the certificate like on a cluster.
+    """
     pki = Pki(directory)
     if all(p.exists() for p in (pki.ca_cert, pki.serving_cert, pki.admin_cert, pki.sa_key, pki.sa_pub)):
         return pki
@@ -131,7 +136,8 @@ def ensure_pki(directory: Path) -> Pki:
         x509.DNSName("localhost"),
         x509.DNSName("kubernetes"),
         x509.DNSName("kubernetes.default.svc"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.DNSName("kubernetes.default.svc.cluster.local"),
+        *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", *server_ips)),
     ]
     serving = _sign(
         _name("kube-apiserver"),
@@ -189,3 +195,20 @@ def ensure_serving_cert(pki: Pki, name: str, hosts: list[str]) -> tuple[Path, Pa
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     return cert_path, key_path
+
+
+def ensure_client_cert(pki: Pki, name: str, user: str, groups: Sequence[str] = ()) -> tuple[Path, Path]:
+    """A client certificate (user = CN, groups = O) signed by the CA, e.g. a kubelet's system:node:NAME."""
+    cert, key = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
+    if cert.exists() and key.exists():
+        return cert, key
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    client_key = _key()
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+    attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
+    signed = _sign(x509.Name(attrs), client_key.public_key(), ca_name, ca_key, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    _write_key(key, client_key)
+    _write_cert(cert, signed)
+    return cert, key

@@ -1,8 +1,11 @@
 """A real local Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager.
 
-envtest-style: no kubelet, no scheduler; everything listens on 127.0.0.1 on random free
-ports, with TLS, client-certificate authentication and RBAC authorization. Used by
-`beekeeper dev up` and by the test suite (each with its own state directory).
+envtest-style by default: no kubelet, no scheduler; everything listens on 127.0.0.1 on
+random free ports, with TLS, client-certificate authentication and RBAC authorization. Used
+by `beekeeper dev up` and by the test suite (each with its own state directory).
+With `ControlPlaneOptions(hosts_pods=True)` it is a control plane a real kubelet can join
+(the real-node rig): reachable on an address pods route to, the Node authorizer, the
+ServiceAccount admission, a scheduler and the controllers that pods and workloads need.
 """
 
 from __future__ import annotations
@@ -27,6 +30,39 @@ from beekeeper.devenv.certs import Pki, ensure_pki
 log = logging.getLogger(__name__)
 
 SERVICE_CIDR = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
+
+# What a cluster that runs pods needs beyond namespaces and garbage collection: service
+# account tokens and the kube-root-ca.crt ConfigMap (projected token volumes), workloads
+# (Deployment, DaemonSet, Job for Helm hooks), EndpointSlices for kube-proxy, and the node
+# lifecycle controller, which lifts the not-ready taint a kubelet registers its node with.
+_POD_CONTROLLERS = (
+    "node-lifecycle-controller",
+    "serviceaccount-token-controller",
+    "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "daemonset-controller",
+    "job-controller",
+    "ttl-after-finished-controller",
+    "endpointslice-controller",
+    "endpoints-controller",
+    "pod-garbage-collector-controller",
+)
+
+
+@dataclass(frozen=True)
+class ControlPlaneOptions:
+    """How this control plane differs from the kubelet-less default."""
+
+    address: str = "127.0.0.1"
+    """Where the apiserver listens and what it advertises as the `kubernetes` endpoint."""
+    hosts_pods: bool = False
+    """Run what real kubelets and pods need: see the module docstring."""
+    port: int | None = None
+    """The apiserver's port; None picks a free one. The `kubernetes` Service's endpoints and
+    kubeconfigs handed to nodes keep pointing at one port across restarts only if it is fixed."""
 
 
 @dataclass
@@ -39,13 +75,15 @@ class ControlPlaneState:
     apiserver_pid: int | None = None
     apiserver_port: int | None = None
     controller_manager_pid: int | None = None
+    scheduler_pid: int | None = None
 
 
 class ControlPlane:
     """Owns one control plane's state directory and processes."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, options: ControlPlaneOptions | None = None) -> None:
         self.dir = state_dir
+        self.options = options or ControlPlaneOptions()
         self.logs = state_dir / "logs"
         self.kubeconfig = state_dir / "kubeconfig"
         self._state_file = state_dir / "controlplane.json"
@@ -67,11 +105,13 @@ class ControlPlane:
         if self.running():
             progress(f"[control-plane] already running, kubeconfig {self.kubeconfig}")
             self._ensure_controller_manager(self.load_state())
+            self._ensure_scheduler(self.load_state())
             return False
         self.stop()
         bins = build.ensure_built(progress)
         self.dir.mkdir(parents=True, exist_ok=True)
-        ensure_pki(self.dir / "pki")
+        server_ips = [self.options.address, KUBERNETES_SERVICE_IP] if self.options.hosts_pods else []
+        ensure_pki(self.dir / "pki", [ip for ip in server_ips if ip != "127.0.0.1"])
         state = ControlPlaneState()
 
         state.etcd_port, state.etcd_peer_port = processes.free_port(), processes.free_port()
@@ -97,9 +137,10 @@ class ControlPlane:
         progress(f"[control-plane] etcd {build.ETCD_VERSION} pid {state.etcd_pid} on {etcd_url}")
         processes.wait_until(lambda: _http_ok(f"{etcd_url}/health"), "etcd", 60, state.etcd_pid, etcd_log)
 
-        state.apiserver_port = processes.free_port()
+        state.apiserver_port = self.options.port or processes.free_port()
         self._start_apiserver(state, progress)
         self._ensure_controller_manager(state)
+        self._ensure_scheduler(state)
         progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
         return True
 
@@ -112,8 +153,8 @@ class ControlPlane:
             [
                 str(bins.kube_apiserver),
                 f"--etcd-servers=http://127.0.0.1:{state.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.options.address}",
+                f"--advertise-address={self.options.address}",
                 f"--secure-port={state.apiserver_port}",
                 f"--cert-dir={self.dir / 'apiserver-certs'}",
                 f"--tls-cert-file={pki.serving_cert}",
@@ -123,10 +164,8 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki.sa_key}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--authorization-mode=RBAC",
                 "--allow-privileged=true",
-                # No kubelet or SA-token controller here: pods are API objects only.
-                "--disable-admission-plugins=ServiceAccount",
+                *self._pod_hosting_flags(pki),
                 "--v=1",
             ],
             api_log,
@@ -134,7 +173,7 @@ class ControlPlane:
         self._save(state)
         progress(
             f"[control-plane] kube-apiserver {build.KUBERNETES_VERSION} pid {state.apiserver_pid} "
-            f"on https://127.0.0.1:{state.apiserver_port}"
+            f"on https://{self.options.address}:{state.apiserver_port}"
         )
         self._write_kubeconfig(pki, state.apiserver_port)
         processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
@@ -171,7 +210,7 @@ class ControlPlane:
             [
                 str(bins.kube_controller_manager),
                 f"--kubeconfig={self.kubeconfig}",
-                "--controllers=namespace-controller,garbage-collector-controller",
+                "--controllers=" + ",".join(self._controllers()),
                 "--leader-elect=false",
                 "--secure-port=0",  # no metrics/health endpoint needed; nothing else to expose
                 f"--service-account-private-key-file={pki.sa_key}",
@@ -182,10 +221,46 @@ class ControlPlane:
         )
         self._save(state)
 
+    def _pod_hosting_flags(self, pki: Pki) -> list[str]:
+        if not self.options.hosts_pods:
+            # No kubelet or SA-token controller here: pods are API objects only.
+            return ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
+        return [
+            # Kubelets authenticate as system:node:NAME and may touch only their own node's objects.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            # kubectl logs/exec go through the kubelet, which trusts our CA.
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--endpoint-reconciler-type=lease",
+        ]
+
+    def _controllers(self) -> list[str]:
+        controllers = ["namespace-controller", "garbage-collector-controller"]
+        return controllers + list(_POD_CONTROLLERS) if self.options.hosts_pods else controllers
+
+    def _ensure_scheduler(self, state: ControlPlaneState) -> None:
+        if not self.options.hosts_pods or processes.alive(state.scheduler_pid):
+            return
+        state.scheduler_pid = processes.spawn(
+            [
+                str(build.ensure_node_built().kube_scheduler),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--authentication-kubeconfig={self.kubeconfig}",
+                f"--authorization-kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--v=1",
+            ],
+            self.logs / "kube-scheduler.log",
+        )
+        self._save(state)
+
     def stop(self) -> None:
         """Stop every process of this control plane (data stays for a fast restart)."""
         state = self.load_state()
-        for pid in (state.controller_manager_pid, state.apiserver_pid, state.etcd_pid):
+        for pid in (state.scheduler_pid, state.controller_manager_pid, state.apiserver_pid, state.etcd_pid):
             processes.stop(pid)
         if self._state_file.exists():
             self._save(ControlPlaneState())
@@ -196,7 +271,7 @@ class ControlPlane:
         pki = Pki(self.dir / "pki")
         ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
         ctx.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
-        return _http_ok(f"https://127.0.0.1:{state.apiserver_port}/readyz", ctx)
+        return _http_ok(f"https://{self.options.address}:{state.apiserver_port}/readyz", ctx)
 
     def _write_kubeconfig(self, pki: Pki, port: int) -> None:
         def b64(path: Path) -> str:
@@ -208,7 +283,10 @@ class ControlPlane:
             "clusters": [
                 {
                     "name": "beekeeper-dev",
-                    "cluster": {"server": f"https://127.0.0.1:{port}", "certificate-authority-data": b64(pki.ca_cert)},
+                    "cluster": {
+                        "server": f"https://{self.options.address}:{port}",
+                        "certificate-authority-data": b64(pki.ca_cert),
+                    },
                 }
             ],
             "users": [

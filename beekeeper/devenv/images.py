@@ -181,7 +181,13 @@ def _slim(rootfs: Path) -> None:
     (rootfs / "etc/hostname").unlink(missing_ok=True)
 
 
-def write_oci_archive(layer: Path, archive: Path, ref: str, config: dict) -> None:
+def write_oci_archive(
+    layer: Path,
+    archive: Path,
+    ref: str,
+    config: dict,
+    created_by: str = f"debootstrap --variant=minbase {SUITE} (beekeeper.devenv.images)",
+) -> None:
     """A one-layer OCI image layout in a tar (`oci-archive:`), named `ref` for skopeo and containerd."""
     layer_digest = _file_sha256(layer)
     image_config = {
@@ -189,7 +195,7 @@ def write_oci_archive(layer: Path, archive: Path, ref: str, config: dict) -> Non
         "os": "linux",
         "config": config,
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{layer_digest}"]},
-        "history": [{"created_by": f"debootstrap --variant=minbase {SUITE} (beekeeper.devenv.images)"}],
+        "history": [{"created_by": created_by}],
     }
     config_blob = json.dumps(image_config, sort_keys=True).encode()
     manifest = {

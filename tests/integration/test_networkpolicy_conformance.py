@@ -17,6 +17,7 @@ is deleted and the full table is probed back to all-allowed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -402,6 +403,15 @@ def world(cluster, workdir, operator_process) -> Iterator[World]:
         for i, (ns, name) in enumerate((ns, name) for ns in NAMESPACES for name in POD_NAMES):
             rig.add(f"{ns}/{name}", names[ns], name, nodes[i % NODES].node, {"pod": name})
         rig.wait_servers()
+        # Nodes run the policy datapath only while some valid policy exists. One that selects
+        # no pod, outside the table's namespaces, keeps it attached through every case, so the
+        # program-id check at the end sees whether edits ever replaced a pod's programs.
+        core.create_namespace({"metadata": {"name": f"anchor-{tag}"}})
+        anchor = policy("anchor", "selects-nothing", {"beekeeper.dev/no-pod": "x"})
+        anchor["metadata"]["namespace"] = f"anchor-{tag}"
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            GROUP, VERSION, f"anchor-{tag}", NETWORK_IDENTITY_POLICY_PLURAL, anchor
+        )
         w = World(api, client.CustomObjectsApi(api), rig, nodes, names)
         wait_for(
             lambda: all(
@@ -418,8 +428,9 @@ def world(cluster, workdir, operator_process) -> Iterator[World]:
         ok = True
     finally:
         rig.close()
-        for real in names.values():
-            core.delete_namespace(real, propagation_policy="Background")
+        for real in [*names.values(), f"anchor-{tag}"]:
+            with contextlib.suppress(ApiException):
+                core.delete_namespace(real, propagation_policy="Background")
         daemons.stop_all(show_logs=not ok)
 
 

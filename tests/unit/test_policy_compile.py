@@ -124,9 +124,16 @@ def select(**labels: str) -> dict[str, Any]:
 
 
 def test_no_policy_allows_everything() -> None:
-    s = Scenario()
+    s = Scenario(policy("x", "nothing-selected", podSelector=select(pod="none")))
     assert s.allows("x/a", "y/b") and s.allows(OUTSIDE, "x/a") and s.allows("x/a", OUTSIDE, "UDP", 53)
     assert all(not ep.ingress_enforced and not ep.egress_enforced for ep in s.node("n1").endpoints or [])
+
+
+def test_no_valid_policy_anywhere_means_no_datapath_on_any_node() -> None:
+    """Nodes told None detach the datapath: with nothing to enforce no program stays on a veth."""
+    assert Scenario().compiled.nodes == {"n1": None, "n2": None}
+    broken = policy("x", "broken", podSelector={"matchLabels": {"bad key!": "x"}})
+    assert set(Scenario(broken).compiled.nodes.values()) == {None}
 
 
 def test_default_deny_ingress_leaves_egress_and_other_pods_alone() -> None:
@@ -597,7 +604,7 @@ def test_pods_without_a_persisted_identity_are_left_out() -> None:
 def test_ipv6_only_pod_is_no_endpoint() -> None:
     pods = truth_table_pods()
     pods[0]["status"].update(podIP="fd00::1", podIPs=[{"ip": "fd00::1"}])
-    s = Scenario(pods=pods)
+    s = Scenario(policy("y", "all"), pods=pods)
     assert "a" not in {ep.pod for ep in s.node("n1").endpoints or [] if ep.namespace == "x"}
 
 

@@ -1,0 +1,3 @@
+module beekeeper.dev/testpod
+
+go 1.24
