@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,7 +26,8 @@ def api_client(kubeconfig: Path | str | None = None) -> client.ApiClient:
         config.load_incluster_config()
         return client.ApiClient()
     except config.ConfigException:
-        return config.new_client_from_config()
+        # The client reads $KUBECONFIG once, at import; `beekeeper operator --kubeconfig` sets it later.
+        return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
 
 
 def apply(api: client.ApiClient, manifest: dict, field_manager: str = FIELD_MANAGER) -> dict:
