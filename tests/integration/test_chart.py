@@ -57,6 +57,15 @@ def test_rendered_chart_and_examples_are_valid_offline(schemas: Path) -> None:
     assert f"Valid: {rendered - 1}, Invalid: 0, Errors: 0, Skipped: 1" in result.stdout, result.stdout
 
 
+def test_service_monitor_scrapes_with_a_token_the_daemon_can_review() -> None:
+    """The daemon's /metrics needs a caller the API authenticates: Prometheus sends its own token."""
+    docs = documents(render("beekeeper-system", "metrics.serviceMonitor.enabled=true"))
+    (monitor,) = (d for d in docs if d["kind"] == "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+
 def test_kubeconform_with_these_schemas_catches_mistakes(schemas: Path) -> None:
     """The offline validation can fail: a wrong type in a built-in kind, an unknown field in ours."""
     docs = documents(render("beekeeper-system"))
