@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Cluster, NodeDaemons, OperatorProcess
-
-from beekeeper import kube
-from beekeeper.devenv import build
-from beekeeper.devenv.controlplane import ControlPlane
+from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """etcd + kube-apiserver + kube-controller-manager from the cached build, CRDs installed."""
-    from beekeeper.crds.generate import crd_manifests
-
-    root = Path(tempfile.mkdtemp(prefix="beekeeper-test-cp-"))
-    control_plane = ControlPlane(root)
-    try:
-        control_plane.start(lambda msg: print(msg, flush=True))
-        kube.install_crds(kube.api_client(control_plane.kubeconfig), crd_manifests())
-        yield Cluster(control_plane, build.binaries().kubectl)
-    finally:
-        control_plane.stop()
-        if not os.environ.get("BEEKEEPER_KEEP_TEST_STATE"):
-            shutil.rmtree(root, ignore_errors=True)
+    with fresh_cluster("beekeeper-test-cp-") as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -10,12 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,23 @@ class Cluster:
 
     def api(self):
         return kube.api_client(self.kubeconfig)
+
+
+@contextmanager
+def fresh_cluster(prefix: str) -> Iterator[Cluster]:
+    """etcd + kube-apiserver + kube-controller-manager in a new temp dir, CRDs installed; torn down after."""
+    from beekeeper.crds.generate import crd_manifests
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    control_plane = ControlPlane(root)
+    try:
+        control_plane.start(lambda msg: print(msg, flush=True))
+        kube.install_crds(kube.api_client(control_plane.kubeconfig), crd_manifests())
+        yield Cluster(control_plane, build.binaries().kubectl)
+    finally:
+        control_plane.stop()
+        if not os.environ.get("BEEKEEPER_KEEP_TEST_STATE"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

@@ -10,24 +10,19 @@ probes say the truth. Figures are printed (run with -s to see them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
-from support import Cluster, NodeDaemons, OperatorProcess, node_network_policy, wait_for
+from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_network_policy, wait_for
 
 from beekeeper import kube
-from beekeeper.crds.generate import crd_manifests
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
     BPF_POLICY_SLICE_PLURAL,
@@ -37,8 +32,7 @@ from beekeeper.crds.names import (
     NETWORK_IDENTITY_POLICY_PLURAL,
     VERSION,
 )
-from beekeeper.devenv import build, processes
-from beekeeper.devenv.controlplane import ControlPlane
+from beekeeper.devenv import processes
 from beekeeper.operator.reconciler import RESYNC_ENV
 
 pytestmark = pytest.mark.integration
@@ -58,16 +52,8 @@ int count_openat(void *ctx) {
 @pytest.fixture(scope="module")
 def plane() -> Iterator[Cluster]:
     """A control plane only these tests use: killing its apiserver disturbs no other test."""
-    root = Path(tempfile.mkdtemp(prefix="beekeeper-test-faults-"))
-    control_plane = ControlPlane(root)
-    try:
-        control_plane.start(lambda msg: print(msg, flush=True))
-        kube.install_crds(kube.api_client(control_plane.kubeconfig), crd_manifests())
-        yield Cluster(control_plane, build.binaries().kubectl)
-    finally:
-        control_plane.stop()
-        if not os.environ.get("BEEKEEPER_KEEP_TEST_STATE"):
-            shutil.rmtree(root, ignore_errors=True)
+    with fresh_cluster("beekeeper-test-faults-") as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
