@@ -306,7 +306,3 @@ class ClusterCache:
             policy_slices=dict(self.tables["BpfPolicySlice"]),
             configmaps={key: dict(body.get("data") or {}) for key, body in self.tables["ConfigMap"].items()},
         )
-
-    def reports_for(self, bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:
-        """Per node, that node daemon's status entries for one BpfProgram."""
-        return program_reports(self.nodestates, bpfprogram)
