@@ -370,7 +370,7 @@ class ProgramStatus(ApiModel):
         None, max_length=256, description="Where it is attached, e.g. xdp/eth0, tracepoint/raw_syscalls:sys_enter."
     )
     reason: str | None = Field(
-        None, max_length=128, description="CamelCase cause when Failed, e.g. CompileError, VerifierError."
+        None, max_length=128, description="CamelCase cause when Failed, e.g. CompileError, VerifierRejected."
     )
     message: str | None = Field(
         None, max_length=4096, description="Details when Failed: compiler error, verifier log excerpt."
