@@ -27,18 +27,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+from kubernetes import client
 from prometheus_client import CollectorRegistry
 
 from beekeeper import kube
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL
 from beekeeper.node_daemon import http_api
 from beekeeper.node_daemon.access import ApiAccess
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.drops import DropLog
+from beekeeper.node_daemon.list_watch import list_watch
 from beekeeper.node_daemon.metrics import BpfCollector
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
@@ -57,38 +57,15 @@ HOST_CHANGED = object()
 
 def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: threading.Event) -> None:
     """List+watch our BpfNodeState forever, pushing each newest object (or DELETED) into `events`."""
-    selector = f"metadata.name={node}"
-    while not stop.is_set():
-        try:
-            listing = api.list_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, field_selector=selector)
-            for item in listing["items"]:
-                events.put(item)
-            version = listing["metadata"]["resourceVersion"]
-            stream = watch.Watch()
-            for event in stream.stream(
-                api.list_cluster_custom_object,
-                GROUP,
-                VERSION,
-                BPF_NODE_STATE_PLURAL,
-                field_selector=selector,
-                resource_version=version,
-                timeout_seconds=300,
-                allow_watch_bookmarks=True,
-            ):
-                if stop.is_set():
-                    stream.stop()
-                    break
-                if event["type"] == "ERROR":
-                    break  # e.g. 410 Gone: relist
-                if event["type"] == "BOOKMARK":
-                    continue
-                events.put(DELETED if event["type"] == "DELETED" else event["object"])
-        except ApiException as exc:
-            log.warning("watch failed, retrying", extra={"node": node, "status": exc.status, "reason": exc.reason})
-            stop.wait(2)
-        except Exception as exc:  # connection resets: keep going
-            log.warning("watch interrupted, retrying", extra={"node": node, "error": str(exc)})
-            stop.wait(2)
+
+    def listed(items: list[dict[str, Any]]) -> None:
+        for item in items:
+            events.put(item)
+
+    def observed(event_type: str, obj: dict[str, Any]) -> None:
+        events.put(DELETED if event_type == "DELETED" else obj)
+
+    list_watch(api, BPF_NODE_STATE_PLURAL, f"metadata.name={node}", listed, observed, stop, "watch", node)
 
 
 def _kernel(

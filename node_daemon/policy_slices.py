@@ -9,23 +9,17 @@ slice is parsed once, not on every sync of the node.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+from kubernetes import client
 from pydantic import ValidationError
 
-from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL
 from beekeeper.crds.nodestate import SliceRef
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
-
-log = logging.getLogger(__name__)
-
-WATCH_TIMEOUT_SECONDS = 300
-RETRY_SECONDS = 2.0
+from beekeeper.node_daemon.list_watch import list_watch
 
 
 class SliceStore:
@@ -55,40 +49,16 @@ def watch_slices(
     api: client.CustomObjectsApi, node: str, store: SliceStore, changed: Callable[[], None], stop: threading.Event
 ) -> None:
     """List+watch this node's slices forever, calling changed() after every change to the store."""
-    selector = f"spec.nodeName={node}"
-    while not stop.is_set():
-        try:
-            listing = api.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=selector)
-            store.replace(listing["items"])
-            changed()
-            stream = watch.Watch()
-            for event in stream.stream(
-                api.list_cluster_custom_object,
-                GROUP,
-                VERSION,
-                BPF_POLICY_SLICE_PLURAL,
-                field_selector=selector,
-                resource_version=listing["metadata"]["resourceVersion"],
-                timeout_seconds=WATCH_TIMEOUT_SECONDS,
-                allow_watch_bookmarks=True,
-            ):
-                if stop.is_set():
-                    stream.stop()
-                    break
-                if event["type"] == "ERROR":
-                    break  # e.g. 410 Gone: relist
-                if event["type"] == "BOOKMARK":
-                    continue
-                store.observe(event["type"], event["object"])
-                changed()
-        except ApiException as exc:
-            log.warning(
-                "slice watch failed, retrying", extra={"node": node, "status": exc.status, "reason": exc.reason}
-            )
-            stop.wait(RETRY_SECONDS)
-        except Exception as exc:  # connection resets: keep going
-            log.warning("slice watch interrupted, retrying", extra={"node": node, "error": str(exc)})
-            stop.wait(RETRY_SECONDS)
+
+    def listed(items: list[dict[str, Any]]) -> None:
+        store.replace(items)
+        changed()
+
+    def observed(event_type: str, obj: dict[str, Any]) -> None:
+        store.observe(event_type, obj)
+        changed()
+
+    list_watch(api, BPF_POLICY_SLICE_PLURAL, f"spec.nodeName={node}", listed, observed, stop, "slice watch", node)
 
 
 class SliceReader:
