@@ -1,4 +1,4 @@
-"""The node side of NetworkIdentityPolicy: spec.networkPolicy in, datapath converged, status out.
+"""The node side of NetworkIdentityPolicy: spec.networkPolicy and its slices in, datapath converged, status out.
 
 One PolicyDatapath per node (compiled once, or adopted from bpffs after a restart without
 reloading anything). Each reconcile finds every endpoint's host-side interface from the
