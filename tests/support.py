@@ -138,6 +138,14 @@ class Cluster:
     def api(self):
         return kube.api_client(self.kubeconfig)
 
+    @contextmanager
+    def temp_namespace(self) -> Iterator[str]:
+        """A fresh namespace, deleted (without waiting) afterwards."""
+        name = f"t-{uuid.uuid4().hex[:8]}"
+        self.kubectl("create", "namespace", name)
+        yield name
+        self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
 
 @contextmanager
 def fresh_cluster(prefix: str) -> Iterator[Cluster]:

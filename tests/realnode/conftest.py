@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,10 +60,8 @@ def node_cluster(realnode: RealNode) -> Cluster:
 
 @pytest.fixture
 def node_namespace(node_cluster: Cluster) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    node_cluster.kubectl("create", "namespace", name)
-    yield name
-    node_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with node_cluster.temp_namespace() as name:
+        yield name
 
 
 @pytest.fixture
