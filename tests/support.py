@@ -42,6 +42,22 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
+def node_bpfprogram(name: str, node: str, source: str, programs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A BpfProgram for one node (selected by its hostname label) with inline source."""
+    from beekeeper.crds.names import GROUP, VERSION
+
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "BpfProgram",
+        "metadata": {"name": name},
+        "spec": {
+            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
+            "source": {"inline": source},
+            "programs": programs,
+        },
+    }
+
+
 def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     """The node's spec.networkPolicy with the BpfPolicySlices it lists folded in, as its daemon reads them.
 

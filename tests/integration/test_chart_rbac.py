@@ -19,7 +19,7 @@ import yaml
 from chart_support import documents, render
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import Process, wait_for
+from support import Process, node_bpfprogram, wait_for
 
 from beekeeper import kube
 from beekeeper.crds.generate import crd_manifests
@@ -201,16 +201,12 @@ def test_the_node_daemon_works_with_the_chart_identity_only(
         {"BEEKEEPER_LOG_LEVEL": "debug"},
     ).start()
     name = f"chart-identity-{release.release}"
-    program = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "BpfProgram",
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
-            "source": {"inline": "int count(void *ctx) { return 0; }"},
-            "programs": [{"name": "count", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_getppid"}],
-        },
-    }
+    program = node_bpfprogram(
+        name,
+        node,
+        "int count(void *ctx) { return 0; }",
+        [{"name": "count", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_getppid"}],
+    )
     custom = client.CustomObjectsApi(admin)
     try:
         cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(program))

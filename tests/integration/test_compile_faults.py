@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from support import STACK_HOG, NodeDaemon, nested_macros, wait_for
+from support import STACK_HOG, NodeDaemon, nested_macros, node_bpfprogram, wait_for
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 from beekeeper.node_daemon.unit_state import safe_name
@@ -50,16 +50,7 @@ class Programs:
     def apply(self, name: str, source: str, function: str, node: str) -> None:
         if name not in self.names:
             self.names.append(name)
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "BpfProgram",
-            "metadata": {"name": name},
-            "spec": {
-                "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
-                "source": {"inline": source},
-                "programs": [{"name": function, "type": "tracepoint", "tracepoint": GETPPID}],
-            },
-        }
+        body = node_bpfprogram(name, node, source, [{"name": function, "type": "tracepoint", "tracepoint": GETPPID}])
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
 
     def status(self, name: str) -> dict[str, Any]:

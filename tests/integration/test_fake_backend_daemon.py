@@ -10,7 +10,7 @@ import uuid
 import pytest
 import yaml
 from kubernetes import client
-from support import wait_for
+from support import node_bpfprogram, wait_for
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 
@@ -29,16 +29,12 @@ int count_openat(void *ctx) {
 def test_fake_backend_daemon_makes_a_bpfprogram_ready(cluster, operator_process, node_daemons) -> None:
     daemon = node_daemons(backend="fake")
     name = f"fake-{uuid.uuid4().hex[:6]}"
-    program = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "BpfProgram",
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": daemon.node}},
-            "source": {"inline": SOURCE},
-            "programs": [{"name": "count_openat", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_openat"}],
-        },
-    }
+    program = node_bpfprogram(
+        name,
+        daemon.node,
+        SOURCE,
+        [{"name": "count_openat", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_openat"}],
+    )
     custom = client.CustomObjectsApi(cluster.api())
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(program))
     try:

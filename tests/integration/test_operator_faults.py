@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
-from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_network_policy, wait_for
+from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_bpfprogram, node_network_policy, wait_for
 
 from beekeeper import kube
 from beekeeper.crds.names import (
@@ -172,16 +172,7 @@ def policy(namespace: str, name: str, port: int) -> dict[str, Any]:
 
 
 def bpfprogram(name: str, node: str, source: str = SOURCE) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "BpfProgram",
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
-            "source": {"inline": source},
-            "programs": TRACEPOINT,
-        },
-    }
+    return node_bpfprogram(name, node, source, TRACEPOINT)
 
 
 def two_pods(api: Api, node: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import wait_for
+from support import node_bpfprogram, wait_for
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 from beekeeper.uninstall import cleanup
@@ -24,16 +24,9 @@ SOURCE = "int count(void *ctx) { return 0; }"
 
 
 def bpfprogram(name: str, node: str) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "BpfProgram",
-        "metadata": {"name": name},
-        "spec": {
-            "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": node}},
-            "source": {"inline": SOURCE},
-            "programs": [{"name": "count", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_getppid"}],
-        },
-    }
+    return node_bpfprogram(
+        name, node, SOURCE, [{"name": "count", "type": "tracepoint", "tracepoint": "syscalls:sys_enter_getppid"}]
+    )
 
 
 def attached(custom: client.CustomObjectsApi, node: str) -> list:
