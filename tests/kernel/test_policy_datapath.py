@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import sockets_in
+from support import sockets_in, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -537,7 +537,13 @@ def test_attachments_survive_the_process_and_are_adopted(
             assert adopted.attach(ifname).link_ids == created["links"]  # idempotent
             assert adopted.detach(ifname)
             assert ifname not in adopted.attached()
-            assert not set(created["links"].values()) & set(bpf.object_ids("link"))
+            # Unpinning drops the last reference; the kernel frees the link (and detaches
+            # it from the hook) in a workqueue, so the ids go away shortly after.
+            wait_for(
+                lambda: not set(created["links"].values()) & set(bpf.object_ids("link")),
+                timeout=10,
+                what="the unpinned links to be freed",
+            )
             assert tcx_chain(ifindex, bpf.ATTACH_TCX_INGRESS) == [bpf.prog_info(other.fd).id]
         finally:
             adopted.close()
