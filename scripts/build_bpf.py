@@ -57,13 +57,15 @@ def build(source_dir: Path = SOURCE_DIR, out_dir: Path | None = None) -> list[tu
             clang,
             *CFLAGS,
             *_include_dirs(clang),
-            f"-fdebug-prefix-map={source_dir}=bpf",  # the same object whatever directory it is built in
+            # Relative paths, from the sources' parent: the same bytes wherever it is built (the object's
+            # hash is the datapath's build id: an unchanged build is adopted, not reloaded).
+            "-fdebug-compilation-dir=.",
             "-c",
-            str(source),
+            str(source.relative_to(source_dir.parent)),
             "-o",
-            str(partial),
+            str(partial.resolve()),
         ]
-        done = subprocess.run(argv, capture_output=True, text=True)
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=source_dir.parent)
         if done.returncode != 0:
             partial.unlink(missing_ok=True)
             raise BuildError(f"clang failed to build {obj.name}:\n{done.stderr.strip()}")
