@@ -549,6 +549,54 @@ def test_attachments_survive_the_process_and_are_adopted(
             adopted.close()
 
 
+_LOAD_WITHOUT_KERNEL_HEADERS = """
+import json, os, sys
+from pathlib import Path
+from beekeeper.node_daemon.policy_datapath import PolicyDatapath
+from beekeeper.node_daemon.policy_maps import DatapathState, Endpoint
+dp = PolicyDatapath(Path(sys.argv[1]))
+dp.sync(DatapathState([Endpoint(sys.argv[2], sys.argv[3], int(sys.argv[4]), ingress_enforced=True)]))
+dp.attach(sys.argv[2])
+headers = os.listdir("/lib/modules") + os.listdir("/usr/src")
+print(json.dumps({"headers": headers, "bcc": "bcc" in sys.modules, "progs": dp.prog_ids}))
+"""
+_HIDDEN_KERNEL_HEADERS = (
+    *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+    'mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec "$@"',
+    "sh",
+)
+"""A command prefix: run the rest in a mount namespace where /lib/modules and /usr/src are empty."""
+
+
+def test_a_node_without_kernel_headers_loads_and_enforces(make_interface: Callable[[], tuple[str, int]]) -> None:
+    """The datapath is loaded, synced and attached by a process that sees no kernel headers
+    (/lib/modules and /usr/src are empty in its mount namespace) and never imports bcc."""
+    ifname, ifindex = make_interface()
+    path = BPFFS_TEST_ROOT / f"policy-noheaders-{uuid.uuid4().hex[:8]}"
+    dp = None
+    try:
+        args = [str(path), ifname, POD, str(LOCAL)]
+        done = subprocess.run(
+            [*_HIDDEN_KERNEL_HEADERS, sys.executable, "-c", _LOAD_WITHOUT_KERNEL_HEADERS, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        loaded = json.loads(done.stdout)
+        assert (loaded["headers"], loaded["bcc"]) == ([], False)
+        dp = PolicyDatapath(path)
+        assert dp.prog_ids == loaded["progs"]  # adopted: the programs that process loaded
+        pod = Pod(dp, ifname, ifindex)
+        assert pod.receives(packet(FRONTEND_IP, POD)) == DROP
+        assert pod.sends(packet(POD, FRONTEND_IP)) == PASS
+        assert tcx_chain(ifindex, bpf.ATTACH_TCX_EGRESS) == [loaded["progs"][TO_POD]]
+    finally:
+        if dp is None:
+            dp = PolicyDatapath(path)
+        dp.remove()
+
+
 def pinned_map_ids(path: Path) -> list[int]:
     ids = []
     for pin in sorted((path / "maps").iterdir()):
