@@ -51,6 +51,7 @@ _libc = ct.CDLL(None, use_errno=True)
 _libc.vsnprintf.restype = ct.c_int
 _libc.vsnprintf.argtypes = (ct.c_char_p, ct.c_size_t, ct.c_char_p, ct.c_void_p)
 
+BTF_KIND_FUNC = 12
 BTF_KIND_VAR = 14
 BTF_KIND_DATASEC = 15
 GLOBAL_DATA_SECTIONS = (".rodata", ".data")
@@ -123,6 +124,8 @@ _map_fd = libbpf_function("bpf_map__fd", ct.c_int, _p)
 _btf_find = libbpf_function("btf__find_by_name_kind", ct.c_int32, _p, ct.c_char_p, ct.c_uint32)
 _btf_type = libbpf_function("btf__type_by_id", ct.POINTER(_BtfType), _p, ct.c_uint32)
 _btf_name = libbpf_function("btf__name_by_offset", ct.c_char_p, _p, ct.c_uint32)
+_btf_load_vmlinux = libbpf_function("btf__load_vmlinux_btf", _p)
+_btf_free = libbpf_function("btf__free", None, _p)
 
 
 # --- libbpf's messages ----------------------------------------------------------------------
@@ -538,6 +541,23 @@ class BpfObject:
         if fd < 0:
             raise BpfError(errno.ENOENT, f"map {name} is not created")
         return OwnedFd(os.dup(fd))
+
+
+def kernel_function_btf_id(name: str) -> int:
+    """The BTF id of a kernel function in the running kernel's BTF (what fentry/lsm attach to)."""
+    with _captured() as messages:
+        ct.set_errno(0)
+        btf = _btf_load_vmlinux()
+        err = ct.get_errno()
+    if not btf:
+        raise BpfError(err or errno.ENOENT, f"reading the kernel's BTF ({_log_text(messages, ('warn',))})")
+    try:
+        btf_id = _btf_find(btf, name.encode(), BTF_KIND_FUNC)
+    finally:
+        _btf_free(btf)
+    if btf_id < 0:
+        raise BpfError(-btf_id, f"kernel function {name} in BTF")
+    return btf_id
 
 
 def _check(ret: int, what: str) -> None:
