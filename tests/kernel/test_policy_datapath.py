@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import sockets_in, wait_for
+from support import pinned_ids, sockets_in, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -597,14 +597,6 @@ def test_a_node_without_kernel_headers_loads_and_enforces(make_interface: Callab
         dp.remove()
 
 
-def pinned_map_ids(path: Path) -> list[int]:
-    ids = []
-    for pin in sorted((path / "maps").iterdir()):
-        with bpf.obj_get(str(pin)) as fd:
-            ids.append(bpf.map_info(fd.fd).id)
-    return ids
-
-
 def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
     make_interface: Callable[[], tuple[str, int]],
 ) -> None:
@@ -617,7 +609,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         old_progs = dp.prog_ids
         links = dp.attach(ifname).link_ids
         dp.attach(gone_ifname)
-        maps = pinned_map_ids(path)
+        maps = pinned_ids(path / "maps", bpf.map_info)
         dp.close()
 
         _ip("link", "del", gone_ifname)  # a pod goes away while no daemon runs
@@ -629,7 +621,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         attachment = dp.attached()[ifname]
         assert (attachment.link_ids, attachment.prog_ids) == (links, new_progs)  # swapped in place
         assert not (path / "progs" / "previous").exists()
-        assert pinned_map_ids(path) == maps  # reused, with their content
+        assert pinned_ids(path / "maps", bpf.map_info) == maps  # reused, with their content
         assert (dp.sync(desired).updates, dp.sync(desired).deletes) == (0, 0)
 
         assert dp.prune() == 2  # the links of the veth deleted meanwhile
@@ -638,7 +630,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         assert not path.exists()
         leftovers = lambda: (  # noqa: E731
             set(bpf.object_ids("prog")) & {*old_progs.values(), *new_progs.values()},
-            set(bpf.object_ids("map")) & set(maps),
+            set(bpf.object_ids("map")) & set(maps.values()),
             set(bpf.object_ids("link")) & set(links.values()),
         )
         deadline = time.monotonic() + 10

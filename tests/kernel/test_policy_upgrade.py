@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from netpol_rig import PodRig, Probe, Prober, TruthTable, probe, tcx_program_ids
-from support import sockets_in, wait_for
+from support import pinned_ids, sockets_in, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
@@ -131,22 +131,6 @@ def rig() -> Iterator[PodRig]:
         yield rig
 
 
-def pinned_map_ids(path: Path) -> dict[str, int]:
-    ids = {}
-    for pin in (path / "maps").iterdir():
-        with bpf.obj_get(str(pin)) as fd:
-            ids[pin.name] = bpf.map_info(fd.fd).id
-    return ids
-
-
-def link_ids(path: Path) -> dict[str, int]:
-    ids = {}
-    for pin in (path / "links").iterdir():
-        with bpf.obj_get(str(pin)) as fd:
-            ids[pin.name] = bpf.link_info(fd.fd).id
-    return ids
-
-
 def exchange(a: socket.socket, b: socket.socket, data: bytes) -> None:
     a.sendall(data)
     assert b.recv(len(data)) == data
@@ -176,7 +160,7 @@ def test_bcc_release_upgrades_to_core_without_a_wrong_verdict(rig: PodRig) -> No
         conn.settimeout(2)
         exchange(client, conn, b"before")
 
-        maps, links = pinned_map_ids(path), link_ids(path)
+        maps, links = pinned_ids(path / "maps", bpf.map_info), pinned_ids(path / "links", bpf.link_info)
         # Allowed flows answer at once, so their prober runs many rounds; denied ones each wait out the timeout.
         probers = [Prober(pods, {p: v for p, v in expected.items() if v is verdict}) for verdict in (True, False)]
         threads = [threading.Thread(target=p.run, daemon=True) for p in probers]
@@ -188,8 +172,8 @@ def test_bcc_release_upgrades_to_core_without_a_wrong_verdict(rig: PodRig) -> No
         dp = PolicyDatapath(path)  # the new daemon starts
         new_progs = dp.prog_ids
         assert set(new_progs.values()).isdisjoint(old_progs.values())
-        assert pinned_map_ids(path) == maps  # reused, not recreated
-        assert link_ids(path) == links  # the same links now run the new programs
+        assert pinned_ids(path / "maps", bpf.map_info) == maps  # reused, not recreated
+        assert pinned_ids(path / "links", bpf.link_info) == links  # the same links now run the new programs
         for veth in veths:
             assert tcx_program_ids(veth) == {"ingress": [new_progs[FROM_POD]], "egress": [new_progs[TO_POD]]}
         assert [p.name for p in (path / "progs").iterdir()] == [dp.build_id]
