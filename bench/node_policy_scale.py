@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/node_policy_scale.py [--entries 10000,100000] [--keep]
 
-One control plane, one operator and one node daemon with the real (bcc) datapath; three
+One control plane, one operator and one node daemon with the real (CO-RE) datapath; three
 simulated pods on the node (server, client, other; real veths, real traffic). For each size
 E in turn it applies ceil(E / 8192) NetworkIdentityPolicies selecting the server, each one
 at the default expansion budget (8 rules x 32 /32 ipBlocks x 32 TCP ports = 8192 entries),

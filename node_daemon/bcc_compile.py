@@ -1,8 +1,9 @@
 """Compiling a unit's C with bcc and loading its functions, capturing every diagnostic.
 
 This runs bcc in the calling process: user programs are built in a compile worker
-(compile_worker), so a compiler crash takes down only that worker; the daemon itself
-builds only the project's own datapath this way.
+(compile_worker), so a compiler crash takes down only that worker. The daemon itself never
+compiles (its own policy datapath is a prebuilt object); in-process builds are the tests'
+and benchmarks' (the previous release's bcc-built datapath, to upgrade from).
 
 clang and libbcc print compile errors and verifier logs straight to file descriptor 2,
 not to a Python stream, so fd 2 is redirected to a temporary file while bcc runs. The

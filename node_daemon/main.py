@@ -43,7 +43,7 @@ from beekeeper.node_daemon.metrics import BpfCollector
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
 
-if TYPE_CHECKING:  # imported by the bcc backend only: the policy datapath loads bcc
+if TYPE_CHECKING:  # imported with the kernel backend only (the fake backend has no policy datapath)
     from beekeeper.node_daemon.policy_agent import PolicyAgent
 
 log = logging.getLogger(__name__)

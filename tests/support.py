@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from beekeeper import kube
 from beekeeper.devenv import build, processes
 from beekeeper.devenv.controlplane import ControlPlane
+from beekeeper.node_daemon import bpf_syscalls as bpf
 
 
 def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
@@ -494,3 +495,12 @@ def sockets_in(netns: str, kinds: list[int]) -> list[socket.socket]:
     if isinstance(made[0], BaseException):
         raise made[0]
     return made[0]
+
+
+def pinned_ids(directory: Path, info: Callable[[int], Any]) -> dict[str, int]:
+    """Pin name -> kernel id of every object pinned in a bpffs directory (info: bpf.map_info, bpf.link_info)."""
+    ids = {}
+    for pin in sorted(directory.iterdir()):
+        with bpf.obj_get(str(pin)) as fd:
+            ids[pin.name] = info(fd.fd).id
+    return ids

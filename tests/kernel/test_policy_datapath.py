@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import sockets_in, wait_for
+from support import pinned_ids, sockets_in, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -549,12 +549,52 @@ def test_attachments_survive_the_process_and_are_adopted(
             adopted.close()
 
 
-def pinned_map_ids(path: Path) -> list[int]:
-    ids = []
-    for pin in sorted((path / "maps").iterdir()):
-        with bpf.obj_get(str(pin)) as fd:
-            ids.append(bpf.map_info(fd.fd).id)
-    return ids
+_LOAD_WITHOUT_KERNEL_HEADERS = """
+import json, os, sys
+from pathlib import Path
+from beekeeper.node_daemon.policy_datapath import PolicyDatapath
+from beekeeper.node_daemon.policy_maps import DatapathState, Endpoint
+dp = PolicyDatapath(Path(sys.argv[1]))
+dp.sync(DatapathState([Endpoint(sys.argv[2], sys.argv[3], int(sys.argv[4]), ingress_enforced=True)]))
+dp.attach(sys.argv[2])
+headers = os.listdir("/lib/modules") + os.listdir("/usr/src")
+print(json.dumps({"headers": headers, "bcc": "bcc" in sys.modules, "progs": dp.prog_ids}))
+"""
+_HIDDEN_KERNEL_HEADERS = (
+    *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
+    'mount -t tmpfs none /lib/modules && mount -t tmpfs none /usr/src && exec "$@"',
+    "sh",
+)
+"""A command prefix: run the rest in a mount namespace where /lib/modules and /usr/src are empty."""
+
+
+def test_a_node_without_kernel_headers_loads_and_enforces(make_interface: Callable[[], tuple[str, int]]) -> None:
+    """The datapath is loaded, synced and attached by a process that sees no kernel headers
+    (/lib/modules and /usr/src are empty in its mount namespace) and never imports bcc."""
+    ifname, ifindex = make_interface()
+    path = BPFFS_TEST_ROOT / f"policy-noheaders-{uuid.uuid4().hex[:8]}"
+    dp = None
+    try:
+        args = [str(path), ifname, POD, str(LOCAL)]
+        done = subprocess.run(
+            [*_HIDDEN_KERNEL_HEADERS, sys.executable, "-c", _LOAD_WITHOUT_KERNEL_HEADERS, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        loaded = json.loads(done.stdout)
+        assert (loaded["headers"], loaded["bcc"]) == ([], False)
+        dp = PolicyDatapath(path)
+        assert dp.prog_ids == loaded["progs"]  # adopted: the programs that process loaded
+        pod = Pod(dp, ifname, ifindex)
+        assert pod.receives(packet(FRONTEND_IP, POD)) == DROP
+        assert pod.sends(packet(POD, FRONTEND_IP)) == PASS
+        assert tcx_chain(ifindex, bpf.ATTACH_TCX_EGRESS) == [loaded["progs"][TO_POD]]
+    finally:
+        if dp is None:
+            dp = PolicyDatapath(path)
+        dp.remove()
 
 
 def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
@@ -569,7 +609,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         old_progs = dp.prog_ids
         links = dp.attach(ifname).link_ids
         dp.attach(gone_ifname)
-        maps = pinned_map_ids(path)
+        maps = pinned_ids(path / "maps", bpf.map_info)
         dp.close()
 
         _ip("link", "del", gone_ifname)  # a pod goes away while no daemon runs
@@ -581,7 +621,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         attachment = dp.attached()[ifname]
         assert (attachment.link_ids, attachment.prog_ids) == (links, new_progs)  # swapped in place
         assert not (path / "progs" / "previous").exists()
-        assert pinned_map_ids(path) == maps  # reused, with their content
+        assert pinned_ids(path / "maps", bpf.map_info) == maps  # reused, with their content
         assert (dp.sync(desired).updates, dp.sync(desired).deletes) == (0, 0)
 
         assert dp.prune() == 2  # the links of the veth deleted meanwhile
@@ -590,7 +630,7 @@ def test_new_build_replaces_programs_on_links_and_remove_leaves_nothing(
         assert not path.exists()
         leftovers = lambda: (  # noqa: E731
             set(bpf.object_ids("prog")) & {*old_progs.values(), *new_progs.values()},
-            set(bpf.object_ids("map")) & set(maps),
+            set(bpf.object_ids("map")) & set(maps.values()),
             set(bpf.object_ids("link")) & set(links.values()),
         )
         deadline = time.monotonic() + 10
