@@ -22,6 +22,7 @@ from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
 from beekeeper.node_daemon import translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
+from beekeeper.node_daemon.image_puller import ImagePuller
 from beekeeper.node_daemon.metrics import BpfCollector
 
 if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake backend) never imports it
@@ -53,6 +54,7 @@ class NodeAgent:
         policy: PolicyAgent | None = None,
         policy_disabled: str = "policy datapath disabled",
         policy_slices: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
+        images: ImagePuller | None = None,
     ) -> None:
         self.node = node
         self.backend = backend
@@ -63,6 +65,8 @@ class NodeAgent:
         """status.networkPolicy.message when spec asks for a policy and there is no PolicyAgent."""
         self.policy_slices = policy_slices
         """This node's BpfPolicySlices as last watched (name -> object)."""
+        self.images = images
+        """Pulls (and caches) the bytecode of image entries; None: such entries fail with ImagePullFailed."""
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
         self._applied: dict[str, str] = {}

@@ -18,6 +18,7 @@ on the registry for an image it has already judged.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 from beekeeper.node_daemon.oci_client import RegistryClient, RegistryError, parse_manifest
 from beekeeper.node_daemon.oci_reference import BadReference, ImageReference, parse
 from beekeeper.operator import signatures
-from beekeeper.operator.signatures import Outcome, SignedLayer, TrustedKey, Verdict
+from beekeeper.operator.signatures import Outcome, SignedLayer, TrustedKey, Verdict, load_keys
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,53 @@ BACKOFF_FIRST = 2.0
 BACKOFF_MAX = 60.0
 
 
+POLICY_ENV = "BEEKEEPER_IMAGE_VERIFICATION"
+KEYS_ENV = "BEEKEEPER_IMAGE_VERIFICATION_KEYS"
+REGISTRY_CA_ENV = "BEEKEEPER_REGISTRY_CA_FILE"
+
+
 class Policy(StrEnum):
     REQUIRE = "require"
     WARN = "warn"
     OFF = "off"
+
+
+def read_keys(path: str) -> list[TrustedKey]:
+    """The PEM public keys in a file, or in every file of a directory (a mounted Secret or ConfigMap)."""
+    location = os.path.abspath(path)
+    if os.path.isdir(location):
+        names = sorted(n for n in os.listdir(location) if not n.startswith("."))  # skip the mount's ..data links
+        files = [(n, os.path.join(location, n)) for n in names if os.path.isfile(os.path.join(location, n))]
+    else:
+        files = [(os.path.basename(location), location)]
+    pem = []
+    for name, file in files:
+        try:
+            with open(file, "rb") as handle:
+                pem.append((name, handle.read()))
+        except OSError as exc:
+            raise ValueError(f"{KEYS_ENV}: cannot read {file}: {exc.strerror}") from None
+    return load_keys(pem)
+
+
+def from_environment() -> ImageResolver:
+    """The resolver as the operator's flags (or their environment variables) configure it; bad settings raise."""
+    raw = os.environ.get(POLICY_ENV) or Policy.OFF.value
+    try:
+        policy = Policy(raw)
+    except ValueError:
+        raise ValueError(f"{POLICY_ENV}={raw!r}: must be require, warn or off") from None
+    keys_path = os.environ.get(KEYS_ENV)
+    keys = read_keys(keys_path) if keys_path else []
+    if policy != Policy.OFF and not keys:
+        raise ValueError(
+            f"image verification {policy.value} needs trusted keys: set {KEYS_ENV} (--image-verification-keys)"
+        )
+    ca_file = os.environ.get(REGISTRY_CA_ENV) or None
+    if ca_file and not os.path.isfile(ca_file):
+        raise ValueError(f"{REGISTRY_CA_ENV}={ca_file!r} is not a file")
+    log.info("image verification", extra={"policy": policy.value, "keys": len(keys), "registryCA": bool(ca_file)})
+    return ImageResolver(RegistryClient(ca_file=ca_file), policy, keys)
 
 
 @dataclass(frozen=True)

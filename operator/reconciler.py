@@ -49,7 +49,7 @@ from beekeeper.crds.names import (
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
 from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, policy_revision
-from beekeeper.operator import policy_status
+from beekeeper.operator import image_resolver, policy_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
 from beekeeper.operator.health import Health
@@ -162,6 +162,7 @@ class Reconciler:
         self.core = client.CoreV1Api(api)
         self.identity_gc_grace = gc_grace_seconds()
         self.expansion_budget = expansion_budget()
+        self.images = image_resolver.from_environment()
         self.resync = resync_seconds()
         self._unused_since: dict[int, float] = {}
         """Identity number -> time.monotonic() it was first seen unused (touched by the pass thread only)."""

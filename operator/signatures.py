@@ -17,11 +17,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from beekeeper.crds.bpfprogram import SignatureVerdict as Verdict
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -33,18 +34,6 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "secp384r1": hashes.SHA384,
     "secp521r1": hashes.SHA512,
 }
-
-
-class Verdict(StrEnum):
-    VERIFIED = "Verified"
-    UNSIGNED = "Unsigned"
-    """No signature image, or one without a layer signed for this digest."""
-    INVALID = "Invalid"
-    """Signatures exist, but none verifies with a trusted key for this digest."""
-    NOT_CHECKED = "NotChecked"
-    """Verification is off."""
-    UNKNOWN = "Unknown"
-    """The registry could not be asked (retried)."""
 
 
 @dataclass(frozen=True)
