@@ -196,7 +196,7 @@ class RegistryClient:
         body, headers = self._get(ref, f"manifests/{target}", ACCEPT, MAX_MANIFEST, f"manifest of {ref}")
         digest = sha256_digest(body)
         if ref.digest and digest != ref.digest:
-            raise DigestMismatch(f"{ref}: the registry sent a manifest with sha256 {digest}, not the pinned digest")
+            raise DigestMismatch(f"{ref}: the registry sent a manifest hashing to {digest}, not to the pinned digest")
         return body, headers.get("Content-Type", ""), digest
 
     def resolve(self, ref: ImageReference) -> str:
@@ -224,7 +224,7 @@ class RegistryClient:
         actual = sha256_digest(body)
         if actual != descriptor.digest or len(body) != descriptor.size:
             raise DigestMismatch(
-                f"{ref}: blob {descriptor.digest} arrived as {len(body)} bytes with sha256 {actual} "
+                f"{ref}: blob {descriptor.digest} arrived as {len(body)} bytes hashing to {actual} "
                 f"(descriptor: {descriptor.size} bytes)"
             )
         return body

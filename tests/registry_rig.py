@@ -17,6 +17,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from beekeeper.devenv import certs, processes
@@ -203,3 +204,16 @@ class Cosign:
     def sign(self, image: str) -> None:
         """Key-based signature, kept off the public transparency log (tests have no network)."""
         self._run("sign", "--key", str(self.dir / "cosign.key"), "--tlog-upload=false", "--yes", image)
+
+
+@dataclass
+class OciRig:
+    """What the tests' session fixture hands out; cosign is built on first use (minutes, once)."""
+
+    registry: Registry
+    builder: ImageBuilder
+    cosign_dir: Path
+
+    @cached_property
+    def cosign(self) -> Cosign:
+        return Cosign(self.cosign_dir, self.registry)
