@@ -1,7 +1,11 @@
-"""BpfProgram: eBPF C source plus where to attach its functions, on a selected set of nodes."""
+"""BpfProgram: eBPF code (C source or a prebuilt CO-RE object) plus where to attach its functions, on a
+selected set of nodes."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
@@ -9,6 +13,7 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from beekeeper.crds.common import (
     AGE_COLUMN,
+    C_IDENTIFIER_PATTERN,
     ApiModel,
     CIdentifier,
     Condition,
@@ -18,6 +23,7 @@ from beekeeper.crds.common import (
     Resource,
     cel,
     cel_list,
+    cel_str,
     conditions_field,
     human_list,
     list_map,
@@ -29,6 +35,9 @@ from beekeeper.crds.names import BPF_PROGRAM
 MAX_PROGRAMS = 64
 MAX_METRICS = 64
 MAX_INLINE_SOURCE = 256 * 1024
+MAX_GLOBAL_DATA = 64
+MAX_GLOBAL_VALUE = 4096
+"""Bytes of one globalData value (base64 on the wire)."""
 
 # --------------------------------------------------------------------------------------
 # Source
@@ -82,6 +91,74 @@ class Source(ApiModel):
 
 CFlag = Annotated[str, Field(min_length=2, max_length=256, pattern=r"^-[A-Za-z]")]
 
+
+class BinaryConfigMapKeyRef(ConfigMapKeyRef):
+    """A binaryData key of a ConfigMap holding a BPF ELF object."""
+
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=CONFIGMAP_KEY_PATTERN)] = Field(
+        description="Key within the ConfigMap's binaryData whose value is the ELF object, e.g. `program.o`."
+    )
+
+
+# registry[:port]/path[/path...] then a tag, a digest, or both (the digest wins).
+IMAGE_PATTERN = (
+    r"^[a-zA-Z0-9]([a-zA-Z0-9.-]*[a-zA-Z0-9])?(:[0-9]{1,5})?(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+"
+    r"((:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[a-f0-9]{64}|:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})$"
+)
+
+
+class Bytecode(ApiModel):
+    """A prebuilt BPF ELF object (clang -target bpf -g, CO-RE): loaded by libbpf on each node, which relocates
+    its kernel struct accesses against that node's BTF, so nodes need no kernel headers and no compiler."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.configMapRef) != has(self.image)",
+                "exactly one of configMapRef or image must be set",
+            )
+        )
+    )
+
+    config_map_ref: BinaryConfigMapKeyRef | None = Field(
+        None,
+        description="Read the object from a ConfigMap binaryData key (at most 256 KiB; strip DWARF with "
+        "`llvm-strip -g`, or use an image for larger objects); changes roll out like spec changes. "
+        "Exclusive with image.",
+    )
+    image: str | None = Field(
+        None,
+        max_length=512,
+        pattern=IMAGE_PATTERN,
+        description="OCI image holding the object, pinned by digest `registry/name@sha256:...`, or a tag resolved "
+        "once. Exclusive with configMapRef.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Bytecode:
+        if (self.config_map_ref is None) == (self.image is None):
+            raise ValueError("exactly one of configMapRef or image must be set")
+        return self
+
+
+def _check_global_data(values: dict[str, str] | None) -> dict[str, str] | None:
+    for name, value in (values or {}).items():
+        if not re.match(C_IDENTIFIER_PATTERN, name):
+            raise ValueError(f"globalData: key {name!r} must be a C identifier (the variable name)")
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError(f"globalData.{name}: not base64") from None
+        if not raw or len(raw) > MAX_GLOBAL_VALUE:
+            raise ValueError(f"globalData.{name}: must decode to 1 to {MAX_GLOBAL_VALUE} bytes")
+    return values
+
+
+GlobalData = Annotated[
+    dict[str, Annotated[str, Field(min_length=4, max_length=5464, json_schema_extra={"format": "byte"})]] | None,
+    AfterValidator(_check_global_data),
+]
+
 # --------------------------------------------------------------------------------------
 # Programs and attach points
 # --------------------------------------------------------------------------------------
@@ -100,6 +177,13 @@ class ProgramType(StrEnum):
     KRETPROBE = "kretprobe"
     CGROUP_SKB = "cgroup_skb"
     CGROUP_SOCK_ADDR = "cgroup_sock_addr"
+    FENTRY = "fentry"
+    FEXIT = "fexit"
+    LSM = "lsm"
+
+
+BYTECODE_ONLY_TYPES = (ProgramType.FENTRY, ProgramType.FEXIT, ProgramType.LSM)
+"""Types attached through the kernel's BTF: prebuilt objects only (bcc source cannot name them)."""
 
 
 class Direction(StrEnum):
@@ -146,6 +230,9 @@ ATTACH_FIELDS: dict[ProgramType, tuple[frozenset[str], frozenset[str]]] = {
     ProgramType.KRETPROBE: (frozenset({"symbol"}), frozenset()),
     ProgramType.CGROUP_SKB: (frozenset({"cgroupPath", "direction"}), frozenset()),
     ProgramType.CGROUP_SOCK_ADDR: (frozenset({"cgroupPath", "attachType"}), frozenset()),
+    ProgramType.FENTRY: (frozenset({"function"}), frozenset()),
+    ProgramType.FEXIT: (frozenset({"function"}), frozenset()),
+    ProgramType.LSM: (frozenset({"hook"}), frozenset()),
 }
 ATTACH_FIELD_NAMES = (
     "interfaceSelector",
@@ -159,6 +246,8 @@ ATTACH_FIELD_NAMES = (
     "pid",
     "cgroupPath",
     "attachType",
+    "function",
+    "hook",
 )
 
 
@@ -260,7 +349,10 @@ class Program(ApiModel):
 
     model_config = ConfigDict(json_schema_extra=validations(*_attach_rules()))
 
-    name: CIdentifier = Field(description="Name of the C function in the source (unique within the list).")
+    name: CIdentifier = Field(
+        description="Name of the C function in the source or object (unique within the list); for bytecode, the "
+        "ELF section name is accepted too when exactly one program has it (e.g. xdp)."
+    )
     type: ProgramType = Field(
         description="Kernel hook type; decides which attach fields are required and which are allowed."
     )
@@ -308,6 +400,13 @@ class Program(ApiModel):
     )
     attach_type: CgroupSockAddrAttachType | None = Field(
         None, description="cgroup_sock_addr: the socket call to intercept, e.g. connect4 (required)."
+    )
+    function: CIdentifier | None = Field(
+        None,
+        description="fentry, fexit: the kernel function to attach to, by its BTF name, e.g. do_unlinkat (required).",
+    )
+    hook: CIdentifier | None = Field(
+        None, description="lsm: the LSM hook without the bpf_lsm_ prefix, e.g. file_open (required)."
     )
 
     @model_validator(mode="after")
@@ -557,14 +656,55 @@ def _unique(items: list[str], what: str) -> None:
 class BpfProgramSpec(ApiModel):
     """Desired state: what code runs where."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.source) != has(self.bytecode)", "exactly one of source or bytecode must be set"),
+            cel(
+                "!has(self.cflags) || has(self.source)",
+                "cflags is only valid with source (bytecode is already compiled)",
+                field_path=".cflags",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "!has(self.globalData) || has(self.bytecode)",
+                "globalData is only valid with bytecode (with source, use cflags such as -DNAME=value)",
+                field_path=".globalData",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                f"has(self.bytecode) || self.programs.all(p, !(p.type in {cel_list(BYTECODE_ONLY_TYPES)}))",
+                "fentry, fexit and lsm programs need bytecode",
+                field_path=".programs",
+            ),
+        )
+    )
+
     node_selector: LabelSelector | None = Field(
         None, description="Nodes to run on, by node labels; empty or absent selects every node."
     )
-    source: Source = Field(description="The eBPF C source, compiled on each node by bcc.")
+    source: Source | None = Field(
+        None, description="The eBPF C source, compiled on each node by bcc. Exclusive with bytecode."
+    )
+    bytecode: Bytecode | None = Field(
+        None, description="A prebuilt CO-RE object, loaded on each node by libbpf. Exclusive with source."
+    )
     cflags: list[CFlag] | None = Field(
         None,
         max_length=32,
-        description="Extra compiler flags for bcc, e.g. -DMAX_ENTRIES=1024; each must start with '-'.",
+        description="source: extra compiler flags for bcc, e.g. -DMAX_ENTRIES=1024; each must start with '-'.",
+    )
+    global_data: GlobalData = Field(
+        None,
+        max_length=MAX_GLOBAL_DATA,
+        description="bytecode: initial values of the object's global variables (`const volatile` ones in .rodata, "
+        "or .data), by variable name, as base64 of the exact bytes (little-endian on x86), as bpfman's globalData; "
+        "one object then serves many configurations. A name the object lacks, or a wrong size, fails the load.",
+        json_schema_extra=validations(
+            cel(
+                f"self.all(k, k.matches({cel_str(C_IDENTIFIER_PATTERN)}))",
+                "globalData keys must be C identifiers (the variable names)",
+            )
+        ),
     )
     programs: list[Program] = Field(
         min_length=1,
@@ -591,6 +731,16 @@ class BpfProgramSpec(ApiModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> BpfProgramSpec:
+        if (self.source is None) == (self.bytecode is None):
+            raise ValueError("exactly one of source or bytecode must be set")
+        if self.cflags and self.bytecode is not None:
+            raise ValueError("cflags: only valid with source (bytecode is already compiled)")
+        if self.global_data and self.source is not None:
+            raise ValueError("globalData: only valid with bytecode (with source, use cflags such as -DNAME=value)")
+        if self.source is not None:
+            needing = [p.name for p in self.programs if p.type in BYTECODE_ONLY_TYPES]
+            if needing:
+                raise ValueError(f"programs: {', '.join(needing)}: fentry, fexit and lsm programs need bytecode")
         _unique([p.name for p in self.programs], "program name")
         _unique([m.name for m in self.metrics or []], "metric name")
         _unique([metric_family(m.name) for m in self.metrics or []], "metric family (name without _total)")

@@ -15,7 +15,16 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from beekeeper.crds.bpfprogram import MAX_INLINE_SOURCE, MAX_METRICS, MAX_PROGRAMS, CFlag, Metric, Program
+from beekeeper.crds.bpfprogram import (
+    MAX_GLOBAL_DATA,
+    MAX_INLINE_SOURCE,
+    MAX_METRICS,
+    MAX_PROGRAMS,
+    CFlag,
+    GlobalData,
+    Metric,
+    Program,
+)
 from beekeeper.crds.common import (
     AGE_COLUMN,
     ApiModel,
@@ -41,14 +50,32 @@ POLICY_REF_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-
 ContentHash = Annotated[str, Field(min_length=64, max_length=64, pattern=CONTENT_HASH_PATTERN)]
 
 
-def content_hash(source: str, cflags: Sequence[str] | None, programs: Sequence[Program]) -> str:
-    """sha256 over what decides the loaded code: the resolved source, cflags and program entries.
+MAX_BYTECODE = 256 * 1024
+"""Bytes of an object carried in a BpfNodeState (base64 on the wire; larger ones belong in an image)."""
+
+
+def content_hash(
+    source: str | None,
+    cflags: Sequence[str] | None,
+    programs: Sequence[Program],
+    bytecode_sha256: str | None = None,
+    global_data: Mapping[str, str] | None = None,
+) -> str:
+    """sha256 over what decides the loaded code: the resolved source (or the object's sha256 and
+    globalData), cflags and program entries.
 
     The operator writes it into spec and the daemon echoes it in status, so "is this node
     running what it should" is a string comparison, and an unchanged hash means no reload.
+    Source programs hash exactly as before bytecode existed, so an upgrade reloads nothing.
     """
+    doc: dict[str, Any] = {"cflags": list(cflags or []), "programs": [p.to_dict() for p in programs]}
+    if source is not None:
+        doc["source"] = source
+    if bytecode_sha256 is not None:
+        doc["bytecode"] = bytecode_sha256
+        doc["globalData"] = dict(global_data or {})
     canonical = json.dumps(
-        {"source": source, "cflags": list(cflags or []), "programs": [p.to_dict() for p in programs]},
+        doc,
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -61,15 +88,40 @@ def content_hash(source: str, cflags: Sequence[str] | None, programs: Sequence[P
 # --------------------------------------------------------------------------------------
 
 
+class NodeBytecode(ApiModel):
+    """A CO-RE object resolved for this node."""
+
+    object: str = Field(
+        min_length=4,
+        max_length=(MAX_BYTECODE + 2) // 3 * 4,
+        description="The ELF object, base64 (read from the BpfProgram's ConfigMap binaryData).",
+        json_schema_extra={"format": "byte"},
+    )
+    sha256: ContentHash = Field(description="sha256 of the object's bytes, hex.")
+
+
 class NodeProgram(ApiModel):
-    """One BpfProgram resolved for this node: the source text is inlined so the node needs nothing else."""
+    """One BpfProgram resolved for this node: the code is inlined so the node needs nothing else."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.source) != has(self.bytecode)", "exactly one of source or bytecode must be set")
+        )
+    )
 
     bpf_program: DnsSubdomain = Field(description="Name of the BpfProgram this comes from.")
     uid: str = Field(min_length=1, max_length=64, description="metadata.uid of that BpfProgram.")
     generation: int = Field(ge=1, description="metadata.generation of that BpfProgram the entry was resolved from.")
     content_hash: ContentHash = Field(description="sha256 of source, cflags and programs; unchanged means no reload.")
-    source: str = Field(
-        min_length=1, max_length=MAX_INLINE_SOURCE, description="The C source, resolved from inline or a ConfigMap."
+    source: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_INLINE_SOURCE,
+        description="The C source, resolved from inline or a ConfigMap. Exclusive with bytecode.",
+    )
+    bytecode: NodeBytecode | None = Field(None, description="The CO-RE object. Exclusive with source.")
+    global_data: GlobalData = Field(
+        None, max_length=MAX_GLOBAL_DATA, description="bytecode: global variable values, as in the BpfProgram."
     )
     cflags: list[CFlag] | None = Field(None, max_length=32, description="Extra compiler flags for bcc.")
     programs: list[Program] = Field(
@@ -85,8 +137,15 @@ class NodeProgram(ApiModel):
         json_schema_extra=list_map("name"),
     )
 
+    @model_validator(mode="after")
+    def _exactly_one_code(self) -> NodeProgram:
+        if (self.source is None) == (self.bytecode is None):
+            raise ValueError("exactly one of source or bytecode must be set")
+        return self
+
     def expected_hash(self) -> str:
-        return content_hash(self.source, self.cflags, self.programs)
+        sha = self.bytecode.sha256 if self.bytecode else None
+        return content_hash(self.source, self.cflags, self.programs, sha, self.global_data)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The node daemon's view of the kernel: what it asks for, what it gets back.
 
-The reconciler speaks only this module's vocabulary. BccBackend implements it against the
+The reconciler speaks only this module's vocabulary. KernelBackend implements it against the
 running kernel; FakeBackend implements it in memory so the control plane can be exercised
 with hundreds of simulated nodes. Nothing here knows about Kubernetes; only the hook type
 names come from the API. The daemon maps a BpfNodeState spec onto ProgramUnits and the
@@ -58,6 +58,8 @@ class Reason(StrEnum):
     COMPILE_TIMEOUT = "CompileTimeout"
     QUARANTINED = "Quarantined"  # its build brought the node daemon down twice; retried once the spec changes
     VERIFIER_REJECTED = "VerifierRejected"
+    RELOCATION_FAILED = "RelocationFailed"  # a CO-RE read of a field or type this kernel's BTF lacks
+    INVALID_BYTECODE = "InvalidBytecode"  # not a BPF ELF object libbpf can open
     LOAD_FAILED = "LoadFailed"
     FUNCTION_NOT_FOUND = "FunctionNotFound"
     INVALID_SPEC = "InvalidSpec"
@@ -96,6 +98,7 @@ _RAW_TRACEPOINT = re.compile(r"^\w+$")
 _NEEDS_INTERFACES = (ProgramType.XDP, ProgramType.TC)
 _NEEDS_CGROUP = (ProgramType.CGROUP_SKB, ProgramType.CGROUP_SOCK_ADDR)
 _PROBES = (ProgramType.UPROBE, ProgramType.URETPROBE)
+_BTF_ATTACHED = (ProgramType.FENTRY, ProgramType.FEXIT, ProgramType.LSM)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class AttachSpec:
     """cgroup_*: cgroup v2 directory, absolute or relative to the cgroup2 mount."""
     attach_type: str | None = None
     """cgroup_sock_addr: which socket call to hook, e.g. "connect4"."""
+    btf_target: str | None = None
+    """fentry/fexit: the kernel function; lsm: the hook name (e.g. "file_open")."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", ProgramType(self.type))
@@ -157,6 +162,8 @@ class AttachSpec:
             return f"{t} program {self.name!r} needs a kernel function in symbol"
         if t in _NEEDS_CGROUP and not self.cgroup_path:
             return f"{t} program {self.name!r} needs a cgroup path"
+        if t in _BTF_ATTACHED and not self.btf_target:
+            return f"{t} program {self.name!r} needs a kernel {'hook' if t == ProgramType.LSM else 'function'}"
         if t == ProgramType.CGROUP_SOCK_ADDR and self.attach_type not in ATTACH_TYPES[t]:
             return f"cgroup_sock_addr attach type must be one of {', '.join(ATTACH_TYPES[t])}, not {self.attach_type!r}"
         return None
@@ -169,33 +176,48 @@ class AttachSpec:
             return f"{self.name}:{self.type}:{self.direction}"
         if self.type == ProgramType.CGROUP_SOCK_ADDR:
             return f"{self.name}:{self.type}:{self.attach_type}"
+        if self.type in _BTF_ATTACHED:  # the target is part of the loaded program (its attach BTF id)
+            return f"{self.name}:{self.type}:{self.btf_target}"
         return f"{self.name}:{self.type}"
 
 
 @dataclass(frozen=True)
 class ProgramUnit:
-    """One compilation unit (one BpfProgram): C source, flags, and the programs in it.
+    """One compilation unit (one BpfProgram): its code, and the programs in it.
 
-    Programs of a unit share the unit's maps. Changing the source, the flags or the set of
+    The code is C source (compiled by bcc with cflags) or a prebuilt CO-RE ELF object
+    (bytecode, loaded by libbpf with global_data patched into its global variables): exactly
+    one. Programs of a unit share the unit's maps. Changing the code, the flags or the set of
     kernel programs (function x type) is a new build, swapped in without a gap; changing
     only where programs attach is converged in place without recompiling.
     """
 
     key: str
-    source: str
+    source: str | None = None
     cflags: tuple[str, ...] = ()
     programs: tuple[AttachSpec, ...] = ()
+    bytecode: bytes | None = None
+    global_data: tuple[tuple[str, bytes], ...] = ()
+    """(variable, value) pairs, sorted by name."""
 
     def __post_init__(self) -> None:
+        if (self.source is None) == (self.bytecode is None):
+            raise ValueError("a unit has exactly one of source or bytecode")
         object.__setattr__(self, "cflags", tuple(self.cflags))
         object.__setattr__(self, "programs", tuple(self.programs))
+        object.__setattr__(self, "global_data", tuple(sorted(dict(self.global_data).items())))
 
     @cached_property
     def content_hash(self) -> str:
         """Hash of everything that determines the loaded bytecode (not the attach targets)."""
         loads = sorted({s.load_key for s in self.programs})
-        doc = json.dumps({"source": self.source, "cflags": list(self.cflags), "loads": loads}, sort_keys=True)
-        return hashlib.sha256(doc.encode()).hexdigest()
+        doc: dict[str, object] = {"cflags": list(self.cflags), "loads": loads}
+        if self.source is not None:
+            doc["source"] = self.source
+        if self.bytecode is not None:
+            doc["bytecode"] = hashlib.sha256(self.bytecode).hexdigest()
+            doc["globalData"] = {name: value.hex() for name, value in self.global_data}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ PROG_TYPE_XDP = 6
 PROG_TYPE_CGROUP_SKB = 8
 PROG_TYPE_RAW_TRACEPOINT = 17
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
+PROG_TYPE_TRACING = 26
+PROG_TYPE_LSM = 29
 
 # enum bpf_attach_type
 ATTACH_CGROUP_INET_INGRESS = 0
@@ -53,6 +55,9 @@ ATTACH_CGROUP_INET4_GETPEERNAME = 29
 ATTACH_CGROUP_INET6_GETPEERNAME = 30
 ATTACH_CGROUP_INET4_GETSOCKNAME = 31
 ATTACH_CGROUP_INET6_GETSOCKNAME = 32
+ATTACH_TRACE_FENTRY = 24
+ATTACH_TRACE_FEXIT = 25
+ATTACH_LSM_MAC = 27
 ATTACH_XDP = 37
 ATTACH_PERF_EVENT = 41
 ATTACH_TCX_INGRESS = 46
@@ -123,15 +128,28 @@ class _LinkCreateOpts(ct.Structure):
 
 
 class _ProgLoadOpts(ct.Structure):
-    # Prefix of struct bpf_prog_load_opts up to expected_attach_type.
-    _fields_ = (("sz", ct.c_size_t), ("attempts", ct.c_int), ("expected_attach_type", ct.c_uint32))
+    # Prefix of struct bpf_prog_load_opts up to attach_btf_id.
+    _fields_ = (
+        ("sz", ct.c_size_t),
+        ("attempts", ct.c_int),
+        ("expected_attach_type", ct.c_uint32),
+        ("prog_btf_fd", ct.c_uint32),
+        ("prog_flags", ct.c_uint32),
+        ("prog_ifindex", ct.c_uint32),
+        ("kern_version", ct.c_uint32),
+        ("attach_btf_id", ct.c_uint32),
+    )
 
 
-def _proto(name: str, restype: type, *argtypes: type) -> ct._CFuncPtr:
+def libbpf_function(name: str, restype: type | None, *argtypes: type) -> ct._CFuncPtr:
+    """A typed function of the system libbpf (errno is kept for callers: use_errno)."""
     fn = getattr(_libbpf, name)
     fn.restype = restype
     fn.argtypes = argtypes
     return fn
+
+
+_proto = libbpf_function  # the short name this module's prototypes use
 
 
 _u32p = ct.POINTER(ct.c_uint32)
@@ -348,10 +366,13 @@ def prog_type_supported(prog_type: int) -> bool:
     return _probe_prog_type(prog_type, None) == 1
 
 
-def load_trivial_prog(prog_type: int, expected_attach_type: int = 0) -> OwnedFd:
-    """A program that returns 0: used to probe which attach commands this kernel knows."""
+def load_trivial_prog(prog_type: int, expected_attach_type: int = 0, attach_btf_id: int = 0) -> OwnedFd:
+    """A program that returns 0: used to probe which attach commands (and, with the BTF id of a
+    kernel function, which BTF-attached program types) this kernel accepts."""
     insns = ct.create_string_buffer(_RETURN_ZERO, len(_RETURN_ZERO))
-    opts = _ProgLoadOpts(sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type)
+    opts = _ProgLoadOpts(
+        sz=ct.sizeof(_ProgLoadOpts), expected_attach_type=expected_attach_type, attach_btf_id=attach_btf_id
+    )
     fd = _prog_load(prog_type, b"bk_probe", b"GPL", insns, 2, ct.byref(opts))
     return OwnedFd(_check(fd, "load probe program"))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.backend import HookSupport, NodeCapabilities, ProgramType
+from beekeeper.node_daemon.libbpf import kernel_function_btf_id
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,31 @@ def _perf_link_supported() -> bool:
     return True
 
 
+_BTF_PROBES = {
+    ProgramType.FENTRY: (bpf.PROG_TYPE_TRACING, bpf.ATTACH_TRACE_FENTRY, "bpf_fentry_test1"),
+    ProgramType.FEXIT: (bpf.PROG_TYPE_TRACING, bpf.ATTACH_TRACE_FEXIT, "bpf_fentry_test1"),
+    ProgramType.LSM: (bpf.PROG_TYPE_LSM, bpf.ATTACH_LSM_MAC, "bpf_lsm_file_open"),
+}
+"""Per BTF-attached type: the program load that proves it works (the kernel's own test targets)."""
+
+
+def _probe_btf_attached(program_type: ProgramType) -> HookSupport:
+    """Load a trivial program of the type at a function every such kernel has; the kernel's
+    answer is the verdict (some kernels refuse these types even to root, e.g. with EPERM from
+    a lockdown or an LSM policy, whatever their config says)."""
+    ptype, attach, function = _BTF_PROBES[program_type]
+    try:
+        btf_id = kernel_function_btf_id(function)
+        bpf.load_trivial_prog(ptype, attach, btf_id).close()
+    except bpf.BpfError as exc:
+        return HookSupport(
+            False,
+            f"the kernel refused a minimal {program_type} program (attached to {function}): "
+            f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})",
+        )
+    return HookSupport(True)
+
+
 def _probe_pmu(name: str, tracefs: str | None) -> HookSupport:
     if pmu_type(name) is not None:
         return HookSupport(True)
@@ -166,6 +192,7 @@ def probe(tracefs: str | None, cgroup2: str | None) -> NodeCapabilities:
         ProgramType.KRETPROBE: kprobe,
         ProgramType.CGROUP_SKB: all_of(prog_type(bpf.PROG_TYPE_CGROUP_SKB, "cgroup_skb"), cgroup),
         ProgramType.CGROUP_SOCK_ADDR: all_of(prog_type(bpf.PROG_TYPE_CGROUP_SOCK_ADDR, "cgroup_sock_addr"), cgroup),
+        **{t: _probe_btf_attached(t) for t in _BTF_PROBES},
     }
     caps = NodeCapabilities(
         kernel_release=os.uname().release,

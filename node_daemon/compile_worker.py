@@ -20,6 +20,7 @@ freed by the kernel when its fds close.
 
 from __future__ import annotations
 
+import base64
 import ctypes as ct
 import json
 import logging
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from beekeeper.node_daemon.bcc_compile import CompiledModule, CompileFailed, Loa
 from beekeeper.node_daemon.bpf_syscalls import OwnedFd
 from beekeeper.node_daemon.compile_errors import compile_error_message
 from beekeeper.node_daemon.compile_limits import CompileLimits
+from beekeeper.node_daemon.object_load import LoadedObject, load_object
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,11 @@ class Load:
 
     key: str
     function: str
+    """The function; for an object also the ELF section name of exactly one program."""
     prog_type: int
     expected_attach_type: int | None = None
+    attach_target: str | None = None
+    """fentry/fexit: the kernel function; lsm: the hook (objects only)."""
 
 
 @dataclass
@@ -113,6 +118,19 @@ class CompileWorkers:
     def build(self, source: str, cflags: Sequence[str], loads: Iterable[Load]) -> Built:
         """Compile source and load loads; raises CompileFailed (with reason CompileError or
         CompileTimeout) when the source does not compile or the worker fails."""
+        return self._run({"source": source, "cflags": list(cflags), "loads": [vars(load) for load in loads]})
+
+    def load_object(self, data: bytes, global_data: Mapping[str, bytes], loads: Iterable[Load]) -> Built:
+        """Load loads from a CO-RE ELF object with libbpf (global_data patched in first); raises
+        CompileFailed when the object as a whole is unusable or the worker fails."""
+        job = {
+            "object": base64.b64encode(data).decode(),
+            "global_data": {name: base64.b64encode(value).decode() for name, value in global_data.items()},
+            "loads": [vars(load) for load in loads],
+        }
+        return self._run(job)
+
+    def _run(self, job: dict[str, Any]) -> Built:
         worker, self._spare = self._spare, None
         if worker is None or not worker.alive():
             if worker is not None:
@@ -120,7 +138,7 @@ class CompileWorkers:
             worker = _Worker(self._config)
         started = time.monotonic()
         try:
-            return worker.run(source, cflags, list(loads), self.limits)
+            return worker.run(job, self.limits)
         finally:
             worker.close()
             log.debug("build in worker %d took %.3fs", worker.proc.pid, time.monotonic() - started)
@@ -150,9 +168,8 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def run(self, source: str, cflags: Sequence[str], loads: list[Load], limits: CompileLimits) -> Built:
+    def run(self, job: dict[str, Any], limits: CompileLimits) -> Built:
         deadline = time.monotonic() + limits.timeout
-        job = {"source": source, "cflags": list(cflags), "loads": [vars(load) for load in loads]}
         try:
             _send_frame(self.sock, json.dumps(job).encode(), deadline)
             header = json.loads(_recv_frame(self.sock, deadline))
@@ -320,6 +337,26 @@ def _build(job: dict[str, Any]) -> tuple[dict[str, Any], CompiledModule | None, 
     return header, module, programs
 
 
+def _load_object(job: dict[str, Any]) -> tuple[dict[str, Any], LoadedObject | None, dict[str, OwnedFd]]:
+    """The answer's header for an object job, and what holds its fds."""
+    global_data = {name: base64.b64decode(value) for name, value in job["global_data"].items()}
+    try:
+        loaded = load_object(base64.b64decode(job["object"]), global_data, [Load(**load) for load in job["loads"]])
+    except CompileFailed as exc:
+        return {"compile_failure": {"reason": exc.reason, "message": exc.message}}, None, {}
+    failures = {
+        key: {"reason": exc.reason, "message": exc.message, "transient": exc.transient}
+        for key, exc in loaded.failures.items()
+    }
+    header = {
+        "compile_failure": None,
+        "maps": list(loaded.map_fds),
+        "programs": list(loaded.programs),
+        "failures": failures,
+    }
+    return header, loaded, loaded.programs
+
+
 def _serve(fd: int, config: dict[str, Any]) -> None:
     bcc_compile.capture_stderr_in_place()
     refusal = _confine(config)
@@ -328,9 +365,10 @@ def _serve(fd: int, config: dict[str, Any]) -> None:
             job = json.loads(_recv_frame(sock))
         except EOFError:
             return  # a spare the daemon no longer needs
-        module, programs = None, {}
+        module: CompiledModule | LoadedObject | None = None
+        programs: dict[str, OwnedFd] = {}
         if refusal is None:
-            header, module, programs = _build(job)
+            header, module, programs = (_load_object if "object" in job else _build)(job)
         else:
             header = {"compile_failure": {"reason": Reason.UNSUPPORTED_ON_NODE, "message": refusal}}
         maps = module.maps() if module is not None else {}

@@ -10,6 +10,8 @@ daemon process:
     tracepoint        perf_event_open(PERF_TYPE_TRACEPOINT) + BPF_LINK_CREATE, BPF_PERF_EVENT
     uprobe/kprobe     perf_event_open(uprobe/kprobe PMU) + BPF_LINK_CREATE, BPF_PERF_EVENT
     raw_tracepoint    BPF_RAW_TRACEPOINT_OPEN (returns a link)
+    fentry/fexit/lsm  BPF_LINK_CREATE with the program's attach type (the target, a kernel
+                      function or LSM hook, is fixed in the program at load: its attach BTF id)
 
 xdp, tcx and cgroup links can swap their program atomically (BPF_LINK_UPDATE); perf-event
 and raw tracepoint links cannot, so a new program is attached before the old is dropped.
@@ -63,6 +65,11 @@ _PROG_TYPES = {
     ProgramType.KRETPROBE: bpf.PROG_TYPE_KPROBE,
     ProgramType.CGROUP_SKB: bpf.PROG_TYPE_CGROUP_SKB,
     ProgramType.CGROUP_SOCK_ADDR: bpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+}
+_BTF_ATTACH = {
+    ProgramType.FENTRY: (bpf.PROG_TYPE_TRACING, bpf.ATTACH_TRACE_FENTRY),
+    ProgramType.FEXIT: (bpf.PROG_TYPE_TRACING, bpf.ATTACH_TRACE_FEXIT),
+    ProgramType.LSM: (bpf.PROG_TYPE_LSM, bpf.ATTACH_LSM_MAC),
 }
 
 UPDATABLE_KINDS = frozenset({"xdp", "tcx", "cgroup"})
@@ -118,6 +125,8 @@ def program_type(spec: AttachSpec) -> tuple[int, int | None]:
         return bpf.PROG_TYPE_CGROUP_SKB, _SKB_ATTACH[spec.direction]
     if spec.type == ProgramType.CGROUP_SOCK_ADDR:
         return bpf.PROG_TYPE_CGROUP_SOCK_ADDR, _SOCK_ADDR_ATTACH[str(spec.attach_type)]
+    if spec.type in _BTF_ATTACH:
+        return _BTF_ATTACH[spec.type]
     return _PROG_TYPES[spec.type], None
 
 
@@ -134,6 +143,9 @@ def resolve(spec: AttachSpec, env: Environment) -> Resolution:
             res.targets.append(Target(f"{spec.name}@{point}", point, "raw_tp", spec))
         elif spec.type in (ProgramType.UPROBE, ProgramType.URETPROBE):
             res.targets.append(_resolve_uprobe(spec))
+        elif spec.type in _BTF_ATTACH:
+            point = f"{spec.type}:{spec.btf_target}"
+            res.targets.append(Target(f"{spec.name}@{point}", point, "tracing", spec))
         elif spec.type in (ProgramType.KPROBE, ProgramType.KRETPROBE):
             where = f"{spec.symbol}+{spec.offset:#x}" if spec.offset else str(spec.symbol)
             point = f"{spec.type}:{where}"
@@ -254,6 +266,8 @@ def attach(target: Target, prog_fd: int, before_link_fd: int | None = None) -> b
                 os.close(cgroup)
         if target.kind == "raw_tp":
             return bpf.raw_tracepoint_open(str(spec.tracepoint), prog_fd)
+        if target.kind == "tracing":
+            return bpf.link_create(prog_fd, 0, _BTF_ATTACH[spec.type][1], 0, target.point)
         with _open_perf_event(target) as event:
             return bpf.link_create(prog_fd, event.fd, bpf.ATTACH_PERF_EVENT, 0, target.point)
     except bpf.BpfError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ def attach_spec(program: Program) -> AttachSpec:
         pid=program.pid,
         cgroup_path=program.cgroup_path,
         attach_type=program.attach_type.value if program.attach_type else None,
+        btf_target=program.function or program.hook,
     )
 
 
@@ -50,6 +52,8 @@ def program_unit(entry: NodeProgram) -> ProgramUnit:
         source=entry.source,
         cflags=tuple(entry.cflags or ()),
         programs=tuple(attach_spec(p) for p in entry.programs),
+        bytecode=base64.b64decode(entry.bytecode.object) if entry.bytecode else None,
+        global_data=tuple((k, base64.b64decode(v)) for k, v in (entry.global_data or {}).items()),
     )
 
 

@@ -60,6 +60,7 @@ def _slim_configmap(body: Mapping[str, Any]) -> Body:
     return {
         "metadata": {k: meta[k] for k in ("name", "namespace", "resourceVersion") if meta.get(k) is not None},
         "data": dict(body.get("data") or {}),
+        "binaryData": dict(body.get("binaryData") or {}),
     }
 
 
@@ -92,12 +93,13 @@ def object_key(kind: str, body: Mapping[str, Any]) -> str:
 
 
 def configmap_refs(bpfprograms: Iterable[Mapping[str, Any]]) -> set[str]:
-    """namespace/name of every ConfigMap a BpfProgram takes its source from."""
+    """namespace/name of every ConfigMap a BpfProgram takes its source or bytecode from."""
     refs = set()
     for body in bpfprograms:
-        ref = ((body.get("spec") or {}).get("source") or {}).get("configMapRef") or {}
-        if ref.get("name") and ref.get("namespace"):
-            refs.add(f"{ref['namespace']}/{ref['name']}")
+        for code in ("source", "bytecode"):
+            ref = ((body.get("spec") or {}).get(code) or {}).get("configMapRef") or {}
+            if ref.get("name") and ref.get("namespace"):
+                refs.add(f"{ref['namespace']}/{ref['name']}")
     return refs
 
 
@@ -117,6 +119,8 @@ class Snapshot:
     """BpfPolicySlices by name (what the operator wrote, as the API has it)."""
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     """namespace/name -> data, for the referenced ConfigMaps that exist."""
+    binary_configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
+    """namespace/name -> binaryData (base64), for the referenced ConfigMaps that exist."""
 
     def node_labels(self) -> dict[str, dict[str, str]]:
         return {name: dict(body["metadata"].get("labels") or {}) for name, body in self.nodes.items()}
@@ -124,6 +128,10 @@ class Snapshot:
     def configmap(self, namespace: str, name: str) -> Mapping[str, str] | None:
         """A referenced ConfigMap's data; None when it does not exist."""
         return self.configmaps.get(f"{namespace}/{name}")
+
+    def binary_configmap(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        """A referenced ConfigMap's binaryData (base64); None when it does not exist."""
+        return self.binary_configmaps.get(f"{namespace}/{name}")
 
 
 class OwnWrites:
@@ -305,4 +313,7 @@ class ClusterCache:
             identities=list(self.tables["NetworkIdentity"].values()),
             policy_slices=dict(self.tables["BpfPolicySlice"]),
             configmaps={key: dict(body.get("data") or {}) for key, body in self.tables["ConfigMap"].items()},
+            binary_configmaps={
+                key: dict(body.get("binaryData") or {}) for key, body in self.tables["ConfigMap"].items()
+            },
         )

@@ -6,6 +6,9 @@ lives here so it is unit-tested without a cluster.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,11 +16,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from beekeeper.crds.bpfprogram import BpfProgram, BpfProgramSpec
-from beekeeper.crds.nodestate import NodeProgram, content_hash
+from beekeeper.crds.nodestate import MAX_BYTECODE, NodeBytecode, NodeProgram, content_hash
 from beekeeper.operator.selectors import matches
 
 Body = Mapping[str, Any]
 ConfigMapLookup = Callable[[str, str], Mapping[str, str] | None]
+"""(namespace, name) -> the ConfigMap's data (or binaryData, base64), None when it does not exist."""
+
+
+def no_binary_configmaps(_namespace: str, _name: str) -> None:
+    return None
 
 
 class SourceError(ValueError):
@@ -38,6 +46,7 @@ class Placement:
 
 def resolve_source(spec: BpfProgramSpec, configmap: ConfigMapLookup) -> str:
     """The C text of a BpfProgram: inline, or read from the referenced ConfigMap key."""
+    assert spec.source is not None
     if spec.source.inline is not None:
         return spec.source.inline
     ref = spec.source.config_map_ref
@@ -53,15 +62,46 @@ def resolve_source(spec: BpfProgramSpec, configmap: ConfigMapLookup) -> str:
     return data[ref.key]
 
 
-def node_entry(program: BpfProgram, source: str) -> NodeProgram:
+def resolve_bytecode(spec: BpfProgramSpec, binary: ConfigMapLookup) -> NodeBytecode:
+    """The object of a BpfProgram from its ConfigMap binaryData key, with its sha256."""
+    assert spec.bytecode is not None
+    ref = spec.bytecode.config_map_ref
+    if ref is None:
+        raise SourceError("spec.bytecode.image: images are not supported by this operator yet")
+    data = binary(ref.namespace, ref.name)
+    where = f"spec.bytecode.configMapRef: ConfigMap {ref.namespace}/{ref.name}"
+    if data is None:
+        raise SourceError(f"{where} not found")
+    if ref.key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        raise SourceError(f"{where} has no binaryData key {ref.key!r} (binaryData keys: {keys})")
+    try:
+        raw = base64.b64decode(data[ref.key], validate=True)
+    except binascii.Error:
+        raise SourceError(f"{where} binaryData key {ref.key!r} is not base64") from None
+    if not raw:
+        raise SourceError(f"{where} binaryData key {ref.key!r} is empty")
+    if len(raw) > MAX_BYTECODE:
+        raise SourceError(
+            f"{where} key {ref.key!r} holds {len(raw)} bytes, more than the {MAX_BYTECODE // 1024} KiB a "
+            "BpfNodeState can carry per program: strip DWARF (llvm-strip -g keeps the BTF CO-RE needs) or "
+            "ship it as an image (spec.bytecode.image)"
+        )
+    return NodeBytecode(object=base64.b64encode(raw).decode(), sha256=hashlib.sha256(raw).hexdigest())
+
+
+def node_entry(program: BpfProgram, source: str | None, bytecode: NodeBytecode | None = None) -> NodeProgram:
     """The BpfNodeState.spec.programs[] entry for one BpfProgram."""
     spec = program.spec
+    sha = bytecode.sha256 if bytecode else None
     return NodeProgram(
         bpf_program=program.metadata.name,
         uid=program.metadata.uid or "",
         generation=program.metadata.generation or 1,
-        content_hash=content_hash(source, spec.cflags, spec.programs),
+        content_hash=content_hash(source, spec.cflags, spec.programs, sha, spec.global_data),
         source=source,
+        bytecode=bytecode,
+        global_data=spec.global_data,
         cflags=spec.cflags,
         programs=spec.programs,
         metrics=spec.metrics,
@@ -69,7 +109,10 @@ def node_entry(program: BpfProgram, source: str) -> NodeProgram:
 
 
 def place(
-    bpfprograms: Iterable[Body], node_labels: Mapping[str, Mapping[str, str]], configmap: ConfigMapLookup
+    bpfprograms: Iterable[Body],
+    node_labels: Mapping[str, Mapping[str, str]],
+    configmap: ConfigMapLookup,
+    binary: ConfigMapLookup = no_binary_configmaps,
 ) -> list[Placement]:
     """Resolve every BpfProgram and the nodes its nodeSelector picks.
 
@@ -94,7 +137,10 @@ def place(
         selector = program.spec.node_selector.to_dict() if program.spec.node_selector else None
         placement.nodes = sorted(n for n, labels in node_labels.items() if matches(selector, labels))
         try:
-            placement.entry = node_entry(program, resolve_source(program.spec, configmap))
+            if program.spec.source is not None:
+                placement.entry = node_entry(program, resolve_source(program.spec, configmap))
+            else:
+                placement.entry = node_entry(program, None, resolve_bytecode(program.spec, binary))
         except SourceError as exc:
             placement.error = str(exc)
     return placements

@@ -246,7 +246,7 @@ class Reconciler:
         for body in bpfprograms:
             self._hold(body)
         node_labels = snapshot.node_labels()
-        placements = place(bpfprograms, node_labels, snapshot.configmap)
+        placements = place(bpfprograms, node_labels, snapshot.configmap, snapshot.binary_configmap)
         desired = node_programs(placements, node_labels)
 
         pods = pod_records(snapshot.pods, snapshot.namespaces)

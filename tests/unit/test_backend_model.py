@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from beekeeper.node_daemon.backend import AttachSpec, ProgramUnit
@@ -35,7 +38,7 @@ def test_valid_specs_have_no_problem():
 
 def test_unknown_types_are_rejected_at_construction():
     with pytest.raises(ValueError):
-        AttachSpec("f", "lsm")
+        AttachSpec("f", "struct_ops")
 
 
 def test_content_hash_covers_code_not_attach_targets():
@@ -56,3 +59,37 @@ def test_load_key_separates_expected_attach_types():
     egress = AttachSpec("f", "cgroup_skb", cgroup_path="x", direction="egress")
     assert ingress.load_key != egress.load_key
     assert AttachSpec("f", "uprobe", binary="c", symbol="a").load_key == "f:uprobe"
+
+
+def test_source_units_hash_as_before_bytecode_existed():
+    """An upgraded daemon must find its adopted source units unchanged (no reload)."""
+    unit = ProgramUnit("u", "int f(void *c) { return 0; }", ["-DX=1"], [AttachSpec("f", "xdp", interfaces=["a"])])
+    doc = {"source": unit.source, "cflags": ["-DX=1"], "loads": ["f:xdp"]}
+    assert unit.content_hash == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def test_bytecode_units_hash_the_object_and_global_data():
+    spec = AttachSpec("f", "tracepoint", tracepoint="a:b")
+    base = ProgramUnit("u", bytecode=b"\x7fELF-1", global_data=(("b", b"\2"), ("a", b"\1")), programs=[spec])
+    assert base.global_data == (("a", b"\1"), ("b", b"\2")), "order of globalData does not matter"
+    same = ProgramUnit("u", bytecode=b"\x7fELF-1", global_data=(("a", b"\1"), ("b", b"\2")), programs=[spec])
+    assert same.content_hash == base.content_hash
+    for changed in (
+        ProgramUnit("u", bytecode=b"\x7fELF-2", global_data=base.global_data, programs=[spec]),
+        ProgramUnit("u", bytecode=b"\x7fELF-1", global_data=(("a", b"\1"),), programs=[spec]),
+        ProgramUnit("u", bytecode=b"\x7fELF-1", global_data=(("a", b"\1"), ("b", b"\3")), programs=[spec]),
+    ):
+        assert changed.content_hash != base.content_hash
+
+
+def test_a_unit_has_exactly_one_code_source():
+    with pytest.raises(ValueError, match="exactly one of source or bytecode"):
+        ProgramUnit("u", "int x;", bytecode=b"\x7fELF")
+    with pytest.raises(ValueError, match="exactly one of source or bytecode"):
+        ProgramUnit("u")
+
+
+def test_btf_attached_types_need_a_target_and_load_per_target():
+    assert AttachSpec("f", "fentry").problem() == "fentry program 'f' needs a kernel function"
+    assert AttachSpec("f", "lsm").problem() == "lsm program 'f' needs a kernel hook"
+    assert AttachSpec("f", "fexit", btf_target="do_unlinkat").load_key == "f:fexit:do_unlinkat"

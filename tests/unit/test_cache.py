@@ -85,3 +85,18 @@ def test_liveness_fails_when_the_loop_stopped_or_no_pass_completes() -> None:
     healthy, report = health.live()
     assert not healthy and report["problem"] == "the reconcile loop has stopped"
     assert health.ready() == (False, {"primed": False, "passes": 1})
+
+
+def test_bytecode_configmaps_are_referenced_and_keep_their_binary_data() -> None:
+    fetch: list[str] = []
+    cache = ClusterCache(on_unknown_configmap=fetch.append)
+    listed(cache)
+    ref = {"configMapRef": {"namespace": "ns", "name": "objects", "key": "p.o"}}
+    cache.observe("BpfProgram", "ADDED", obj("p", 2, spec={"bytecode": ref}))
+    assert fetch == ["ns/objects"]
+    body = obj("objects", 1, "ns")
+    body["binaryData"] = {"p.o": "f0VMRg=="}
+    cache.fetched("ns/objects", body)
+    snapshot = cache.snapshot()
+    assert snapshot.binary_configmap("ns", "objects") == {"p.o": "f0VMRg=="}
+    assert snapshot.configmap("ns", "objects") == {}

@@ -251,11 +251,14 @@ def test_bpfprogram_schema_essentials() -> None:
         "kretprobe",
         "cgroup_skb",
         "cgroup_sock_addr",
+        "fentry",
+        "fexit",
+        "lsm",
     ]
     assert "default" not in item["properties"]["xdpMode"], "a default would be forbidden on non-xdp programs"
     field_paths = {r.get("fieldPath") for r in item["x-kubernetes-validations"]}
     assert {".direction", ".interfaceSelector", ".xdpMode", ".binary", ".tracepoint"} <= field_paths
-    assert spec["required"] == ["source", "programs"]
+    assert spec["required"] == ["programs"], "source or bytecode: a CEL rule requires exactly one"
     assert schema_of("BpfProgram")["required"] == ["spec"]
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 
+from beekeeper.crds.nodestate import MAX_BYTECODE
 from beekeeper.operator.desired_state import node_programs, place
 
 SOURCE = "TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return 0; }"
@@ -94,3 +97,56 @@ def test_entries_ordered_oldest_first_then_by_name_for_stable_bytes(bpfprogram) 
         body["metadata"]["creationTimestamp"] = created
     per_node = node_programs(place(programs, NODES, no_configmaps), NODES)
     assert [e["bpfProgram"] for e in per_node["n1"]] == ["y", "z", "a", "b"]
+
+
+OBJECT = b"\x7fELF" + bytes(range(256)) * 4
+BYTECODE_REF = {"configMapRef": {"namespace": "ns", "name": "objects", "key": "prog.o"}}
+
+
+def _binary(objects: dict[str, bytes]):
+    def lookup(namespace: str, name: str) -> dict[str, str] | None:
+        if (namespace, name) != ("ns", "objects"):
+            return None
+        return {key: base64.b64encode(value).decode() for key, value in objects.items()}
+
+    return lookup
+
+
+def test_bytecode_from_configmap_binary_data_carries_its_digest(bpfprogram) -> None:
+    prog = bpfprogram("p", source=None, bytecode=BYTECODE_REF, globalData={"step": "AQAAAAAAAAA="})
+    entry = place([prog], NODES, no_configmaps, _binary({"prog.o": OBJECT}))[0].entry
+    assert entry is not None and entry.source is None and entry.bytecode is not None
+    assert base64.b64decode(entry.bytecode.object) == OBJECT
+    assert entry.bytecode.sha256 == hashlib.sha256(OBJECT).hexdigest()
+    assert entry.global_data == {"step": "AQAAAAAAAAA="}
+    assert entry.content_hash == entry.expected_hash()
+
+    changed_object = place([prog], NODES, no_configmaps, _binary({"prog.o": OBJECT + b"\0"}))[0].entry
+    changed_data = place(
+        [bpfprogram("p", source=None, bytecode=BYTECODE_REF, globalData={"step": "AgAAAAAAAAA="})],
+        NODES,
+        no_configmaps,
+        _binary({"prog.o": OBJECT}),
+    )[0].entry
+    assert changed_object is not None and changed_data is not None
+    assert len({entry.content_hash, changed_object.content_hash, changed_data.content_hash}) == 3
+
+
+def test_bytecode_problems_name_the_field(bpfprogram) -> None:
+    prog = bpfprogram("p", source=None, bytecode=BYTECODE_REF)
+    cases = {
+        "spec.bytecode.configMapRef: ConfigMap ns/objects not found": no_configmaps,
+        "has no binaryData key 'prog.o' (binaryData keys: other.o)": _binary({"other.o": OBJECT}),
+        "binaryData key 'prog.o' is empty": _binary({"prog.o": b""}),
+    }
+    for words, lookup in cases.items():
+        placement = place([prog], NODES, no_configmaps, lookup)[0]
+        assert placement.entry is None and placement.error is not None and words in placement.error, placement.error
+
+
+def test_bytecode_over_the_cap_suggests_an_image(bpfprogram) -> None:
+    prog = bpfprogram("p", source=None, bytecode=BYTECODE_REF)
+    placement = place([prog], NODES, no_configmaps, _binary({"prog.o": b"\0" * (MAX_BYTECODE + 1)}))[0]
+    assert placement.entry is None and placement.error is not None
+    assert f"holds {MAX_BYTECODE + 1} bytes, more than the 256 KiB" in placement.error
+    assert "llvm-strip -g" in placement.error and "spec.bytecode.image" in placement.error

@@ -57,6 +57,9 @@ VALID_PROGRAMS: dict[ProgramType, dict[str, Any]] = {
     ProgramType.KRETPROBE: {"symbol": "tcp_v4_connect"},
     ProgramType.CGROUP_SKB: {"cgroupPath": "/sys/fs/cgroup/kubepods.slice", "direction": "egress"},
     ProgramType.CGROUP_SOCK_ADDR: {"cgroupPath": "/sys/fs/cgroup", "attachType": "connect4"},
+    ProgramType.FENTRY: {"function": "do_unlinkat"},
+    ProgramType.FEXIT: {"function": "do_unlinkat"},
+    ProgramType.LSM: {"hook": "file_open"},
 }
 # A valid value for every attach field, to try each on every type.
 ATTACH_VALUES: dict[str, Any] = {
@@ -71,6 +74,8 @@ ATTACH_VALUES: dict[str, Any] = {
     "pid": 1,
     "cgroupPath": "/sys/fs/cgroup",
     "attachType": "bind6",
+    "function": "vfs_read",
+    "hook": "bprm_check_security",
 }
 
 
@@ -774,3 +779,84 @@ RULE = {"localIdentity": 300, "direction": "Ingress", "peerIdentity": 0, "action
 def test_invalid_policy_rules(rule: dict[str, Any], match: str) -> None:
     with pytest.raises(ValidationError, match=match):
         PolicyRule.model_validate(rule)
+
+
+# --------------------------------------------------------------------------------------
+# BpfProgram bytecode
+# --------------------------------------------------------------------------------------
+
+BYTECODE = {"configMapRef": {"namespace": "ns", "name": "objects", "key": "prog.o"}}
+DIGEST = "sha256:" + "ab" * 32
+
+
+def bytecode_program(**spec: Any) -> dict[str, Any]:
+    doc = bpfprogram(bytecode=BYTECODE, **spec)
+    del doc["spec"]["source"]
+    return doc
+
+
+def test_bytecode_is_an_alternative_to_source() -> None:
+    resource = BpfProgram.model_validate(bytecode_program(globalData={"step": "AQAAAAAAAAA="}))
+    assert resource.spec.source is None and resource.spec.bytecode is not None
+    with pytest.raises(ValidationError, match="exactly one of source or bytecode must be set"):
+        BpfProgram.model_validate(bpfprogram(bytecode=BYTECODE))
+    neither = bpfprogram()
+    del neither["spec"]["source"]
+    with pytest.raises(ValidationError, match="exactly one of source or bytecode must be set"):
+        BpfProgram.model_validate(neither)
+
+
+def test_bytecode_needs_exactly_one_of_configmap_and_image() -> None:
+    both = {**BYTECODE, "image": f"registry.example/objects/prog@{DIGEST}"}
+    with pytest.raises(ValidationError, match="exactly one of configMapRef or image must be set"):
+        BpfProgram.model_validate(bytecode_program() | {"spec": bytecode_program()["spec"] | {"bytecode": both}})
+
+
+@pytest.mark.parametrize(
+    "image",
+    [f"quay.io/bpfman-bytecode/go-xdp-counter@{DIGEST}", "localhost:5000/prog:v1", f"r.example/a/b:v1@{DIGEST}"],
+)
+def test_image_references_by_digest_or_tag(image: str) -> None:
+    doc = bytecode_program()
+    doc["spec"]["bytecode"] = {"image": image}
+    assert BpfProgram.model_validate(doc).spec.bytecode.image == image
+
+
+@pytest.mark.parametrize("image", ["prog", "registry.example/prog", "Registry/Upper:v1", "r.example/p@sha256:abc"])
+def test_image_references_without_tag_or_digest_are_rejected(image: str) -> None:
+    doc = bytecode_program()
+    doc["spec"]["bytecode"] = {"image": image}
+    with pytest.raises(ValidationError, match="image"):
+        BpfProgram.model_validate(doc)
+
+
+def test_global_data_and_cflags_belong_to_their_code_source() -> None:
+    with pytest.raises(ValidationError, match="globalData: only valid with bytecode"):
+        BpfProgram.model_validate(bpfprogram(globalData={"step": "AQ=="}))
+    with pytest.raises(ValidationError, match="cflags: only valid with source"):
+        BpfProgram.model_validate(bytecode_program(cflags=["-DX=1"]))
+    with pytest.raises(ValidationError, match=r"globalData\.step: not base64"):
+        BpfProgram.model_validate(bytecode_program(globalData={"step": "not base64!"}))
+    with pytest.raises(ValidationError, match="key 'not-a-name' must be a C identifier"):
+        BpfProgram.model_validate(bytecode_program(globalData={"not-a-name": "AQ=="}))
+
+
+def test_btf_attached_types_need_bytecode() -> None:
+    fentry = program(ProgramType.FENTRY)
+    with pytest.raises(ValidationError, match="programs: fn: fentry, fexit and lsm programs need bytecode"):
+        BpfProgram.model_validate(bpfprogram(programs=[fentry]))
+    assert BpfProgram.model_validate(bytecode_program(programs=[fentry])).spec.programs[0].function == "do_unlinkat"
+
+
+def test_node_program_carries_exactly_one_code_source() -> None:
+    base = {
+        "bpfProgram": "p",
+        "uid": "u",
+        "generation": 1,
+        "contentHash": "0" * 64,
+        "programs": [program(ProgramType.TRACEPOINT)],
+    }
+    with pytest.raises(ValidationError, match="exactly one of source or bytecode must be set"):
+        NodeProgram.model_validate(base)
+    entry = NodeProgram.model_validate(base | {"bytecode": {"object": "f0VMRg==", "sha256": "1" * 64}})
+    assert entry.expected_hash() != content_hash("x", None, entry.programs)

@@ -1,4 +1,5 @@
-"""The real kernel backend: bcc compiles, the kernel verifies, pinned BPF links attach.
+"""The real kernel backend: bcc compiles (or libbpf relocates a CO-RE object), the kernel
+verifies, pinned BPF links attach.
 
 Everything the daemon puts in the kernel is pinned under its base directory (see
 unit_state for the layout) and described in its state directory, so the process holds no
@@ -6,9 +7,10 @@ kernel object between calls: killing it (even with SIGKILL) changes nothing in t
 datapath, and a new instance adopts the pins without reloading anything.
 
 Converging a unit:
-1. Build: compile the source once per content hash in a compile worker (a child process
-   with time and memory limits and a sandbox: see compile_worker), which loads every
-   program and map and hands their fds over; pin them. A build that failed for good
+1. Build: compile the source (or open the object) once per content hash in a compile
+   worker (a child process with time and memory limits and a sandbox: see compile_worker),
+   which loads every program and map and hands their fds over; pin them. Both code sources
+   give the same pins, so everything after this step does not know which one built. A build that failed for good
    (compile or verifier error, compiler crash or timeout) is remembered, not retried, and
    one that ended the daemon twice in a row is quarantined (build_guard).
 2. Attach: resolve every spec to targets now (interfaces, cgroups, tracepoints) and make
@@ -81,7 +83,7 @@ class _View:
     """(function, type, pin) of every program still pinned."""
 
 
-class BccBackend(Backend):
+class KernelBackend(Backend):
     """Backend for the running kernel. base_dir (on bpffs) and state_dir belong to this
     backend alone (a lock on state_dir waits up to lock_timeout seconds for a previous
     holder): give each node daemon on a machine its own pair. compile_limits bound every
@@ -264,9 +266,12 @@ class BccBackend(Backend):
     def _build(self, rec: UnitRecord, build: BuildRecord, unit: ProgramUnit, loads: dict[str, AttachSpec]) -> None:
         """Compile and load in a worker, then pin what it handed over."""
         started = time.monotonic()
-        jobs = [Load(key, spec.name, *hooks.program_type(spec)) for key, spec in loads.items()]
+        jobs = [Load(key, spec.name, *hooks.program_type(spec), spec.btf_target) for key, spec in loads.items()]
         try:
-            built = self._workers.build(unit.source, unit.cflags, jobs)
+            if unit.bytecode is not None:
+                built = self._workers.load_object(unit.bytecode, dict(unit.global_data), jobs)
+            else:
+                built = self._workers.build(unit.source or "", unit.cflags, jobs)
         except CompileFailed as exc:
             build.compile_failure = Failure(exc.reason, exc.message)
             log.warning("unit %s build %s failed (%s):\n%s", rec.key, build.build_id, exc.reason, exc.message)
