@@ -108,7 +108,7 @@ def image_cache_dir(backend_kind: str, state_dir: Path | None) -> Path:
         return Path(state_dir) / "images"
     if backend_kind == "fake":
         return Path(tempfile.gettempdir()) / f"beekeeper-fake-images-{os.getuid()}"
-    from beekeeper.node_daemon.bcc_backend import DEFAULT_STATE_DIR
+    from beekeeper.node_daemon.kernel_backend import DEFAULT_STATE_DIR
 
     return Path(DEFAULT_STATE_DIR) / "images"
 

@@ -100,7 +100,10 @@ class Resolution:
     """Signature detail (who signed, or why not)."""
     error: str | None = None
     """Why it is not rolled out (resolution failed, or `require` and not Verified); None rolls out."""
+    reason: str | None = None
+    """CamelCase cause with error: InvalidImageReference, ImageResolutionFailed, SignatureNotVerified."""
     retry_in: float | None = None
+    """Set when the registry could not be asked: the answer may differ later (nodes keep what they run)."""
 
     def status(self) -> dict[str, Any]:
         """BpfProgram status.image."""
@@ -142,7 +145,7 @@ class ImageResolver:
         try:
             ref = parse(reference)
         except BadReference as exc:
-            return Resolution(reference, error=f"spec.bytecode.image: {exc}")
+            return Resolution(reference, error=f"spec.bytecode.image: {exc}", reason="InvalidImageReference")
         digest = ref.digest or self._digests.get(reference)
         previous = previous or {}
         if digest is None and previous.get("reference") == reference and previous.get("digest"):
@@ -151,7 +154,12 @@ class ImageResolver:
             try:
                 digest = self._call(f"resolve {reference}", lambda: self.client.resolve(ref))
             except _Later as later:
-                return Resolution(reference, error=later.message, retry_in=later.retry_in)
+                return Resolution(
+                    reference,
+                    error=f"spec.bytecode.image: {later.message}",
+                    reason="ImageResolutionFailed",
+                    retry_in=later.retry_in,
+                )
         self._digests[reference] = digest
         pinned = str(ref.pinned(digest))
         if self.policy == Policy.OFF:
@@ -160,7 +168,8 @@ class ImageResolver:
             outcome = self._verdict(ref, digest)
         except _Later as later:
             if previous.get("digest") == digest and previous.get("signature") == Verdict.VERIFIED:
-                outcome = Outcome(Verdict.VERIFIED, f"{previous.get('message', '')} (not re-checked: {later.message})")
+                signer = str(previous.get("message") or "").split(" (not re-checked", 1)[0]
+                outcome = Outcome(Verdict.VERIFIED, f"{signer} (not re-checked: {later.message})")
             else:
                 outcome = Outcome(Verdict.UNKNOWN, later.message)
                 if self.policy == Policy.REQUIRE:
@@ -170,7 +179,8 @@ class ImageResolver:
                         pinned,
                         outcome.verdict,
                         outcome.message,
-                        error=f"signature not verified yet: {later.message}",
+                        error=f"image signature not verified yet: {later.message}",
+                        reason="SignatureNotVerified",
                         retry_in=later.retry_in,
                     )
                 return Resolution(reference, digest, pinned, outcome.verdict, outcome.message, retry_in=later.retry_in)
@@ -179,7 +189,8 @@ class ImageResolver:
             error = (
                 f"image signature {outcome.verdict.value} and the cluster requires a verified one: {outcome.message}"
             )
-        return Resolution(reference, digest, pinned, outcome.verdict, outcome.message, error)
+        reason = "SignatureNotVerified" if error else None
+        return Resolution(reference, digest, pinned, outcome.verdict, outcome.message, error, reason)
 
     def retry_in(self) -> float | None:
         """Seconds until the earliest failed registry call may be repeated."""
@@ -225,7 +236,7 @@ class ImageResolver:
         attempts, retry_at, message = self._failures.get(what, (0, 0.0, ""))
         now = self.clock()
         if now < retry_at:
-            raise _Later(f"{message} (retrying in {retry_at - now:.0f}s)", retry_at - now)
+            raise _Later(message, retry_at - now)  # no countdown in the text: the status stays as written
         try:
             value = call()
         except RegistryError as exc:

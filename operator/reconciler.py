@@ -246,8 +246,13 @@ class Reconciler:
         for body in bpfprograms:
             self._hold(body)
         node_labels = snapshot.node_labels()
-        placements = place(bpfprograms, node_labels, snapshot.configmap, snapshot.binary_configmap)
-        desired = node_programs(placements, node_labels)
+        placements = place(bpfprograms, node_labels, snapshot.configmap, snapshot.binary_configmap, self.images.resolve)
+
+        def running(node: str, name: str) -> Mapping[str, Any] | None:
+            spec = (nodestates.get(node) or {}).get("spec") or {}
+            return next((e for e in spec.get("programs") or [] if e.get("bpfProgram") == name), None)
+
+        desired = node_programs(placements, node_labels, running)
 
         pods = pod_records(snapshot.pods, snapshot.namespaces)
         identities = self._allocate(pods, snapshot.identities)
@@ -320,6 +325,9 @@ class Reconciler:
         result.written = self._written
         if identities.next_gc is not None:
             result.wake_in = max(0.0, identities.next_gc - time.monotonic())
+        image_retry = self.images.retry_in()
+        if image_retry is not None:  # a registry call failed: the next pass tries again after its back-off
+            result.wake_in = min(result.wake_in if result.wake_in is not None else image_retry, image_retry)
         return result
 
     def _allocate(self, pods: list[PodRecord], identity_bodies: list[dict[str, Any]]) -> Identities:
