@@ -3,6 +3,7 @@ them, signed by the real cosign; the real apiserver, operator and node daemons, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import uuid
@@ -300,7 +301,8 @@ def test_a_missing_image_fails_only_that_program(
     good, missing = f"img-{uid()}", f"img-{uid()}"
     names += [good, missing]
     api.apply(image_program(good, node.node, pinned(oci_rig, "bpf/counter0", pushed["bpf/counter0"])))
-    api.apply(image_program(missing, node.node, pinned(oci_rig, "bpf/nothing-here", pushed["bpf/counter0"])))
+    nowhere = "sha256:" + hashlib.sha256(uid().encode()).hexdigest()  # (a cached digest would need no pull)
+    api.apply(image_program(missing, node.node, pinned(oci_rig, "bpf/nothing-here", nowhere)))
     failure = api.failing(missing, "ImageNotFound")
     assert "bpf/nothing-here" in failure["message"]
     api.ready(good)
