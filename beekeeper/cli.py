@@ -49,6 +49,11 @@ def _dev(args: argparse.Namespace) -> int:
             return _dev_cluster(args)
         case "build-promtool":
             print(build.ensure_promtool(_progress))
+        case "oci-tools":
+            from beekeeper.devenv.oci_tools import ensure_cosign, ensure_registry
+
+            print(ensure_registry(_progress))
+            print(ensure_cosign(_progress))
         case "prepare-host":
             prepare_host(_progress)
         case "images":
@@ -300,6 +305,10 @@ def parser() -> argparse.ArgumentParser:
     dev_sub.add_parser(
         "build-promtool",
         help="build and cache promtool, which the tests then also run on /metrics (`promtool check metrics`)",
+    )
+    dev_sub.add_parser(
+        "oci-tools",
+        help="build and cache the OCI registry and cosign the bytecode-image tests use (also built on first use)",
     )
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
     images = dev_sub.add_parser("images", help="container images built without Docker (debootstrap base, buildah)")
