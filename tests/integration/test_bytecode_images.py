@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from core_objects import CORE_HEADERS, compile_core
 from kubernetes import client
 from registry_rig import OciRig
 from support import OperatorProcess, check_exposition, component_env, wait_for
@@ -21,9 +22,7 @@ from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROU
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
-COUNTER_C = """\
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
+COUNTER_C = CORE_HEADERS + """
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -51,15 +50,10 @@ MAPS_LABEL = {"counts": "hash"}
 
 
 def compile_object(directory: Path, variant: int) -> Path:
-    """A CO-RE object as a user builds one: clang -target bpf -g -O2 (variant makes distinct bytes)."""
+    """A CO-RE object as a user builds one (variant makes distinct bytes), in a file for buildah's COPY."""
     directory.mkdir(parents=True, exist_ok=True)
-    source, obj = directory / f"counter{variant}.bpf.c", directory / f"counter{variant}.o"
-    source.write_text(COUNTER_C.replace("VARIANT", str(variant)))
-    arch_include = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
-    subprocess.run(
-        ["clang", "-target", "bpf", "-O2", "-g", f"-I/usr/include/{arch_include}", "-c", str(source), "-o", str(obj)],
-        check=True,
-    )
+    obj = directory / f"counter{variant}.o"
+    obj.write_bytes(compile_core(COUNTER_C.replace("VARIANT", str(variant)), f"counter{variant}"))
     return obj
 
 
