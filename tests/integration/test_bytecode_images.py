@@ -22,7 +22,9 @@ from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROU
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
-COUNTER_C = CORE_HEADERS + """
+COUNTER_C = (
+    CORE_HEADERS
+    + """
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -45,6 +47,7 @@ int count_syscalls(void *ctx)
 
 char LICENSE[] SEC("license") = "GPL";
 """
+)
 PROGRAMS_LABEL = {"count_syscalls": "tracepoint"}
 MAPS_LABEL = {"counts": "hash"}
 
