@@ -7,12 +7,15 @@ the first run takes minutes, every later run finds the binaries and starts in se
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,20 @@ class NodeBinaries:
     kube_proxy: Path
 
 
+@contextmanager
+def _building(out: Path, progress) -> Iterator[None]:
+    """Hold the build lock of one cached output: two checkouts on a machine share the cache,
+    and without it both compile the same binaries at once into the same temporary directory."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"[build] waiting for another build of {out.name} on this machine")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def binaries() -> Binaries:
     """Where the pinned binaries live (whether or not they are built yet)."""
     k8s = cache_dir() / "bin" / f"kubernetes-{KUBERNETES_VERSION}"
@@ -77,10 +94,15 @@ def binaries() -> Binaries:
 def ensure_built(progress=print) -> Binaries:
     """Build whatever pinned binary is missing; idempotent and cheap when cached."""
     bins = binaries()
-    if not all(p.exists() for p in (bins.kube_apiserver, bins.kube_controller_manager, bins.kubectl)):
-        _build_kubernetes(bins.kube_apiserver.parent, progress)
+    wanted = (bins.kube_apiserver, bins.kube_controller_manager, bins.kubectl)
+    if not all(p.exists() for p in wanted):
+        with _building(bins.kube_apiserver.parent, progress):
+            if not all(p.exists() for p in wanted):
+                _build_kubernetes(bins.kube_apiserver.parent, progress)
     if not bins.etcd.exists():
-        _build_etcd(bins.etcd.parent, progress)
+        with _building(bins.etcd.parent, progress):
+            if not bins.etcd.exists():
+                _build_etcd(bins.etcd.parent, progress)
     return bins
 
 
@@ -92,7 +114,11 @@ def promtool() -> Path:
 def ensure_promtool(progress=print) -> Path:
     """Build promtool (the Prometheus project's own exposition-format checker) once; cached like the control plane."""
     path = promtool()
-    if not path.exists():
+    if path.exists():
+        return path
+    with _building(path.parent, progress):
+        if path.exists():
+            return path
         tmp = path.parent.with_name(path.parent.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         src = cache_dir() / "src"
@@ -124,8 +150,11 @@ def node_binaries() -> NodeBinaries:
 def ensure_node_built(progress=print) -> NodeBinaries:
     """Build kubelet, kube-scheduler and kube-proxy if missing (cold: minutes, the kubelet most)."""
     bins = node_binaries()
-    if not all(p.exists() for p in (bins.kubelet, bins.kube_scheduler, bins.kube_proxy)):
-        _build_kubernetes(bins.kubelet.parent, progress, _NODE_COMMANDS)
+    wanted = (bins.kubelet, bins.kube_scheduler, bins.kube_proxy)
+    if not all(p.exists() for p in wanted):
+        with _building(bins.kubelet.parent, progress):
+            if not all(p.exists() for p in wanted):
+                _build_kubernetes(bins.kubelet.parent, progress, _NODE_COMMANDS)
     return bins
 
 
