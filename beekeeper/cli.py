@@ -49,6 +49,11 @@ def _dev(args: argparse.Namespace) -> int:
             return _dev_cluster(args)
         case "build-promtool":
             print(build.ensure_promtool(_progress))
+        case "oci-tools":
+            from beekeeper.devenv.oci_tools import ensure_cosign, ensure_registry
+
+            print(ensure_registry(_progress))
+            print(ensure_cosign(_progress))
         case "prepare-host":
             prepare_host(_progress)
         case "images":
@@ -102,6 +107,15 @@ def _operator(args: argparse.Namespace) -> int:
 
     if args.policy_expansion_budget is not None:
         os.environ[BUDGET_ENV] = str(args.policy_expansion_budget)
+    from beekeeper.operator.image_resolver import KEYS_ENV, POLICY_ENV, REGISTRY_CA_ENV
+
+    for env, value in (
+        (POLICY_ENV, args.image_verification),
+        (KEYS_ENV, args.image_verification_keys),
+        (REGISTRY_CA_ENV, args.registry_ca_file),
+    ):
+        if value is not None:
+            os.environ[env] = value
     run(kubeconfig=args.kubeconfig, health_port=args.health_port)
     return 0
 
@@ -124,6 +138,7 @@ def _node_daemon(args: argparse.Namespace) -> int:
         tls_cert_file=args.tls_cert_file,
         tls_key_file=args.tls_private_key_file,
         client_ca_file=args.client_ca_file,
+        registry_ca_file=args.registry_ca_file,
     )
     return 0
 
@@ -291,6 +306,10 @@ def parser() -> argparse.ArgumentParser:
         "build-promtool",
         help="build and cache promtool, which the tests then also run on /metrics (`promtool check metrics`)",
     )
+    dev_sub.add_parser(
+        "oci-tools",
+        help="build and cache the OCI registry and cosign the bytecode-image tests use (also built on first use)",
+    )
     dev_sub.add_parser("prepare-host", help="mount bpffs/tracefs and link kernel headers if absent")
     images = dev_sub.add_parser("images", help="container images built without Docker (debootstrap base, buildah)")
     images.add_subparsers(dest="images_command", required=True).add_parser(
@@ -315,6 +334,24 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=8081,
         help="port of GET /healthz (liveness) and GET /readyz (readiness) on 0.0.0.0; 0 disables",
+    )
+    op.add_argument(
+        "--image-verification",
+        choices=["require", "warn", "off"],
+        default=None,
+        help="cosign signatures of BpfProgram images: require (only verified images roll out), warn (roll out, "
+        "report the verdict) or off (default: $BEEKEEPER_IMAGE_VERIFICATION or off)",
+    )
+    op.add_argument(
+        "--image-verification-keys",
+        default=None,
+        help="PEM public key file, or a directory of them (a mounted Secret or ConfigMap), trusted for image "
+        "signatures (env BEEKEEPER_IMAGE_VERIFICATION_KEYS)",
+    )
+    op.add_argument(
+        "--registry-ca-file",
+        default=None,
+        help="CA bundle (PEM) for image registries, instead of the system's (env BEEKEEPER_REGISTRY_CA_FILE)",
     )
     op.set_defaults(func=_operator)
 
@@ -361,6 +398,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["landlock", "none"],
         default="landlock",
         help="landlock: the compiler reads only the kernel headers (#include of other files fails); none: unconfined",
+    )
+    nd.add_argument(
+        "--registry-ca-file",
+        default=os.environ.get("BEEKEEPER_REGISTRY_CA_FILE") or None,
+        help="CA bundle (PEM) for pulling BpfProgram images, instead of the system's (env BEEKEEPER_REGISTRY_CA_FILE)",
     )
     nd.set_defaults(func=_node_daemon)
 

@@ -784,6 +784,33 @@ class FailingNode(ApiModel):
     )
 
 
+class SignatureVerdict(StrEnum):
+    """The cosign signature check of the image's digest under the cluster's verification policy."""
+
+    VERIFIED = "Verified"
+    UNSIGNED = "Unsigned"
+    INVALID = "Invalid"
+    NOT_CHECKED = "NotChecked"
+    UNKNOWN = "Unknown"
+
+
+class ImageStatus(ApiModel):
+    """What the operator made of spec.bytecode.image: the digest every node runs, and its signature verdict."""
+
+    reference: str = Field(max_length=512, description="spec.bytecode.image as resolved.")
+    digest: str | None = Field(
+        None,
+        max_length=71,
+        pattern=r"^sha256:[a-f0-9]{64}$",
+        description="The manifest digest the nodes pull; a tag is resolved once and kept while the reference is "
+        "unchanged.",
+    )
+    signature: SignatureVerdict = Field(
+        description="Verified, Unsigned, Invalid, NotChecked (verification off) or Unknown (registry unreachable)."
+    )
+    message: str | None = Field(None, max_length=1024, description="Who signed it, or why it is not verified.")
+
+
 class BpfProgramStatus(ApiModel):
     """Observed state aggregated by the operator from every selected node's BpfNodeState."""
 
@@ -798,6 +825,7 @@ class BpfProgramStatus(ApiModel):
     failing_nodes: list[FailingNode] | None = Field(
         None, max_length=10, description="Up to 10 failing nodes with the reason; nodes.failed has the full count."
     )
+    image: ImageStatus | None = Field(None, description="spec.bytecode.image: resolved digest and signature verdict.")
     warnings: list[Annotated[str, Field(max_length=1024)]] | None = Field(
         None,
         max_length=16,

@@ -88,16 +88,37 @@ def content_hash(
 # --------------------------------------------------------------------------------------
 
 
-class NodeBytecode(ApiModel):
-    """A CO-RE object resolved for this node."""
+PINNED_IMAGE_PATTERN = r"^[^@\s]+@sha256:[a-f0-9]{64}$"
 
-    object: str = Field(
+
+class NodeBytecode(ApiModel):
+    """A CO-RE object resolved for this node: inline, or an image pinned by digest that the node pulls."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(cel("has(self.object) != has(self.image)", "exactly one of object or image"))
+    )
+
+    object: str | None = Field(
+        None,
         min_length=4,
         max_length=(MAX_BYTECODE + 2) // 3 * 4,
-        description="The ELF object, base64 (read from the BpfProgram's ConfigMap binaryData).",
+        description="The ELF object, base64 (read from the BpfProgram's ConfigMap binaryData). Exclusive with image.",
         json_schema_extra={"format": "byte"},
     )
-    sha256: ContentHash = Field(description="sha256 of the object's bytes, hex.")
+    image: str | None = Field(
+        None,
+        max_length=600,
+        pattern=PINNED_IMAGE_PATTERN,
+        description="The OCI image holding the object, always pinned by digest (the operator resolves tags), "
+        "pulled and cached by the node. Exclusive with object.",
+    )
+    sha256: ContentHash = Field(description="sha256 of the object's bytes, hex; for an image, of its manifest.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> NodeBytecode:
+        if (self.object is None) == (self.image is None):
+            raise ValueError("exactly one of object or image must be set")
+        return self
 
 
 class NodeProgram(ApiModel):

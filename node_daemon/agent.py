@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from beekeeper.crds.common import Condition, now, set_condition, timestamp
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
-from beekeeper.node_daemon import translate
+from beekeeper.node_daemon import bytecode_image, translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
+from beekeeper.node_daemon.image_puller import ImagePuller, PullFailed
 from beekeeper.node_daemon.metrics import BpfCollector
 
 if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake backend) never imports it
@@ -53,6 +54,7 @@ class NodeAgent:
         policy: PolicyAgent | None = None,
         policy_disabled: str = "policy datapath disabled",
         policy_slices: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
+        images: ImagePuller | None = None,
     ) -> None:
         self.node = node
         self.backend = backend
@@ -63,6 +65,8 @@ class NodeAgent:
         """status.networkPolicy.message when spec asks for a policy and there is no PolicyAgent."""
         self.policy_slices = policy_slices
         """This node's BpfPolicySlices as last watched (name -> object)."""
+        self.images = images
+        """Pulls (and caches) the bytecode of image entries; None: such entries fail with ImagePullFailed."""
         self.capabilities = translate.capabilities(backend.capabilities())
         self._written: dict[str, Any] | None = None
         self._applied: dict[str, str] = {}
@@ -119,6 +123,8 @@ class NodeAgent:
             log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})
             self.backend.remove(key)
             self._applied.pop(key, None)
+        if self.images is not None:
+            self.images.forget({e.bytecode.image for e in entries if e.bytecode is not None and e.bytecode.image})
         _add_warnings(statuses, self.collector.set_programs(entries))
         self._reconcile_policy(spec, generation)
         self._write_status(generation, statuses + broken)
@@ -178,9 +184,39 @@ class NodeAgent:
                 return False
         return entry.bpf_program in self.backend.adopted()
 
-    def _apply(self, entry: NodeProgram) -> list[ProgramReport]:
+    def _pull(self, entry: NodeProgram) -> bytes | list[ProgramReport] | None:
+        """The object of an image entry (None for other entries), or the reports of why it cannot be had.
+
+        A failed pull leaves the backend alone: a build already attached for this BpfProgram keeps running.
+        """
+        image = entry.bytecode.image if entry.bytecode is not None else None
+        if image is None:
+            return None
+
+        def failed(reason: str, message: str) -> list[ProgramReport]:
+            return [
+                ProgramReport(p.name, p.type.value, Phase.FAILED, reason=reason, message=message[:2048])
+                for p in entry.programs
+            ]
+
+        if self.images is None:
+            return failed("ImagePullFailed", "this node daemon pulls no images")
         try:
-            return self.backend.apply(translate.program_unit(entry))
+            pulled = self.images.fetch(image)
+        except PullFailed as exc:
+            return failed(exc.reason, str(exc))
+        missing = bytecode_image.missing_programs(pulled.labels, [p.name for p in entry.programs])
+        if missing:  # the unit cannot load as asked: no half of it
+            offered = ", ".join(sorted(pulled.labels.programs))
+            return failed("FunctionNotFound", f"{', '.join(missing)}: not in the image (io.ebpf.programs: {offered})")
+        return pulled.elf
+
+    def _apply(self, entry: NodeProgram) -> list[ProgramReport]:
+        pulled = self._pull(entry)
+        if isinstance(pulled, list):
+            return pulled
+        try:
+            return self.backend.apply(translate.program_unit(entry, pulled))
         except Exception as exc:  # a backend bug must not take the other programs down
             log.exception("apply failed", extra={"node": self.node, "bpfprogram": entry.bpf_program})
             return [

@@ -20,8 +20,10 @@ hundreds of nodes when the control plane is exercised at scale.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,8 +40,11 @@ from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.drops import DropLog
+from beekeeper.node_daemon.image_puller import ImagePuller
 from beekeeper.node_daemon.list_watch import list_watch
 from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.object_cache import ObjectCache
+from beekeeper.node_daemon.oci_client import RegistryClient
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
 
@@ -97,6 +102,17 @@ def _kernel(
     return backend, PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
 
 
+def image_cache_dir(backend_kind: str, state_dir: Path | None) -> Path:
+    """Pulled bytecode lives beside the daemon's other state, so it survives restarts like the pins do."""
+    if state_dir is not None:
+        return Path(state_dir) / "images"
+    if backend_kind == "fake":
+        return Path(tempfile.gettempdir()) / f"beekeeper-fake-images-{os.getuid()}"
+    from beekeeper.node_daemon.kernel_backend import DEFAULT_STATE_DIR
+
+    return Path(DEFAULT_STATE_DIR) / "images"
+
+
 def run(
     node_name: str,
     kubeconfig: Path | str | None = None,
@@ -109,6 +125,7 @@ def run(
     tls_cert_file: str | None = None,
     tls_key_file: str | None = None,
     client_ca_file: str | None = None,
+    registry_ca_file: str | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
 
@@ -125,6 +142,9 @@ def run(
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
     collector = BpfCollector(backend, node_name)
     slices = SliceStore()
+    images = ImagePuller(
+        RegistryClient(ca_file=registry_ca_file), ObjectCache(image_cache_dir(backend_kind, state_dir))
+    )
     agent = NodeAgent(
         node_name,
         backend,
@@ -133,6 +153,7 @@ def run(
         policy,
         policy_disabled=f"policy datapath disabled ({backend_kind} backend)",
         policy_slices=slices.snapshot,
+        images=images,
     )
     if metrics_port:
         registry = CollectorRegistry()
@@ -181,6 +202,9 @@ def run(
         timeout = resync_at - time.monotonic()
         if agent.policy_retry_due():
             timeout = min(timeout, POLICY_RETRY_SECONDS)
+        pull_retry = images.retry_in()
+        if pull_retry is not None and current is not None:
+            timeout = min(timeout, pull_retry)
         batch = []
         try:
             batch.append(events.get(timeout=max(timeout, 0.0)))
@@ -203,6 +227,8 @@ def run(
             elif time.monotonic() >= resync_at:
                 resync_at = time.monotonic() + RESYNC_SECONDS
                 agent.reconcile(current, resync=True)
+            elif not objects and pull_retry is not None and (images.retry_in() or 0.0) <= 0.05:
+                agent.reconcile(current, resync=True)  # a failed image pull is due again
             elif len(objects) < len(batch) or (not batch and agent.policy_retry_due()):
                 agent.reconcile_policy(current)
         except Exception:

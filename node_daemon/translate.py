@@ -45,14 +45,22 @@ def attach_spec(program: Program) -> AttachSpec:
     )
 
 
-def program_unit(entry: NodeProgram) -> ProgramUnit:
-    """A BpfNodeState.spec.programs[] entry as one compilation unit, keyed by BpfProgram name."""
+def program_unit(entry: NodeProgram, pulled: bytes | None = None) -> ProgramUnit:
+    """A BpfNodeState.spec.programs[] entry as one compilation unit, keyed by BpfProgram name.
+
+    pulled is the object of an image entry, which the daemon pulls (the entry names only the image).
+    """
+    bytecode = None
+    if entry.bytecode is not None:
+        bytecode = pulled if entry.bytecode.object is None else base64.b64decode(entry.bytecode.object)
+        if bytecode is None:
+            raise ValueError(f"{entry.bpf_program}: the image {entry.bytecode.image} has not been pulled")
     return ProgramUnit(
         key=entry.bpf_program,
         source=entry.source,
         cflags=tuple(entry.cflags or ()),
         programs=tuple(attach_spec(p) for p in entry.programs),
-        bytecode=base64.b64decode(entry.bytecode.object) if entry.bytecode else None,
+        bytecode=bytecode,
         global_data=tuple((k, base64.b64decode(v)) for k, v in (entry.global_data or {}).items()),
     )
 

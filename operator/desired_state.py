@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from beekeeper.crds.bpfprogram import BpfProgram, BpfProgramSpec
 from beekeeper.crds.nodestate import MAX_BYTECODE, NodeBytecode, NodeProgram, content_hash
+from beekeeper.operator.image_resolver import Resolution
 from beekeeper.operator.selectors import matches
 
 Body = Mapping[str, Any]
@@ -28,8 +29,21 @@ def no_binary_configmaps(_namespace: str, _name: str) -> None:
     return None
 
 
+ImageLookup = Callable[[str, Mapping[str, Any] | None], Resolution]
+"""(spec.bytecode.image, the BpfProgram's status.image) -> digest and signature verdict (the registry boundary)."""
+
+
+def no_images(reference: str, _previous: Mapping[str, Any] | None) -> Resolution:
+    return Resolution(reference, error="spec.bytecode.image: this operator resolves no images", reason="SourceError")
+
+
 class SourceError(ValueError):
     """The program's code cannot be resolved (e.g. its ConfigMap or key is missing)."""
+
+    def __init__(self, message: str, reason: str = "SourceError", hold: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.hold = hold
 
 
 @dataclass
@@ -42,6 +56,10 @@ class Placement:
     nodes: list[str] = field(default_factory=list)
     entry: NodeProgram | None = None
     error: str | None = None
+    error_reason: str = "SourceError"
+    hold: bool = False
+    """The error may pass (registry unreachable): nodes keep running the entry they have."""
+    image: Resolution | None = None
 
 
 def resolve_source(spec: BpfProgramSpec, configmap: ConfigMapLookup) -> str:
@@ -62,12 +80,19 @@ def resolve_source(spec: BpfProgramSpec, configmap: ConfigMapLookup) -> str:
     return data[ref.key]
 
 
+def image_bytecode(resolution: Resolution) -> NodeBytecode:
+    """The node entry's bytecode for a resolved image: the pinned reference, never a tag."""
+    if resolution.error is not None or resolution.pinned is None or resolution.digest is None:
+        error = resolution.error or "spec.bytecode.image: not resolved"
+        raise SourceError(error, resolution.reason or "ImageResolutionFailed", hold=resolution.retry_in is not None)
+    return NodeBytecode(image=resolution.pinned, sha256=resolution.digest.removeprefix("sha256:"))
+
+
 def resolve_bytecode(spec: BpfProgramSpec, binary: ConfigMapLookup) -> NodeBytecode:
     """The object of a BpfProgram from its ConfigMap binaryData key, with its sha256."""
     assert spec.bytecode is not None
     ref = spec.bytecode.config_map_ref
-    if ref is None:
-        raise SourceError("spec.bytecode.image: images are not supported by this operator yet")
+    assert ref is not None  # images go through image_bytecode
     data = binary(ref.namespace, ref.name)
     where = f"spec.bytecode.configMapRef: ConfigMap {ref.namespace}/{ref.name}"
     if data is None:
@@ -113,6 +138,7 @@ def place(
     node_labels: Mapping[str, Mapping[str, str]],
     configmap: ConfigMapLookup,
     binary: ConfigMapLookup = no_binary_configmaps,
+    image: ImageLookup = no_images,
 ) -> list[Placement]:
     """Resolve every BpfProgram and the nodes its nodeSelector picks.
 
@@ -139,21 +165,35 @@ def place(
         try:
             if program.spec.source is not None:
                 placement.entry = node_entry(program, resolve_source(program.spec, configmap))
+            elif program.spec.bytecode is not None and program.spec.bytecode.image is not None:
+                placement.image = image(program.spec.bytecode.image, (body.get("status") or {}).get("image"))
+                placement.entry = node_entry(program, None, image_bytecode(placement.image))
             else:
                 placement.entry = node_entry(program, None, resolve_bytecode(program.spec, binary))
         except SourceError as exc:
-            placement.error = str(exc)
+            placement.error, placement.error_reason, placement.hold = str(exc), exc.reason, exc.hold
     return placements
 
 
-def node_programs(placements: Iterable[Placement], nodes: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """Per node, the wire form of the entries it must run, in a stable order (stable bytes, no rewrites)."""
+def node_programs(
+    placements: Iterable[Placement],
+    nodes: Iterable[str],
+    current: Callable[[str, str], Mapping[str, Any] | None] = lambda _node, _name: None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per node, the wire form of the entries it must run, in a stable order (stable bytes, no rewrites).
+
+    A held placement (its image could not be resolved or judged right now) keeps what
+    `current(node, name)` says the node already runs, so a registry outage detaches nothing.
+    """
     per_node: dict[str, list[dict[str, Any]]] = {node: [] for node in nodes}
     for placement in placements:
-        if placement.entry is None:
+        if placement.entry is None and not placement.hold:
             continue
-        wire = placement.entry.to_dict()
+        wire = placement.entry.to_dict() if placement.entry is not None else None
         for node in placement.nodes:
-            if node in per_node:
-                per_node[node].append(wire)
+            if node not in per_node:
+                continue
+            kept = wire if wire is not None else current(node, placement.name)
+            if kept is not None:
+                per_node[node].append(dict(kept))
     return per_node

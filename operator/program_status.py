@@ -77,9 +77,10 @@ def aggregate(
     warnings = _warnings(placement.entry.content_hash, reports, selected) if placement.entry is not None else []
 
     if placement.error:
-        phase, ready_ok, ready_reason, ready_msg = "Degraded", False, "SourceError", placement.error
-        progressing, prog_reason, prog_msg = False, "SourceError", placement.error
-        degraded, deg_reason, deg_msg = True, "SourceError", placement.error
+        why = placement.error_reason
+        phase, ready_ok, ready_reason, ready_msg = "Degraded", False, why, placement.error
+        progressing, prog_reason, prog_msg = False, why, placement.error
+        degraded, deg_reason, deg_msg = True, why, placement.error
     else:
         progressing = pending > 0
         degraded = bool(failing or warnings)
@@ -129,4 +130,5 @@ def aggregate(
         "phase": phase,
         "failingNodes": failing[:MAX_FAILING_NODES],
         "warnings": warnings or None,  # None: a merge patch removes warnings that went away
+        "image": placement.image.status() if placement.image is not None else None,
     }

@@ -49,7 +49,7 @@ from beekeeper.crds.names import (
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
 from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, policy_revision
-from beekeeper.operator import policy_status
+from beekeeper.operator import image_resolver, policy_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
 from beekeeper.operator.health import Health
@@ -162,6 +162,7 @@ class Reconciler:
         self.core = client.CoreV1Api(api)
         self.identity_gc_grace = gc_grace_seconds()
         self.expansion_budget = expansion_budget()
+        self.images = image_resolver.from_environment()
         self.resync = resync_seconds()
         self._unused_since: dict[int, float] = {}
         """Identity number -> time.monotonic() it was first seen unused (touched by the pass thread only)."""
@@ -245,8 +246,13 @@ class Reconciler:
         for body in bpfprograms:
             self._hold(body)
         node_labels = snapshot.node_labels()
-        placements = place(bpfprograms, node_labels, snapshot.configmap, snapshot.binary_configmap)
-        desired = node_programs(placements, node_labels)
+        placements = place(bpfprograms, node_labels, snapshot.configmap, snapshot.binary_configmap, self.images.resolve)
+
+        def running(node: str, name: str) -> Mapping[str, Any] | None:
+            spec = (nodestates.get(node) or {}).get("spec") or {}
+            return next((e for e in spec.get("programs") or [] if e.get("bpfProgram") == name), None)
+
+        desired = node_programs(placements, node_labels, running)
 
         pods = pod_records(snapshot.pods, snapshot.namespaces)
         identities = self._allocate(pods, snapshot.identities)
@@ -319,6 +325,9 @@ class Reconciler:
         result.written = self._written
         if identities.next_gc is not None:
             result.wake_in = max(0.0, identities.next_gc - time.monotonic())
+        image_retry = self.images.retry_in()
+        if image_retry is not None:  # a registry call failed: the next pass tries again after its back-off
+            result.wake_in = min(result.wake_in if result.wake_in is not None else image_retry, image_retry)
         return result
 
     def _allocate(self, pods: list[PodRecord], identity_bodies: list[dict[str, Any]]) -> Identities:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from registry_rig import OciRig
 from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster
 
 
@@ -53,3 +54,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OciRig]:
+    """A real OCI registry (distribution, TLS with its own CA) on loopback, buildah to push and cosign to sign."""
+    from registry_rig import ImageBuilder, Registry
+
+    root = tmp_path_factory.mktemp("oci")
+    registry = Registry(root / "registry").start()
+    builder = ImageBuilder(root / "buildah", registry)
+    rig = OciRig(registry, builder, root / "cosign")
+    yield rig
+    registry.stop()
+    builder.close()

@@ -211,6 +211,26 @@ def _go(args: list[str], cwd: Path, progress, what: str, env: dict[str, str] | N
     return "\n".join(tail)
 
 
+def go_install(package: str, version: str, ldflags: str, target: Path, progress) -> None:
+    """`go install pkg@version` into a temporary directory, then move it in place (never a half-built binary);
+    under the build lock, so checkouts sharing the cache build it once."""
+    with _building(target.parent, progress):
+        if target.exists():
+            return
+        tmp = target.parent.with_name(target.parent.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _go(
+            ["install", "-trimpath", "-ldflags", ldflags, f"{package}@{version}"],
+            tmp,
+            progress,
+            f"build {target.name} {version}",
+            env={"GOBIN": str(tmp)},
+        )
+        shutil.rmtree(target.parent, ignore_errors=True)
+        tmp.rename(target.parent)
+
+
 def _build_kubernetes(out: Path, progress, commands: tuple[str, ...] = _KUBERNETES_COMMANDS) -> None:
     # One module directory per output: concurrent builds never rewrite each other's go.mod.
     src = cache_dir() / "src" / out.name

@@ -7,12 +7,11 @@ nothing afterwards.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from beekeeper.devenv.build import _go
+from beekeeper.devenv.build import go_install
 from beekeeper.devenv.paths import cache_dir
 
 HELM_VERSION = "v3.22.0"
@@ -45,27 +44,11 @@ def ensure_chart_tools(progress=print) -> ChartTools:
         for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
             stamps += [f"{pkg}.k8sVersionMajor={major}", f"{pkg}.k8sVersionMinor={minor}"]
         ldflags = " ".join(["-s", "-w", *(f"-X {stamp}" for stamp in stamps)])
-        _install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, ldflags, paths.helm, progress)
+        go_install("helm.sh/helm/v3/cmd/helm", HELM_VERSION, ldflags, paths.helm, progress)
     if not paths.kubeconform.exists():
         package = "github.com/yannh/kubeconform/cmd/kubeconform"
-        _install(package, KUBECONFORM_VERSION, "-s -w", paths.kubeconform, progress)
+        go_install(package, KUBECONFORM_VERSION, "-s -w", paths.kubeconform, progress)
     return paths
-
-
-def _install(package: str, version: str, ldflags: str, target: Path, progress) -> None:
-    """`go install pkg@version` into a temporary directory, then move it in place (never a half-built binary)."""
-    tmp = target.parent.with_name(target.parent.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _go(
-        ["install", "-trimpath", "-ldflags", ldflags, f"{package}@{version}"],
-        tmp,
-        progress,
-        f"build {target.name} {version}",
-        env={"GOBIN": str(tmp)},
-    )
-    shutil.rmtree(target.parent, ignore_errors=True)
-    tmp.rename(target.parent)
 
 
 if __name__ == "__main__":

@@ -126,3 +126,30 @@ def test_uninstall_cleanup_is_a_pre_delete_hook_only() -> None:
     hooks = {key for key, obj in objects.items() if "helm.sh/hook" in obj["metadata"].get("annotations", {})}
     assert all(objects[key]["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for key in hooks)
     assert not by_kind(render("beekeeper-system", "uninstall.cleanup=false")).keys() & hooks
+
+
+def test_image_verification_mounts_keys_and_registry_ca_without_secret_rbac() -> None:
+    """The policy and its keys reach the operator as a mount (no RBAC on Secrets); the CA reaches both components."""
+    text = render(
+        "beekeeper-system",
+        "bytecodeImages.verification=require",
+        "bytecodeImages.verificationKeys.secretName=image-keys",
+        "bytecodeImages.registryCA.configMapName=registry-ca",
+    )
+    docs = by_kind(text)
+    operator = docs[("Deployment", "beekeeper-operator")]["spec"]["template"]["spec"]
+    daemon = docs[("DaemonSet", "beekeeper-node-daemon")]["spec"]["template"]["spec"]
+    args = operator["containers"][0]["args"]
+    assert "--image-verification=require" in args
+    assert "--image-verification-keys=/etc/beekeeper/image-keys" in args
+    assert "--registry-ca-file=/etc/beekeeper/registry-ca/ca.crt" in args
+    assert {"name": "image-keys", "secret": {"secretName": "image-keys"}} in operator["volumes"]
+    assert "--registry-ca-file=/etc/beekeeper/registry-ca/ca.crt" in daemon["containers"][0]["args"]
+    assert {"name": "registry-ca", "configMap": {"name": "registry-ca"}} in daemon["volumes"]
+    for doc in documents(text):
+        if doc["kind"] in ("ClusterRole", "Role"):
+            assert not any("secrets" in rule.get("resources", []) for rule in doc.get("rules") or []), doc["metadata"]
+    result = helm("template", "x", str(CHART), "--set", "bytecodeImages.verification=warn", check=False)
+    assert result.returncode != 0 and "verificationKeys" in result.stderr
+    result = helm("template", "x", str(CHART), "--set", "bytecodeImages.verification=maybe", check=False)
+    assert result.returncode != 0 and "verification" in result.stderr

@@ -6,8 +6,10 @@ import base64
 import copy
 import hashlib
 
+from beekeeper.crds.bpfprogram import SignatureVerdict as Verdict
 from beekeeper.crds.nodestate import MAX_BYTECODE
 from beekeeper.operator.desired_state import node_programs, place
+from beekeeper.operator.image_resolver import Resolution
 
 SOURCE = "TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return 0; }"
 
@@ -150,3 +152,68 @@ def test_bytecode_over_the_cap_suggests_an_image(bpfprogram) -> None:
     assert placement.entry is None and placement.error is not None
     assert f"holds {MAX_BYTECODE + 1} bytes, more than the 256 KiB" in placement.error
     assert "llvm-strip -g" in placement.error and "spec.bytecode.image" in placement.error
+
+
+# --- images (the registry answers stand in as Resolutions: the lookup is the I/O boundary) ------------
+
+IMAGE = "reg.example:5000/bpf/counter:v1"
+IMAGE_DIGEST = "sha256:" + "ab" * 32
+
+
+def image_program(bpfprogram, name: str = "p") -> dict:
+    return bpfprogram(name, source=None, bytecode={"image": IMAGE})
+
+
+def resolved(reference: str, previous) -> Resolution:
+    return Resolution(reference, IMAGE_DIGEST, f"{reference}@{IMAGE_DIGEST}", Verdict.VERIFIED, "signed by k")
+
+
+def test_an_image_entry_names_only_the_pinned_digest(bpfprogram) -> None:
+    placement = place([image_program(bpfprogram)], NODES, no_configmaps, image=resolved)[0]
+    assert placement.entry is not None and placement.entry.bytecode is not None
+    assert placement.entry.bytecode.image == f"{IMAGE}@{IMAGE_DIGEST}"
+    assert placement.entry.bytecode.object is None
+    assert placement.entry.bytecode.sha256 == "ab" * 32
+    assert placement.image is not None and placement.image.status()["digest"] == IMAGE_DIGEST
+
+
+def test_the_previous_status_image_is_handed_to_the_lookup(bpfprogram) -> None:
+    seen = []
+    body = image_program(bpfprogram)
+    body["status"] = {"image": {"reference": IMAGE, "digest": IMAGE_DIGEST, "signature": "Verified"}}
+    place([body], NODES, no_configmaps, image=lambda ref, previous: seen.append(previous) or resolved(ref, previous))
+    assert seen == [body["status"]["image"]]
+
+
+def test_an_unverified_image_under_require_reaches_no_node(bpfprogram) -> None:
+    def unsigned(reference: str, previous) -> Resolution:
+        return Resolution(
+            reference,
+            IMAGE_DIGEST,
+            f"{reference}@{IMAGE_DIGEST}",
+            Verdict.UNSIGNED,
+            "no signature",
+            error="image signature Unsigned and the cluster requires a verified one",
+            reason="SignatureNotVerified",
+        )
+
+    placement = place([image_program(bpfprogram)], NODES, no_configmaps, image=unsigned)[0]
+    assert placement.entry is None and placement.error_reason == "SignatureNotVerified" and not placement.hold
+    running = {"bpfProgram": "p", "old": True}
+    assert node_programs([placement], NODES, lambda node, name: running) == {n: [] for n in NODES}
+
+
+def test_a_registry_outage_holds_what_each_node_runs(bpfprogram) -> None:
+    def unreachable(reference: str, previous) -> Resolution:
+        return Resolution(
+            reference,
+            error="spec.bytecode.image: RegistryUnavailable: ...",
+            reason="ImageResolutionFailed",
+            retry_in=4.0,
+        )
+
+    placement = place([image_program(bpfprogram)], NODES, no_configmaps, image=unreachable)[0]
+    assert placement.entry is None and placement.hold
+    running = {"n1": {"bpfProgram": "p", "generation": 1}}
+    per_node = node_programs([placement], NODES, lambda node, name: running.get(node))
+    assert per_node == {"n1": [running["n1"]], "n2": [], "n3": []}

@@ -40,3 +40,14 @@ system:serviceaccount:{{ .Release.Namespace }}:{{ include "beekeeper.nodeDaemonN
 - name: BEEKEEPER_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 {{- end -}}
+
+{{/* Where the registry CA bundle is mounted (both components), when bytecodeImages.registryCA names one. */}}
+{{- define "beekeeper.registryCAFile" -}}/etc/beekeeper/registry-ca/{{ .Values.bytecodeImages.registryCA.key }}{{- end -}}
+
+{{- define "beekeeper.registryCAVolume" -}}
+{{- with .Values.bytecodeImages.registryCA.configMapName }}
+- name: registry-ca
+  configMap:
+    name: {{ . }}
+{{- end }}
+{{- end -}}
