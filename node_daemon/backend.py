@@ -1,6 +1,6 @@
 """The node daemon's view of the kernel: what it asks for, what it gets back.
 
-The reconciler speaks only this module's vocabulary. BccBackend implements it against the
+The reconciler speaks only this module's vocabulary. KernelBackend implements it against the
 running kernel; FakeBackend implements it in memory so the control plane can be exercised
 with hundreds of simulated nodes. Nothing here knows about Kubernetes; only the hook type
 names come from the API. The daemon maps a BpfNodeState spec onto ProgramUnits and the

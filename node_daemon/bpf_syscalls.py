@@ -127,11 +127,15 @@ class _ProgLoadOpts(ct.Structure):
     _fields_ = (("sz", ct.c_size_t), ("attempts", ct.c_int), ("expected_attach_type", ct.c_uint32))
 
 
-def _proto(name: str, restype: type, *argtypes: type) -> ct._CFuncPtr:
+def libbpf_function(name: str, restype: type | None, *argtypes: type) -> ct._CFuncPtr:
+    """A typed function of the system libbpf (errno is kept for callers: use_errno)."""
     fn = getattr(_libbpf, name)
     fn.restype = restype
     fn.argtypes = argtypes
     return fn
+
+
+_proto = libbpf_function  # the short name this module's prototypes use
 
 
 _u32p = ct.POINTER(ct.c_uint32)

@@ -83,12 +83,12 @@ def _kernel(
         return FakeBackend(), None
     if kind != "bcc":
         raise ValueError(f"unknown backend {kind!r}: bcc or fake")
-    from beekeeper.node_daemon.bcc_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, BccBackend
+    from beekeeper.node_daemon.kernel_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, KernelBackend
     from beekeeper.node_daemon.policy_agent import PolicyAgent
 
     bpffs_root = Path(bpffs_root or DEFAULT_BASE_DIR)
     state_dir = Path(state_dir or DEFAULT_STATE_DIR)
-    backend = BccBackend(
+    backend = KernelBackend(
         base_dir=str(bpffs_root / "programs"),
         state_dir=str(state_dir),
         collect_run_stats=True,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit
-from beekeeper.node_daemon.bcc_backend import BccBackend
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 SOURCE = r"""
 #include <uapi/linux/pkt_cls.h>
@@ -46,7 +46,7 @@ def programs(interface: str, cgroup: str) -> list[AttachSpec]:
 def main(bpffs: Path, state: Path, interface: str, cgroup: str) -> dict[str, str]:
     steps: dict[str, str] = {}
     try:
-        backend = BccBackend(str(bpffs / "programs"), str(state))
+        backend = KernelBackend(str(bpffs / "programs"), str(state))
         steps["backend"] = "ok"
     except Exception as exc:
         return {"backend": f"{type(exc).__name__}: {exc}"}
@@ -55,7 +55,7 @@ def main(bpffs: Path, state: Path, interface: str, cgroup: str) -> dict[str, str
         steps[report.type] = "ok" if ok else f"{report.reason}: {report.message}"[:300]
     backend.close()
     try:
-        again = BccBackend(str(bpffs / "programs"), str(state))
+        again = KernelBackend(str(bpffs / "programs"), str(state))
         steps["re-adopt"] = "ok" if "probe" in again.adopted() else f"not adopted: {sorted(again.adopted())}"
         backend = again
     except Exception as exc:

@@ -25,8 +25,8 @@ from typing import TypeVar
 import pytest
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
-from beekeeper.node_daemon.bcc_backend import BccBackend
 from beekeeper.node_daemon.capabilities import find_mount
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
@@ -54,9 +54,9 @@ def _remove_pins(path: Path) -> None:
 
 
 @pytest.fixture
-def backend(bpffs_dir: Path, tmp_path: Path) -> Iterator[BccBackend]:
+def backend(bpffs_dir: Path, tmp_path: Path) -> Iterator[KernelBackend]:
     """A backend on private directories; whatever a test leaves is removed afterwards."""
-    be = BccBackend(str(bpffs_dir), str(tmp_path / "state"))
+    be = KernelBackend(str(bpffs_dir), str(tmp_path / "state"))
     yield be
     for key in be.adopted():
         be.remove(key)

@@ -12,8 +12,8 @@ import pytest
 from support import STACK_HOG, nested_macros
 
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit, Reason
-from beekeeper.node_daemon.bcc_backend import BccBackend
 from beekeeper.node_daemon.compile_limits import CompileLimits
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 pytestmark = pytest.mark.kernel
 
@@ -42,10 +42,10 @@ def _workers_of(pid: int) -> list[str]:
 @pytest.fixture
 def limited(bpffs_dir: Path, tmp_path: Path):
     """A backend factory with chosen compile limits; units are removed afterwards."""
-    made: list[BccBackend] = []
+    made: list[KernelBackend] = []
 
-    def make(**limits) -> BccBackend:
-        made.append(BccBackend(str(bpffs_dir), str(tmp_path / "state"), compile_limits=CompileLimits(**limits)))
+    def make(**limits) -> KernelBackend:
+        made.append(KernelBackend(str(bpffs_dir), str(tmp_path / "state"), compile_limits=CompileLimits(**limits)))
         return made[-1]
 
     yield make

@@ -16,7 +16,7 @@ from support import XDP_COUNT_UDP
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit
-from beekeeper.node_daemon.bcc_backend import BccBackend
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 pytestmark = pytest.mark.kernel
 
@@ -59,7 +59,7 @@ def _map_total(fd: int) -> int:
     return sum(int.from_bytes(v, "little") for _, v in bpf.map_items(fd, info.key_size, info.value_size))
 
 
-def _map_pin(backend: BccBackend, name: str) -> str:
+def _map_pin(backend: KernelBackend, name: str) -> str:
     (path,) = backend.base_dir.rglob(f"maps/{name}")
     return str(path)
 
@@ -169,10 +169,10 @@ def test_a_failed_update_keeps_the_previous_build_attached(backend, veth):
 ADOPTION_CHILD = """
 import json, os, signal, sys
 from beekeeper.node_daemon.backend import AttachSpec, ProgramUnit
-from beekeeper.node_daemon.bcc_backend import BccBackend
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 base, state, units = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-backend = BccBackend(base, state)
+backend = KernelBackend(base, state)
 ids = {}
 for u in units:
     unit = ProgramUnit(u["key"], u["source"], u["cflags"], [AttachSpec(**p) for p in u["programs"]])
@@ -226,7 +226,7 @@ def test_a_new_process_adopts_pinned_programs_without_reloading(bpffs_dir, tmp_p
     os.getppid()
     subprocess.run([sys.executable, "-c", SEND_FROM_CGROUP, str(cgroup)], check=True)
 
-    backend = BccBackend(str(bpffs_dir), str(state))
+    backend = KernelBackend(str(bpffs_dir), str(state))
     try:
         assert backend.adopted() == {kept.key: kept.content_hash, dropped.key: dropped.content_hash}
         hits = [e.values[0] for e in backend.read_map(kept.key, "hits")]

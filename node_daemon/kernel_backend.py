@@ -81,7 +81,7 @@ class _View:
     """(function, type, pin) of every program still pinned."""
 
 
-class BccBackend(Backend):
+class KernelBackend(Backend):
     """Backend for the running kernel. base_dir (on bpffs) and state_dir belong to this
     backend alone (a lock on state_dir waits up to lock_timeout seconds for a previous
     holder): give each node daemon on a machine its own pair. compile_limits bound every

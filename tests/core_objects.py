@@ -1,0 +1,69 @@
+"""Building small CO-RE objects in tests: clang -target bpf -g -O2 against this kernel's BTF.
+
+vmlinux.h is dumped from /sys/kernel/btf/vmlinux with bpftool once per test process; the
+objects are stripped of DWARF (the BTF that CO-RE needs stays), which keeps them well
+under a ConfigMap's size.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+CORE_HEADERS = '#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n#include <bpf/bpf_core_read.h>\n'
+
+
+@functools.cache
+def _workdir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="beekeeper-core-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    header = subprocess.run(
+        ["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "c"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    (path / "vmlinux.h").write_bytes(header)
+    return path
+
+
+def compile_core(source: str, name: str = "prog", cflags: Sequence[str] = ()) -> bytes:
+    """The stripped ELF object of source (a complete C file; CORE_HEADERS gives the usual includes)."""
+    work = _workdir()
+    src, obj = work / f"{name}.c", work / f"{name}.o"
+    src.write_text(source)
+    subprocess.run(
+        [
+            "clang",
+            "-target",
+            "bpf",
+            "-g",
+            "-O2",
+            "-D__TARGET_ARCH_x86",
+            f"-I{work}",
+            *cflags,
+            "-c",
+            str(src),
+            "-o",
+            str(obj),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    subprocess.run(["llvm-strip", "-g", str(obj)], check=True)
+    return obj.read_bytes()
+
+
+def compile_btf(source: str, name: str = "btf") -> Path:
+    """An ELF object whose .BTF describes the types in source: a stand-in kernel BTF
+    (btf_custom_path) to test relocations against a kernel that lacks some field."""
+    work = _workdir()
+    src, obj = work / f"{name}.c", work / f"{name}.o"
+    src.write_text(source)
+    subprocess.run(["clang", "-target", "bpf", "-g", "-c", str(src), "-o", str(obj)], check=True, capture_output=True)
+    return obj
