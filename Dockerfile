@@ -1,6 +1,9 @@
 # One image for both components: `beekeeper operator` and `beekeeper node-daemon`.
-# The node daemon needs bcc (Debian's python3-bpfcc) and, at run time, the host's
-# /lib/modules and /usr/src (kernel headers), /sys/fs/bpf and /sys/kernel/tracing mounted.
+# The node daemon needs /sys/fs/bpf and /sys/kernel/tracing mounted. Its own datapath
+# (NetworkIdentityPolicy) is compiled here, in the build stage, and loaded through libbpf:
+# it needs no compiler or kernel headers on the node. BpfPrograms with C `source` are
+# compiled on the node by bcc (Debian's python3-bpfcc), which needs the host's /lib/modules
+# and /usr/src (kernel headers) mounted.
 #
 # Hermetic where it matters: Python dependencies come from the pinned set in constraints.txt.
 # When the build context has a wheels/ directory (beekeeper/devenv/images.py builds it on the
@@ -8,13 +11,15 @@
 # (a plain `docker build .`) pip fetches the same pinned versions from PyPI.
 
 FROM debian:bookworm-slim AS build
+# clang, libbpf-dev and the UAPI headers build bpf/*.o (scripts/build_bpf.py, run by setup.py).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv clang libbpf-dev linux-libc-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # `wheel[s]` matches nothing when there is no wheels/ directory; constraints.txt always exists.
 COPY constraints.txt wheel[s] /wheels/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY scripts/build_bpf.py scripts/
 COPY beekeeper beekeeper
 COPY operator operator
 COPY node_daemon node_daemon
@@ -27,6 +32,7 @@ RUN set -eu; \
     python3 -m venv /opt/beekeeper; \
     PIP_CONSTRAINT=/wheels/constraints.txt /opt/beekeeper/bin/pip install --no-cache-dir --disable-pip-version-check \
         $offline /src; \
+    test -s /opt/beekeeper/lib/python3*/site-packages/beekeeper/bpf/policy.o; \
     /opt/beekeeper/bin/pip uninstall --yes --quiet pip setuptools; \
     rm -rf /opt/beekeeper/lib/python3*/site-packages/kubernetes/aio
 

@@ -13,23 +13,37 @@
  * else drop (default deny) when the direction is enforced. Every sync of the maps moves
  * policy_epoch; a tracked flow is judged again on its first packet after that, and one
  * the new policy denies is revoked in both directions (its entry stays, marked denied).
- * Every map is pinned so that a restarted daemon adopts it;
- * the loader (node_daemon/policy_datapath.py) fills BK_PIN_DIR. The numbers below are
- * mirrored in node_daemon/policy_maps.py (a unit test compares both).
+ *
+ * Built once, at build time, with `clang -target bpf -O2 -g` (scripts/build_bpf.py) into
+ * policy.o, which the package ships and the daemon loads through libbpf: nodes need no
+ * kernel headers or compiler. Only UAPI headers are used and no kernel struct is read,
+ * so the object has no CO-RE relocations to apply; the programs see only __sk_buff,
+ * whose accesses the verifier rewrites for the running kernel.
+ *
+ * Every map is pinned so that a restarted daemon adopts it; the loader
+ * (node_daemon/policy_datapath.py) pins them, and reuses the pins of an earlier build,
+ * bcc-built ones included: names, types, flags, key and value layouts must not change
+ * (a unit test compares them, and the numbers below, with node_daemon/policy_maps.py).
  *
  * Only IPv4 is evaluated. ARP always passes; any other ethertype (IPv6 included)
  * passes when the direction is not enforced and is dropped when it is.
  * Returns TC_ACT_UNSPEC (tcx "next") to pass, so programs attached after this one
  * still run; TC_ACT_SHOT to drop.
  */
-#include <uapi/linux/bpf.h>
-#include <uapi/linux/if_ether.h>
-#include <uapi/linux/in.h>
-#include <uapi/linux/pkt_cls.h>
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
 
-#ifndef BK_PIN_DIR
-#error "BK_PIN_DIR (the bpffs directory of the pinned maps) must be defined by the loader"
-#endif
+typedef __u8 u8;
+typedef __u16 u16;
+typedef __u32 u32;
+typedef __u64 u64;
+
+char LICENSE[] SEC("license") = "GPL";
 
 /* Directions as the pod sees them (NetworkPolicy policyTypes). */
 #define BK_DIR_INGRESS 0
@@ -165,32 +179,29 @@ struct drop_event {
     u32 pad;
 };
 
-#define BK_MAP(type, key, value, name, max, flags) \
-    BPF_TABLE_PINNED(type, key, value, name, max, BK_PIN_DIR "/" #name, flags)
+/* BTF-defined maps; bcc-era builds declared the same ones with BPF_TABLE_PINNED. */
+#define BK_MAP(_type, _key, _value, _name, _max, _flags) \
+    struct {                                             \
+        __uint(type, _type);                             \
+        __uint(max_entries, _max);                       \
+        __uint(map_flags, _flags);                       \
+        __type(key, _key);                               \
+        __type(value, _value);                           \
+    } _name SEC(".maps")
 
-/* bcc has no pinned variant of BPF_RINGBUF_OUTPUT; this is its table with a pin path. */
-#define BK_RINGBUF(_name, _bytes)                                       \
-    struct _name##_table_t {                                            \
-        int key;                                                        \
-        u32 leaf;                                                       \
-        int (*ringbuf_output)(void *, u64, u64);                        \
-        void *(*ringbuf_reserve)(u64);                                  \
-        void (*ringbuf_discard)(void *, u64);                           \
-        void (*ringbuf_submit)(void *, u64);                            \
-        u32 max_entries;                                                \
-    };                                                                  \
-    __attribute__((section("maps/ringbuf:" BK_PIN_DIR "/" #_name)))     \
-    struct _name##_table_t _name = {.max_entries = (_bytes)}
+BK_MAP(BPF_MAP_TYPE_HASH, u32, struct endpoint, endpoints, BK_MAX_ENDPOINTS, 0);
+BK_MAP(BPF_MAP_TYPE_LPM_TRIE, struct lpm_v4_key, struct identity_value, ipcache, BK_MAX_IPCACHE, BPF_F_NO_PREALLOC);
+BK_MAP(BPF_MAP_TYPE_LPM_TRIE, struct lpm_v4_key, struct identity_value, cidr_ids, BK_MAX_CIDR_IDS, BPF_F_NO_PREALLOC);
+BK_MAP(BPF_MAP_TYPE_LPM_TRIE, struct policy_key, struct policy_value, policy_allow, BK_MAX_POLICY, BPF_F_NO_PREALLOC);
+BK_MAP(BPF_MAP_TYPE_LPM_TRIE, struct policy_key, struct policy_value, policy_deny, BK_MAX_POLICY, BPF_F_NO_PREALLOC);
+BK_MAP(BPF_MAP_TYPE_LRU_HASH, struct ct_key, struct ct_value, conntrack, BK_MAX_CONNTRACK, 0);
+BK_MAP(BPF_MAP_TYPE_ARRAY, u32, u32, policy_epoch, 1, 0);
+BK_MAP(BPF_MAP_TYPE_PERCPU_HASH, struct counter_key, struct counter_value, counters, BK_MAX_COUNTERS, BPF_F_NO_PREALLOC);
 
-BK_MAP("hash", u32, struct endpoint, endpoints, BK_MAX_ENDPOINTS, 0);
-BK_MAP("lpm_trie", struct lpm_v4_key, struct identity_value, ipcache, BK_MAX_IPCACHE, BPF_F_NO_PREALLOC);
-BK_MAP("lpm_trie", struct lpm_v4_key, struct identity_value, cidr_ids, BK_MAX_CIDR_IDS, BPF_F_NO_PREALLOC);
-BK_MAP("lpm_trie", struct policy_key, struct policy_value, policy_allow, BK_MAX_POLICY, BPF_F_NO_PREALLOC);
-BK_MAP("lpm_trie", struct policy_key, struct policy_value, policy_deny, BK_MAX_POLICY, BPF_F_NO_PREALLOC);
-BK_MAP("lru_hash", struct ct_key, struct ct_value, conntrack, BK_MAX_CONNTRACK, 0);
-BK_MAP("array", u32, u32, policy_epoch, 1, 0);
-BK_MAP("percpu_hash", struct counter_key, struct counter_value, counters, BK_MAX_COUNTERS, BPF_F_NO_PREALLOC);
-BK_RINGBUF(drop_events, BK_EVENTS_BYTES);
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, BK_EVENTS_BYTES);
+} drop_events SEC(".maps");
 
 /* A parsed IPv4 packet; ports are 0 for protocols without them. ICMP echo requests
  * carry their id as sport and echo replies as dport, so a reply reverses the request. */
@@ -220,7 +231,11 @@ static __always_inline void count(u32 kind, u32 id, u32 len)
 {
     struct counter_key key = {.id = id, .kind = kind};
     struct counter_value zero = {};
-    struct counter_value *value = counters.lookup_or_try_init(&key, &zero);
+    struct counter_value *value = bpf_map_lookup_elem(&counters, &key);
+    if (!value) {
+        bpf_map_update_elem(&counters, &key, &zero, BPF_NOEXIST);
+        value = bpf_map_lookup_elem(&counters, &key);
+    }
     if (value) {
         value->packets++;
         value->bytes += len;
@@ -237,7 +252,7 @@ static __always_inline int drop(struct __sk_buff *skb, struct drop_event *ev)
         count(BK_COUNT_DROP, ev->reason, skb->len);
     ev->timestamp_ns = bpf_ktime_get_ns();
     ev->ifindex = skb->ifindex;
-    if (drop_events.ringbuf_output(ev, sizeof(*ev), 0) != 0)
+    if (bpf_ringbuf_output(&drop_events, ev, sizeof(*ev), 0) != 0)
         count(BK_COUNT_EVENTS_LOST, 0, 0);
     return TC_ACT_SHOT;
 }
@@ -316,7 +331,7 @@ static __always_inline void ct_key_of(struct ct_key *key, u32 ifindex, struct fl
 
 static __always_inline struct ct_value *ct_live(struct ct_key *key, u64 now)
 {
-    struct ct_value *ct = conntrack.lookup(key);
+    struct ct_value *ct = bpf_map_lookup_elem(&conntrack, key);
     if (ct && ct->expires_ns < now)
         return 0;
     return ct;
@@ -337,16 +352,16 @@ static __always_inline u32 peer_of(struct ct_key *origin, u8 direction)
 static __always_inline void peer_identities(u32 peer, u32 *peer_id, u32 *cidr_id)
 {
     struct lpm_v4_key addr = {.prefixlen = 32, .addr = peer};
-    struct identity_value *id = ipcache.lookup(&addr);
+    struct identity_value *id = bpf_map_lookup_elem(&ipcache, &addr);
     *peer_id = id ? id->identity : BK_ID_WORLD;
-    id = cidr_ids.lookup(&addr);
+    id = bpf_map_lookup_elem(&cidr_ids, &addr);
     *cidr_id = id ? id->identity : 0;
 }
 
 static __always_inline bool deny_hit(struct policy_key *key, u32 peer_id, struct verdict *v)
 {
     key->peer_id = peer_id;
-    struct policy_value *pv = policy_deny.lookup(key);
+    struct policy_value *pv = bpf_map_lookup_elem(&policy_deny, key);
     if (!pv)
         return false;
     v->reason = BK_REASON_DENY_RULE;
@@ -357,7 +372,7 @@ static __always_inline bool deny_hit(struct policy_key *key, u32 peer_id, struct
 static __always_inline bool allow_hit(struct policy_key *key, u32 peer_id, struct verdict *v)
 {
     key->peer_id = peer_id;
-    struct policy_value *pv = policy_allow.lookup(key);
+    struct policy_value *pv = bpf_map_lookup_elem(&policy_allow, key);
     if (!pv)
         return false;
     v->policy_index = pv->policy_index;
@@ -418,14 +433,14 @@ static __always_inline int pass(struct __sk_buff *skb, u32 policy_index)
 static __always_inline int handle(struct __sk_buff *skb, u8 direction)
 {
     u32 ifindex = skb->ifindex;
-    struct endpoint *ep = endpoints.lookup(&ifindex);
+    struct endpoint *ep = bpf_map_lookup_elem(&endpoints, &ifindex);
     if (!ep)
         return TC_ACT_UNSPEC; /* not a local endpoint (yet, or any more) */
     bool enforced = enforced_in(ep, direction);
 
-    if (skb->protocol == htons(ETH_P_ARP))
+    if (skb->protocol == bpf_htons(ETH_P_ARP))
         return TC_ACT_UNSPEC;
-    if (skb->protocol != htons(ETH_P_IP))
+    if (skb->protocol != bpf_htons(ETH_P_IP))
         return enforced ? drop_unparsed(skb, direction, ep->identity, BK_REASON_UNSUPPORTED_L3) : TC_ACT_UNSPEC;
 
     struct flow f = {};
@@ -463,7 +478,7 @@ static __always_inline int handle(struct __sk_buff *skb, u8 direction)
     }
 
     u32 zero = 0;
-    u32 *epoch_ptr = policy_epoch.lookup(&zero);
+    u32 *epoch_ptr = bpf_map_lookup_elem(&policy_epoch, &zero);
     u32 epoch = epoch_ptr ? *epoch_ptr : 0;
     u64 lifetime = f.protocol == IPPROTO_TCP ? BK_CT_TCP_LIFETIME_NS : BK_CT_OTHER_LIFETIME_NS;
     /* A pure SYN opens a new connection even if its tuple is known (port reuse). */
@@ -507,15 +522,17 @@ static __always_inline int handle(struct __sk_buff *skb, u8 direction)
         .policy_index = v.policy_index,
         .direction = direction,
     };
-    conntrack.update(&fwd, &entry);
+    bpf_map_update_elem(&conntrack, &fwd, &entry, BPF_ANY);
     return pass(skb, v.policy_index);
 }
 
+SEC("tc")
 int policy_from_pod(struct __sk_buff *skb)
 {
     return handle(skb, BK_DIR_EGRESS);
 }
 
+SEC("tc")
 int policy_to_pod(struct __sk_buff *skb)
 {
     return handle(skb, BK_DIR_INGRESS);

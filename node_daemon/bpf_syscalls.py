@@ -216,6 +216,7 @@ class MapInfo:
     max_entries: int
     name: str
     btf_id: int
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,9 +249,9 @@ def prog_info(fd: int) -> ProgInfo:
 
 def map_info(fd: int) -> MapInfo:
     raw = _info(fd, 88, "map info")
-    mtype, mid, key_size, value_size, max_entries = struct.unpack_from("<IIIII", raw, 0)
+    mtype, mid, key_size, value_size, max_entries, flags = struct.unpack_from("<IIIIII", raw, 0)
     btf_id = struct.unpack_from("<I", raw, 64)[0]
-    return MapInfo(mid, mtype, key_size, value_size, max_entries, _cstr(raw[24:40]), btf_id)
+    return MapInfo(mid, mtype, key_size, value_size, max_entries, _cstr(raw[24:40]), btf_id, flags)
 
 
 def link_info(fd: int) -> LinkInfo:

@@ -1,16 +1,19 @@
 """The NetworkIdentityPolicy datapath of one node: load or adopt, attach, sync, observe.
 
-bpf/policy.c is compiled once per node (bcc) into two tc programs that every local pod's
-host-side veth shares through tcx links. Everything lives in bpffs, so the datapath
-outlives the daemon: a restarted daemon adopts the pinned programs (same ids, nothing
-reloaded), maps and links, and traffic never sees a gap. Policy and pod changes are map
-updates (sync), never reloads. A new version of policy.c is loaded next to the old one,
-reuses its maps, and replaces it on every link atomically (BPF_LINK_UPDATE).
+bpf/policy.c is compiled at build time (clang, scripts/build_bpf.py) into policy.o, which
+ships in the beekeeper.bpf package; libbpf loads its two tc programs, which every local
+pod's host-side veth shares through tcx links. Nodes need no compiler or kernel headers.
+Everything lives in bpffs, so the datapath outlives the daemon: a restarted daemon adopts
+the pinned programs (same ids, nothing reloaded), maps and links, and traffic never sees a
+gap. Policy and pod changes are map updates (sync), never reloads. A new build is loaded
+next to the old one, reuses its pinned maps with their content (those of bcc-built
+releases too: same names and layouts), and replaces it on every link atomically
+(BPF_LINK_UPDATE).
 
 Pin layout under bpffs_dir:
 
     maps/<map>                             created by the first load, shared by every build
-    progs/<build>/policy_from_pod|to_pod   build = hash of the source and its flags
+    progs/<build>/policy_from_pod|to_pod   build = hash of policy.o
     links/<ifindex>_from_pod|to_pod        tcx ingress / egress links of one veth
 
 (bpffs refuses names with a dot: they are reserved for its own files.)
@@ -27,6 +30,7 @@ import shutil
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,8 +39,8 @@ from pathlib import Path
 import beekeeper.bpf
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
-from beekeeper.node_daemon.bcc_compile import CompiledModule, CompileFailed, LoadFailed
 from beekeeper.node_daemon.capabilities import fstype_of
+from beekeeper.node_daemon.libbpf import BpfObject, ObjectLoadFailed, ObjectOpenFailed
 from beekeeper.node_daemon.policy_syscalls import (
     RingBufferReader,
     map_delete,
@@ -81,13 +85,18 @@ class SyncResult:
     ignored_ipv6: int = 0
 
 
-def _policy_source() -> str:
+def policy_object() -> bytes:
+    """The compiled datapath, bpf/policy.o, as shipped in the beekeeper.bpf package."""
     # importlib.resources cannot read namespace packages installed in editable mode (3.11)
     for directory in beekeeper.bpf.__path__:
-        path = Path(directory) / "policy.c"
+        path = Path(directory) / "policy.o"
         if path.is_file():
-            return path.read_text()
-    raise PolicyDatapathError(f"policy.c is missing from the beekeeper.bpf package ({list(beekeeper.bpf.__path__)})")
+            return path.read_bytes()
+    raise PolicyDatapathError(
+        f"policy.o is missing from the beekeeper.bpf package ({', '.join(beekeeper.bpf.__path__)}): it is built "
+        "from bpf/policy.c at build time, by scripts/install.sh in a checkout and by pip when it builds the wheel "
+        "(both run scripts/build_bpf.py, which needs clang and libbpf-dev)"
+    )
 
 
 def _interface(interface: str | int) -> tuple[int, str] | None:
@@ -124,11 +133,8 @@ class PolicyDatapath:
         self._cpus = bpf.possible_cpus()
         if fstype_of(str(self.dir)) != "bpf":
             raise PolicyDatapathError(f"{self.dir} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")
-        if any(c in str(self.dir) for c in '"\\\n'):
-            raise PolicyDatapathError(f"{self.dir}: quotes, backslashes and newlines are not allowed in the pin path")
-        self._source = _policy_source()
-        self._cflags = [f'-DBK_PIN_DIR="{self._maps_dir}"']
-        self.build_id = hashlib.sha256("\0".join([self._source, *self._cflags]).encode()).hexdigest()[:12]
+        self._object = policy_object()
+        self.build_id = hashlib.sha256(self._object).hexdigest()[:12]
         try:
             self._maps_dir.mkdir(parents=True, exist_ok=True)
             self._links_dir.mkdir(exist_ok=True)
@@ -144,7 +150,7 @@ class PolicyDatapath:
 
     def _load_or_adopt(self) -> None:
         progs_dir = self.dir / "progs" / self.build_id
-        for spec in pm.MAP_SPECS:  # before compiling: bcc would silently reuse a pinned map of another layout
+        for spec in pm.MAP_SPECS:  # before loading: say which map differs, and how to recover
             if (self._maps_dir / spec.name).exists():
                 with bpf.obj_get(str(self._maps_dir / spec.name)) as fd:
                     self._check_layout(fd.fd, spec)
@@ -156,7 +162,7 @@ class PolicyDatapath:
             self._prog_ids = {p: bpf.prog_info(fd.fd).id for p, fd in self._progs.items()}
             log.info("adopted policy datapath build %s in %s (programs %s)", self.build_id, self.dir, self.prog_ids)
         else:
-            self._compile(progs_dir)
+            self._load(progs_dir)
         self._maps = {s.name: bpf.obj_get(str(self._maps_dir / s.name)) for s in pm.MAP_SPECS}
         for spec in pm.MAP_SPECS:
             self._check_layout(self._maps[spec.name].fd, spec)
@@ -166,29 +172,40 @@ class PolicyDatapath:
                 log.info("unpinning superseded policy programs %s", old)
                 shutil.rmtree(old)
 
-    def _compile(self, progs_dir: Path) -> None:
+    def _load(self, progs_dir: Path) -> None:
+        """Load policy.o; its maps are the pinned ones where they exist, else created and pinned."""
+        started = time.monotonic()
         try:
-            with CompiledModule(self._source, self._cflags) as module:
-                progs = {p: module.load(p, bpf.PROG_TYPE_SCHED_CLS) for p in _HOOKS}
-        except CompileFailed as exc:
-            raise PolicyDatapathError(f"bpf/policy.c does not compile: {exc.message}") from None
-        except LoadFailed as exc:
-            raise PolicyDatapathError(f"the kernel rejected bpf/policy.c: {exc.message}") from None
+            with BpfObject.open(self._object, name="policy") as obj:
+                for spec in pm.MAP_SPECS:
+                    obj.set_pin_path(spec.name, str(self._maps_dir / spec.name))
+                obj.load()
+                progs = {p: obj.program_fd(p) for p in _HOOKS}
+        except ObjectOpenFailed as exc:
+            raise PolicyDatapathError(f"policy.o of the beekeeper.bpf package is unusable: {exc.message}") from None
+        except ObjectLoadFailed as exc:
+            raise PolicyDatapathError(f"the kernel rejected policy.o: {exc.message}") from None
         progs_dir.mkdir(parents=True, exist_ok=True)
         for name, fd in progs.items():
             (progs_dir / name).unlink(missing_ok=True)
             bpf.obj_pin(fd.fd, str(progs_dir / name))
         self._progs = progs
         self._prog_ids = {p: bpf.prog_info(fd.fd).id for p, fd in progs.items()}
-        log.info("loaded policy datapath build %s in %s (programs %s)", self.build_id, self.dir, self.prog_ids)
+        log.info(
+            "loaded policy datapath build %s in %s in %.3f s (programs %s)",
+            self.build_id,
+            self.dir,
+            time.monotonic() - started,
+            self.prog_ids,
+        )
 
     def _check_layout(self, fd: int, spec: pm.MapSpec) -> None:
         info = bpf.map_info(fd)
-        have = (info.type, info.key_size, info.value_size, info.max_entries)
-        want = (spec.type, spec.key_size, spec.value_size, spec.max_entries)
+        have = (info.type, info.key_size, info.value_size, info.max_entries, info.flags)
+        want = (spec.type, spec.key_size, spec.value_size, spec.max_entries, spec.flags)
         if have != want:
             raise PolicyDatapathError(
-                f"map {self._maps_dir / spec.name} has (type, key size, value size, max entries) {have}, "
+                f"map {self._maps_dir / spec.name} has (type, key size, value size, max entries, flags) {have}, "
                 f"this version needs {want}: remove {self.dir} (this detaches the policy) to recreate it"
             )
 

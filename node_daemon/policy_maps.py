@@ -78,6 +78,8 @@ MAP_LRU_HASH = 9
 MAP_LPM_TRIE = 11
 MAP_RINGBUF = 27
 
+BPF_F_NO_PREALLOC = 1  # map_flags: required by LPM tries, saves the counters' preallocation
+
 
 @dataclass(frozen=True)
 class MapSpec:
@@ -86,6 +88,8 @@ class MapSpec:
     key_size: int
     value_size: int
     max_entries: int
+    flags: int = 0
+    """map_flags: part of the layout, a pinned map is reused only with the same."""
 
 
 LPM_V4_KEY = struct.Struct("<I4s")  # prefixlen, address
@@ -101,13 +105,13 @@ DROP_EVENT = struct.Struct("<QI4s4s2s2sIIIIBBBB4x")
 EPOCH_KEY = struct.Struct("<I")
 
 ENDPOINTS = MapSpec("endpoints", MAP_HASH, 4, ENDPOINT_VALUE.size, MAX_ENDPOINTS)
-IPCACHE = MapSpec("ipcache", MAP_LPM_TRIE, LPM_V4_KEY.size, IDENTITY_VALUE.size, MAX_IPCACHE)
-CIDR_IDS = MapSpec("cidr_ids", MAP_LPM_TRIE, LPM_V4_KEY.size, IDENTITY_VALUE.size, MAX_CIDR_IDS)
-POLICY_ALLOW = MapSpec("policy_allow", MAP_LPM_TRIE, POLICY_KEY.size, POLICY_VALUE.size, MAX_POLICY)
-POLICY_DENY = MapSpec("policy_deny", MAP_LPM_TRIE, POLICY_KEY.size, POLICY_VALUE.size, MAX_POLICY)
+IPCACHE = MapSpec("ipcache", MAP_LPM_TRIE, LPM_V4_KEY.size, IDENTITY_VALUE.size, MAX_IPCACHE, BPF_F_NO_PREALLOC)
+CIDR_IDS = MapSpec("cidr_ids", MAP_LPM_TRIE, LPM_V4_KEY.size, IDENTITY_VALUE.size, MAX_CIDR_IDS, BPF_F_NO_PREALLOC)
+POLICY_ALLOW = MapSpec("policy_allow", MAP_LPM_TRIE, POLICY_KEY.size, POLICY_VALUE.size, MAX_POLICY, BPF_F_NO_PREALLOC)
+POLICY_DENY = MapSpec("policy_deny", MAP_LPM_TRIE, POLICY_KEY.size, POLICY_VALUE.size, MAX_POLICY, BPF_F_NO_PREALLOC)
 CONNTRACK = MapSpec("conntrack", MAP_LRU_HASH, CT_KEY.size, CT_VALUE.size, MAX_CONNTRACK)
 POLICY_EPOCH = MapSpec("policy_epoch", MAP_ARRAY, 4, 4, 1)
-COUNTERS = MapSpec("counters", MAP_PERCPU_HASH, COUNTER_KEY.size, COUNTER_VALUE.size, MAX_COUNTERS)
+COUNTERS = MapSpec("counters", MAP_PERCPU_HASH, COUNTER_KEY.size, COUNTER_VALUE.size, MAX_COUNTERS, BPF_F_NO_PREALLOC)
 DROP_EVENTS = MapSpec("drop_events", MAP_RINGBUF, 0, 0, EVENTS_BYTES)
 MAP_SPECS = (ENDPOINTS, IPCACHE, CIDR_IDS, POLICY_ALLOW, POLICY_DENY, CONNTRACK, POLICY_EPOCH, COUNTERS, DROP_EVENTS)
 

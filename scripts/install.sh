@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 say() { printf '[install] %s\n' "$*" >&2; }
 
-# bcc (compiler + Python module), bpftool, kernel headers for bcc, clang for bpf/ C,
+# bcc (compiler + Python module) and kernel headers for users' source programs, bpftool, clang and
+# libbpf-dev to build bpf/ C,
 # iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane,
 # debootstrap/buildah/skopeo to build the container image without Docker or a registry, nft for the test rig.
 PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod
@@ -44,6 +45,10 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$shim/bcc"
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/$shim" >"$site/system-bcc.pth"
 .venv/bin/python -c 'import bcc' || { say "bcc is not importable from .venv"; exit 1; }
+
+# beekeeper's own datapath (bpf/*.c) ships compiled; rebuilt only when its C changed.
+say "building bpf/*.o with clang"
+.venv/bin/python scripts/build_bpf.py
 
 .venv/bin/beekeeper dev prepare-host
 .venv/bin/beekeeper dev build >/dev/null

@@ -38,7 +38,7 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import VethNamespace, sh, sockets_in
+from support import VethNamespace, sh, sockets_in, wait_for
 
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
 PORTS = (80, 81)
@@ -400,6 +400,30 @@ def probe(pods: Mapping[str, SimPod], probes: Iterable[Probe], timeout: float = 
         for attempt in attempts:
             attempt.sock.close()
     return results
+
+
+@dataclass
+class Prober:
+    """Probes a fixed set of flows in rounds on a thread, counting verdicts that differ from the expected."""
+
+    pods: Mapping[str, SimPod]
+    expected: dict[Probe, bool]
+    rounds: int = 0
+    connections: int = 0
+    wrong: list[tuple[float, Probe, bool]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            observed = probe(self.pods, self.expected, 1.0)
+            self.rounds += 1
+            self.connections += len(observed)
+            self.wrong += [(time.monotonic(), p, v) for p, v in observed.items() if v != self.expected[p]]
+
+    def rounds_after(self, count: int) -> None:
+        """Wait until count more full rounds ran."""
+        target = self.rounds + count
+        wait_for(lambda: self.rounds >= target, 60, f"{count} probe rounds", interval=0.05)
 
 
 # --- truth tables ----------------------------------------------------------------------------

@@ -81,7 +81,15 @@ _SLIM_PATHS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lo
 _BASE_RECIPE = "\n".join(["debootstrap --variant=minbase", SUITE, MIRROR, _DPKG_EXCLUDES, _APT_CLEAN, _SOURCES, "v1"])
 
 # The Dockerfile's build context: exactly what its COPY lines name (plus the host-built wheels).
-CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "constraints.txt")
+CONTEXT_FILES = (
+    "Dockerfile",
+    "pyproject.toml",
+    "setup.py",
+    "MANIFEST.in",
+    "scripts/build_bpf.py",
+    "README.md",
+    "constraints.txt",
+)
 CONTEXT_DIRS = ("beekeeper", "operator", "node_daemon", "crds", "bpf")
 
 Progress = Callable[[str], None]
@@ -310,7 +318,8 @@ def context_files() -> list[Path]:
     for top in CONTEXT_DIRS:
         for path in sorted((REPO_ROOT / top).rglob("*")):
             rel = path.relative_to(REPO_ROOT)
-            if path.is_file() and "__pycache__" not in rel.parts and not path.name.endswith(".pyc"):
+            # build products stay out: the image builds its own (bpf/*.o in its build stage)
+            if path.is_file() and "__pycache__" not in rel.parts and path.suffix not in (".pyc", ".o", ".partial"):
                 files.append(rel)
     return files
 

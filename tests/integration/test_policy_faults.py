@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
-from netpol_rig import PodRig, Probe, TruthTable, assert_table, probe, tcx_program_ids
+from netpol_rig import PodRig, Probe, Prober, TruthTable, assert_table, tcx_program_ids
 from support import NodeDaemon, NodeDaemons, wait_for
 
 from beekeeper import kube
@@ -164,30 +164,6 @@ def test_one_tenants_oversized_policy_leaves_every_other_tenant_enforced(tenants
         f"(budget {DEFAULT_EXPANSION_BUDGET}); node state {len(json.dumps(state))} bytes, "
         f"{len(slices)} slice(s) of {[len(json.dumps(s)) for s in slices]} bytes"
     )
-
-
-@dataclass
-class Prober:
-    """Probes a fixed set of flows in rounds on a thread, counting verdicts that differ from the expected."""
-
-    pods: Any
-    expected: dict[Probe, bool]
-    rounds: int = 0
-    connections: int = 0
-    wrong: list[tuple[float, Probe, bool]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            observed = probe(self.pods, self.expected, 1.0)
-            self.rounds += 1
-            self.connections += len(observed)
-            self.wrong += [(time.monotonic(), p, v) for p, v in observed.items() if v != self.expected[p]]
-
-    def rounds_after(self, count: int) -> None:
-        """Wait until count more full rounds ran."""
-        target = self.rounds + count
-        wait_for(lambda: self.rounds >= target, 60, f"{count} probe rounds", interval=0.05)
 
 
 def test_node_daemon_sigkill_under_traffic_changes_no_verdict(tenants: Tenants) -> None:

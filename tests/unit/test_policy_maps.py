@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
+from beekeeper.node_daemon.libbpf import BpfObject
+from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, policy_object
 from beekeeper.node_daemon.policy_maps import Action, DatapathState, Direction, Endpoint, PrefixIdentity, Rule
 
 POLICY_C = Path(__file__).resolve().parents[2] / "bpf" / "policy.c"
@@ -300,8 +303,22 @@ def test_constants_match_policy_c() -> None:
 
 
 def test_map_specs_match_policy_c_declarations() -> None:
-    declared = re.findall(r"^BK_MAP\(\"(\w+)\", [^,]+, [^,]+, (\w+),", POLICY_C.read_text(), re.M)
-    types = {"hash": pm.MAP_HASH, "lpm_trie": pm.MAP_LPM_TRIE, "lru_hash": pm.MAP_LRU_HASH, "array": pm.MAP_ARRAY}
-    types["percpu_hash"] = pm.MAP_PERCPU_HASH
-    specs = {s.name: s.type for s in pm.MAP_SPECS if s.type != pm.MAP_RINGBUF}
-    assert {name: types[kind] for kind, name in declared} == specs
+    declared = re.findall(
+        r"^BK_MAP\(BPF_MAP_TYPE_(\w+), [^,]+, [^,]+, (\w+), (\w+), (\w+)\);", POLICY_C.read_text(), re.M
+    )
+    c = _c_defines()
+    types = {"HASH": pm.MAP_HASH, "LPM_TRIE": pm.MAP_LPM_TRIE, "LRU_HASH": pm.MAP_LRU_HASH, "ARRAY": pm.MAP_ARRAY}
+    types["PERCPU_HASH"] = pm.MAP_PERCPU_HASH
+    flags = {"0": 0, "BPF_F_NO_PREALLOC": pm.BPF_F_NO_PREALLOC}
+    specs = {s.name: (s.type, s.max_entries, s.flags) for s in pm.MAP_SPECS if s.type != pm.MAP_RINGBUF}
+    assert {name: (types[kind], _c_int(c.get(size, size)), flags[flag]) for kind, name, size, flag in declared} == specs
+
+
+def test_compiled_object_has_the_mirrored_map_layouts() -> None:
+    """policy.o, as libbpf reads it (BTF sizes of every key and value), has exactly the maps of MAP_SPECS:
+    a pinned map of an earlier build, bcc-built ones included, is reused only when these agree."""
+    with BpfObject.open(policy_object(), name="policy") as obj:
+        maps = {m.name: (m.type, m.key_size, m.value_size, m.max_entries) for m in obj.maps()}
+        programs = {p.name: p.type for p in obj.programs()}
+    assert maps == {s.name: (s.type, s.key_size, s.value_size, s.max_entries) for s in pm.MAP_SPECS}
+    assert programs == {FROM_POD: bpf.PROG_TYPE_SCHED_CLS, TO_POD: bpf.PROG_TYPE_SCHED_CLS}
