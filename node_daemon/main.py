@@ -42,9 +42,11 @@ from beekeeper.node_daemon.list_watch import list_watch
 from beekeeper.node_daemon.metrics import BpfCollector
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
+from beekeeper.node_daemon.runtime_events import FLUSH_SECONDS, ExecEventLog, PodEventPoster
 
 if TYPE_CHECKING:  # imported by the bcc backend only: the policy datapath loads bcc
     from beekeeper.node_daemon.policy_agent import PolicyAgent
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,41 @@ def _kernel(
     return backend, PolicyAgent(node_name, bpffs_root / "policy", state_dir / "policy", drop_log)
 
 
+def _runtime(kind: str, node_name: str, bpffs_root: Path | None) -> RuntimeAgent | None:
+    """The runtime-security agent (kernel backend only); a pinned hook is adopted at once, so a
+    restarted daemon never leaves a gap while it waits for its spec."""
+    if kind == "fake":
+        return None
+    from beekeeper.node_daemon.kernel_backend import DEFAULT_BASE_DIR
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
+
+    runtime = RuntimeAgent(node_name, Path(bpffs_root or DEFAULT_BASE_DIR) / "runtime")
+    try:
+        runtime.adopt()
+    except Exception:
+        log.exception("adopting the pinned runtime-security datapath failed", extra={"node": node_name})
+    return runtime
+
+
+def _pump_exec_events(
+    runtime: RuntimeAgent, exec_log: ExecEventLog, poster: PodEventPoster, stop: threading.Event
+) -> None:
+    """Ring buffer -> event log and Pod Events, until the daemon stops."""
+    flush_at = time.monotonic() + FLUSH_SECONDS
+    while not stop.is_set():
+        try:
+            for event in runtime.poll_events(200):
+                exec_log.add(event)
+                poster.add(event)
+                log.info("exec matched", extra={k: event[k] for k in ("namespace", "pod", "file", "policy", "action")})
+            if time.monotonic() >= flush_at:
+                poster.flush()
+                flush_at = time.monotonic() + FLUSH_SECONDS
+        except Exception:
+            log.exception("exec event pump failed; retrying")
+            stop.wait(1.0)
+
+
 def run(
     node_name: str,
     kubeconfig: Path | str | None = None,
@@ -125,6 +162,8 @@ def run(
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
     collector = BpfCollector(backend, node_name)
     slices = SliceStore()
+    runtime = _runtime(backend_kind, node_name, bpffs_root)
+    exec_log = ExecEventLog()
     agent = NodeAgent(
         node_name,
         backend,
@@ -133,6 +172,7 @@ def run(
         policy,
         policy_disabled=f"policy datapath disabled ({backend_kind} backend)",
         policy_slices=slices.snapshot,
+        runtime=runtime,
     )
     if metrics_port:
         registry = CollectorRegistry()
@@ -141,7 +181,13 @@ def run(
             from beekeeper.node_daemon.policy_metrics import PolicyCollector
 
             registry.register(PolicyCollector(policy))
-        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls)
+        if runtime is not None:
+            from beekeeper.node_daemon.runtime_metrics import RuntimeCollector
+
+            registry.register(RuntimeCollector(runtime))
+        http_api.serve(
+            registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls, exec_events=exec_log
+        )
 
     stop = threading.Event()
     events: queue.Queue[Any] = queue.Queue()
@@ -165,6 +211,11 @@ def run(
             name="watch-slices",
         ).start()
     routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None else None
+    if runtime is not None:
+        poster = PodEventPoster(api, node_name)
+        threading.Thread(
+            target=_pump_exec_events, args=(runtime, exec_log, poster, stop), daemon=True, name="exec-events"
+        ).start()
     log.info(
         "node daemon started",
         extra={
@@ -211,4 +262,6 @@ def run(
         routes.close()
     if policy is not None:
         policy.close()
+    if runtime is not None:
+        runtime.close()
     log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

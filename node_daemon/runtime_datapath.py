@@ -170,13 +170,13 @@ class RuntimeDatapath:
             }
         writes = 0
         self._written = None  # unknown until this sync completes
-        for name in SYNCED_MAPS:
+        for name in SYNCED_MAPS:  # files and defaults before the scopes that lead to them
             want, have = desired.get(name, {}), current.get(name, {})
             for key, value in want.items():
                 if have.get(key) != value:
                     map_update(self._maps[name].fd, key, value)
                     writes += 1
-        for name in SYNCED_MAPS:
+        for name in reversed(SYNCED_MAPS):  # scopes first: no container meets half its rules
             want, have = desired.get(name, {}), current.get(name, {})
             for key in set(have) - set(want):
                 map_delete(self._maps[name].fd, key)

@@ -54,7 +54,8 @@ MAP_SPECS = (
     MapSpec("rs_counts", COUNT_KEY.size, COUNT_VALUE.size, 16384),
     MapSpec("rs_events", 0, 0, 256 * 1024),
 )
-SYNCED_MAPS = ("rs_scopes", "rs_files", "rs_defaults")
+SYNCED_MAPS = ("rs_files", "rs_defaults", "rs_scopes")
+"""In the order additions are written (removals go in reverse)."""
 
 
 def kernel_dev(st_dev: int) -> int:
