@@ -156,6 +156,8 @@ class RuntimeAgent:
         self.error: str | None = None
         self.hook: str | None = None
         self._compiled = Compiled()
+        self._seen: dict[int, RuleInfo] = {}
+        """Every rule id this daemon has written: counters of rules since changed still count for their policy."""
         self._reader: Any = None
         self._reader_lock = threading.Lock()
         """poll_events runs in the event thread; remove and close must not free the reader under it."""
@@ -203,6 +205,7 @@ class RuntimeAgent:
         compiled = compile_maps(spec, identify, resolve_in)
         writes = self.datapath.sync(compiled.maps)
         self._compiled = compiled
+        self._seen.update(compiled.rules)
         if writes:
             log.info(
                 "runtime security maps synced",
@@ -226,7 +229,7 @@ class RuntimeAgent:
             return {}
         out: dict[str, int] = {}
         for rid, count in self.datapath.counts().items():
-            info = self._compiled.rules.get(rid)
+            info = self._seen.get(rid)
             if info is not None:
                 out[info.policy] = out.get(info.policy, 0) + count
         return out
@@ -235,7 +238,7 @@ class RuntimeAgent:
         """(rule, namespace, count) for the metrics."""
         if self.datapath is None:
             return []
-        rules = self._compiled.rules
+        rules = self._seen
         return [
             (rules[rid], rules[rid].policy.split("/", 1)[0], count)
             for rid, count in self.datapath.counts().items()
@@ -245,7 +248,7 @@ class RuntimeAgent:
     def describe(self, event: Event, offset: float | None = None) -> dict[str, Any]:
         """An event as the stream and the CLI show it."""
         scope = self._compiled.scopes.get(event.scope)
-        rule = self._compiled.rules.get(event.rule)
+        rule = self._seen.get(event.rule)
         wall = event.boot_ns / 1e9 + (offset if offset is not None else _boot_offset())
         return {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z",
@@ -292,6 +295,7 @@ class RuntimeAgent:
         self.datapath = None
         self.hook = None
         self._compiled = Compiled()
+        self._seen = {}
 
     def close(self) -> None:
         """Daemon stops: everything stays pinned and enforcing."""

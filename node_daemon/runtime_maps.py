@@ -92,7 +92,9 @@ class Event:
 
     @classmethod
     def decode(cls, raw: bytes) -> Event:
-        f = EVENT.unpack_from(raw)
+        if len(raw) != EVENT.size:  # struct rs_event and EVENT disagree: a build mismatch, never silently misread
+            raise ValueError(f"exec event of {len(raw)} bytes, this daemon reads {EVENT.size}")
+        f = EVENT.unpack(raw)
 
         def text(b: bytes) -> str:
             return b.split(b"\0", 1)[0].decode(errors="replace")

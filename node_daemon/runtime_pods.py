@@ -164,11 +164,11 @@ def container_identity(
             mntns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
         except OSError:
             continue
-        if mntns == self_mntns:  # a process still on its way into the container: never key the host's
-            continue
-        if (KEY_MNTNS, mntns) not in ident.keys:
-            ident.keys.append((KEY_MNTNS, mntns))
         ident.pid = ident.pid or pid
+        # A process still on its way into the container (or a simulated one) shares the daemon's
+        # namespace: that one is the host's and is never a key.
+        if mntns != self_mntns and (KEY_MNTNS, mntns) not in ident.keys:
+            ident.keys.append((KEY_MNTNS, mntns))
     if not ident.keys:
         return None
     return ident
