@@ -168,20 +168,55 @@ def _why_dropped(args: argparse.Namespace) -> int:
     answers = []
     for url in args.url:
         endpoint = f"{url.rstrip('/')}/drops?{urllib.parse.urlencode(query)}"
-        request, context = credentials.request(endpoint, args.certificate_authority, args.insecure_skip_tls_verify)
-        try:
-            with urllib.request.urlopen(request, timeout=10, context=context) as resp:
-                answers.append(json.load(resp))
-        except urllib.error.HTTPError as exc:
-            error = json.loads(exc.read() or b"{}").get("error", exc.reason)
-            raise RuntimeError(f"{url}: {exc.code} {error}{credentials.hint(exc.code, endpoint)}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise RuntimeError(f"{url}: cannot reach the node daemon ({exc})") from None
+        answers.append(_fetch_json(credentials, url, endpoint, args, timeout=10))
     if args.json:
         print(json.dumps(answers, indent=2))
     else:
         print(format_drops(answers, query))
     return 0
+
+
+def format_exec_event(event: dict[str, Any]) -> str:
+    """One line per matched exec, e.g. `... Blocked shop/web-1/app /bin/sh (parent bash) shop/no-shells:shells`."""
+    where = f"{event.get('namespace')}/{event.get('pod')}/{event.get('container')}"
+    return (
+        f"{event.get('time')} {event.get('node')} {event.get('action')} {where} pid {event.get('pid')} "
+        f"{event.get('file')} (parent {event.get('parent')}) {event.get('policy')}:{event.get('rule')}"
+        + (" [Audit mode]" if event.get("mode") == "Audit" else "")
+    )
+
+
+def _fetch_json(
+    credentials: DaemonCredentials, url: str, endpoint: str, args: argparse.Namespace, timeout: float
+) -> Any:
+    """A node daemon's JSON answer; its refusals become RuntimeErrors saying why."""
+    request, context = credentials.request(endpoint, args.certificate_authority, args.insecure_skip_tls_verify)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        error = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        raise RuntimeError(f"{url}: {exc.code} {error}{credentials.hint(exc.code, endpoint)}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise RuntimeError(f"{url}: cannot reach the node daemon ({exc})") from None
+
+
+def _events(args: argparse.Namespace) -> int:
+    """Matched execs from node daemons; with --follow, new ones as they happen (long-poll per node)."""
+    filters = {k: getattr(args, k) for k in ("namespace", "pod", "policy") if getattr(args, k)}
+    credentials = _daemon_credentials(args)
+    since = dict.fromkeys(args.url, 0)
+    wait = 2 if args.follow and len(args.url) > 1 else (20 if args.follow else 0)
+    while True:
+        for url in args.url:
+            query = {**filters, "since": since[url], "limit": args.limit, **({"wait": wait} if wait else {})}
+            endpoint = f"{url.rstrip('/')}/exec-events?{urllib.parse.urlencode(query)}"
+            answer = _fetch_json(credentials, url, endpoint, args, timeout=wait + 10)
+            since[url] = answer["next"]
+            for event in answer["events"]:
+                print(json.dumps(event) if args.json else format_exec_event(event), flush=True)
+        if not args.follow:
+            return 0
 
 
 @dataclass(frozen=True)
@@ -442,6 +477,25 @@ def parser() -> argparse.ArgumentParser:
     why.add_argument("--limit", type=int, help="at most this many flows per node (default 50)")
     why.add_argument("--json", action="store_true", help="print the daemons' JSON answers")
     why.set_defaults(func=_why_dropped)
+
+    events = sub.add_parser(
+        "events",
+        help="execs RuntimeSecurityPolicies blocked or audited, from node daemons",
+        description="Show the execs node daemons matched (blocked or audited), oldest first; --follow keeps "
+        "printing new ones. Needs get on bpfnodestates/execevents (group beekeeper.dev) of those nodes.",
+    )
+    events.add_argument("--url", action="append", required=True, help="node daemon base URL (repeatable)")
+    events.add_argument("--kubeconfig", default=None, help="whose credentials to show (default: $KUBECONFIG, ...)")
+    events.add_argument("--token", default=None, help="bearer token to show instead of the kubeconfig's")
+    events.add_argument("--certificate-authority", default=None, help="CA of the daemons' serving certificates")
+    events.add_argument("--insecure-skip-tls-verify", action="store_true", help="do not verify serving certificates")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--namespace", "-n", help="only events of pods in this namespace")
+    events.add_argument("--pod", help="only events of this pod")
+    events.add_argument("--policy", help="only events of this policy (namespace/name)")
+    events.add_argument("--limit", type=int, default=100, help="at most this many per request (default 100)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.set_defaults(func=_events)
     return root
 
 

@@ -25,6 +25,7 @@ from beekeeper.crds.names import (
     BPF_PROGRAM_PLURAL,
     GROUP,
     NETWORK_IDENTITY_POLICY_PLURAL,
+    RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
 )
 
@@ -84,14 +85,15 @@ def cleanup(
                 GROUP, VERSION, BPF_PROGRAM_PLURAL, name
             )
         )
-    for body in items(NETWORK_IDENTITY_POLICY_PLURAL):
-        meta = body["metadata"]
-        _delete(
-            lambda meta=meta: custom.delete_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], NETWORK_IDENTITY_POLICY_PLURAL, meta["name"]
+    for plural in (NETWORK_IDENTITY_POLICY_PLURAL, RUNTIME_SECURITY_POLICY_PLURAL):
+        for body in items(plural):
+            meta = body["metadata"]
+            _delete(
+                lambda meta=meta, plural=plural: custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], plural, meta["name"]
+                )
             )
-        )
-    progress("deleted every BpfProgram and NetworkIdentityPolicy; waiting for the nodes to detach")
+    progress("deleted every BpfProgram and policy; waiting for the nodes to detach")
     deadline = time.monotonic() + timeout
     shown: list[str] = []
     while True:

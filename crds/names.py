@@ -65,8 +65,22 @@ BPF_POLICY_SLICE = ResourceNames(
     short_names=("bps",),
     namespaced=False,
 )
+RUNTIME_SECURITY_POLICY = ResourceNames(
+    kind="RuntimeSecurityPolicy",
+    plural="runtimesecuritypolicies",
+    singular="runtimesecuritypolicy",
+    short_names=("rsp",),
+    namespaced=True,
+)
 
-ALL_RESOURCES = (BPF_PROGRAM, NETWORK_IDENTITY_POLICY, BPF_NODE_STATE, NETWORK_IDENTITY, BPF_POLICY_SLICE)
+ALL_RESOURCES = (
+    BPF_PROGRAM,
+    NETWORK_IDENTITY_POLICY,
+    BPF_NODE_STATE,
+    NETWORK_IDENTITY,
+    BPF_POLICY_SLICE,
+    RUNTIME_SECURITY_POLICY,
+)
 
 # Flat aliases for call sites that only need one string (CustomObjectsApi).
 BPF_PROGRAM_PLURAL = BPF_PROGRAM.plural
@@ -74,3 +88,4 @@ NETWORK_IDENTITY_POLICY_PLURAL = NETWORK_IDENTITY_POLICY.plural
 BPF_NODE_STATE_PLURAL = BPF_NODE_STATE.plural
 NETWORK_IDENTITY_PLURAL = NETWORK_IDENTITY.plural
 BPF_POLICY_SLICE_PLURAL = BPF_POLICY_SLICE.plural
+RUNTIME_SECURITY_POLICY_PLURAL = RUNTIME_SECURITY_POLICY.plural

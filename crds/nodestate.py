@@ -42,6 +42,7 @@ from beekeeper.crds.common import (
 )
 from beekeeper.crds.names import BPF_NODE_STATE
 from beekeeper.crds.networkpolicy import PolicyType, parse_cidr
+from beekeeper.crds.runtimesecurity import MAX_RULES, DefaultAction, PolicyMode, RuntimeRule
 
 MAX_NODE_BPF_PROGRAMS = 128
 CONTENT_HASH_PATTERN = r"^[a-f0-9]{64}$"
@@ -390,6 +391,67 @@ def policy_revision(network_policy: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------------------
+# Spec: runtime security (RuntimeSecurityPolicy)
+# --------------------------------------------------------------------------------------
+
+MAX_NODE_RUNTIME_POLICIES = 256
+MAX_NODE_PODS = 512
+CONTAINER_ID_PATTERN = r"^[a-z0-9-]{1,32}://[a-f0-9]{1,128}$"
+
+
+class RuntimeContainer(ApiModel):
+    """One running container of a selected pod, as its pod status names it."""
+
+    name: DnsLabel = Field(description="Container name.")
+    container_id: str = Field(
+        max_length=161,
+        pattern=CONTAINER_ID_PATTERN,
+        description="status.containerStatuses[].containerID, e.g. containerd://<64 hex>; the daemon finds the "
+        "container's cgroup and processes by it.",
+    )
+
+
+class RuntimePod(ApiModel):
+    """A local pod a runtime policy selects, with the containers it applies to."""
+
+    namespace: DnsLabel = Field(description="Namespace of the pod.")
+    pod: DnsSubdomain = Field(description="Name of the pod.")
+    uid: str = Field(min_length=1, max_length=64, description="metadata.uid (the kubelet names the pod cgroup by it).")
+    containers: list[RuntimeContainer] = Field(
+        max_length=64, description="Running containers selected (spec.containers of the policy narrows them)."
+    )
+
+
+class NodeRuntimePolicy(ApiModel):
+    """One RuntimeSecurityPolicy as this node must enforce it: its rules and its local pods."""
+
+    policy: str = Field(max_length=317, pattern=POLICY_REF_PATTERN, description="namespace/name of the policy.")
+    generation: int = Field(ge=1, description="metadata.generation of the policy this entry was compiled from.")
+    mode: PolicyMode = Field(description="Enforce or Audit.")
+    default_action: DefaultAction | None = Field(None, description="As in the policy: Block or Audit the rest.")
+    rules: list[RuntimeRule] = Field(
+        min_length=1, max_length=MAX_RULES, description="As in the policy.", json_schema_extra=list_map("name")
+    )
+    pods: list[RuntimePod] | None = Field(None, max_length=MAX_NODE_PODS, description="Selected pods on this node.")
+
+
+class NodeRuntimeSecurity(ApiModel):
+    """Desired contents of this node's runtime-security maps; present while some valid policy exists."""
+
+    policies: list[NodeRuntimePolicy] | None = Field(
+        None,
+        max_length=MAX_NODE_RUNTIME_POLICIES,
+        description="Policies selecting pods on this node.",
+        json_schema_extra=list_map("policy"),
+    )
+    revision: ContentHash | None = Field(
+        None,
+        description="sha256 of policies, set by the operator; the daemon echoes it as "
+        "status.runtimeSecurity.observedRevision once its maps hold them.",
+    )
+
+
 class BpfNodeStateSpec(ApiModel):
     """Everything the node must run; written by the operator only."""
 
@@ -405,6 +467,9 @@ class BpfNodeStateSpec(ApiModel):
     )
     network_policy: NodeNetworkPolicy | None = Field(
         None, description="Endpoints, identities and policy entries for the NetworkIdentityPolicy datapath."
+    )
+    runtime_security: NodeRuntimeSecurity | None = Field(
+        None, description="Local pods and exec rules for the RuntimeSecurityPolicy datapath."
     )
 
 
@@ -423,6 +488,12 @@ class KernelCapabilities(ApiModel):
     )
     reasons: dict[str, str] | None = Field(
         None, description="Program type to why it is not supported, e.g. kprobes disabled in this kernel."
+    )
+    exec_enforcement: str | None = Field(
+        None,
+        max_length=64,
+        description="The hook RuntimeSecurityPolicy uses here: lsm (bprm_check_security, the exec fails with "
+        "EPERM) or tracepoint (sched_process_exec + SIGKILL before the program's first instruction).",
     )
 
 
@@ -482,6 +553,24 @@ class NetworkPolicyStatus(ApiModel):
     message: str | None = Field(None, max_length=2048, description="Why the datapath is not enforcing, if it is not.")
 
 
+class RuntimeSecurityStatus(ApiModel):
+    """How this node's runtime-security datapath matches spec.runtimeSecurity."""
+
+    enforcing: bool = Field(False, description="The hook is attached and every selected container is in the maps.")
+    hook: str | None = Field(None, max_length=64, description="lsm or tracepoint (see capabilities.execEnforcement).")
+    containers: int = Field(0, ge=0, description="Selected containers found and mapped to kernel identities.")
+    missing: list[Annotated[str, Field(max_length=256)]] | None = Field(
+        None, max_length=64, description="namespace/pod/container not found on the node yet (up to 64)."
+    )
+    observed_revision: ContentHash | None = Field(
+        None, description="spec.runtimeSecurity.revision last synced into the maps."
+    )
+    matches: dict[str, int] | None = Field(
+        None, description="Policy (namespace/name) -> execs it matched on this node since the daemon started."
+    )
+    message: str | None = Field(None, max_length=2048, description="Why it is not enforcing, if it is not.")
+
+
 class BpfNodeStateStatus(ApiModel):
     """What the node actually runs; written by that node's daemon only."""
 
@@ -498,6 +587,7 @@ class BpfNodeStateStatus(ApiModel):
         None, max_length=32, description="Attached functions / functions in spec, e.g. 3/4 (for kubectl get)."
     )
     network_policy: NetworkPolicyStatus | None = Field(None, description="State of the policy datapath.")
+    runtime_security: RuntimeSecurityStatus | None = Field(None, description="State of the runtime-security datapath.")
 
 
 class BpfNodeState(Resource):

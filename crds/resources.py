@@ -11,6 +11,7 @@ from beekeeper.crds.names import API_VERSION
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicy
 from beekeeper.crds.nodestate import BpfNodeState
 from beekeeper.crds.policyslice import BpfPolicySlice
+from beekeeper.crds.runtimesecurity import RuntimeSecurityPolicy
 
 RESOURCES: tuple[type[Resource], ...] = (
     BpfProgram,
@@ -18,6 +19,7 @@ RESOURCES: tuple[type[Resource], ...] = (
     BpfNodeState,
     NetworkIdentity,
     BpfPolicySlice,
+    RuntimeSecurityPolicy,
 )
 BY_KIND: dict[str, type[Resource]] = {r.names.kind: r for r in RESOURCES}
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from beekeeper.crds.common import Condition, now, set_condition, timestamp
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
-from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
+from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram, RuntimeSecurityStatus
 from beekeeper.node_daemon import bytecode_image, translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
 from beekeeper.node_daemon.image_puller import ImagePuller, PullFailed
@@ -27,11 +27,13 @@ from beekeeper.node_daemon.metrics import BpfCollector
 
 if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake backend) never imports it
     from beekeeper.node_daemon.policy_agent import PolicyAgent
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
 
 log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
 POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
+RUNTIME_STATUS_KEYS = [field.alias for field in RuntimeSecurityStatus.model_fields.values()]
 
 
 def _add_warnings(statuses: list[dict[str, Any]], warnings: Mapping[str, list[str]]) -> None:
@@ -55,6 +57,7 @@ class NodeAgent:
         policy_disabled: str = "policy datapath disabled",
         policy_slices: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
         images: ImagePuller | None = None,
+        runtime: RuntimeAgent | None = None,
     ) -> None:
         self.node = node
         self.backend = backend
@@ -72,6 +75,8 @@ class NodeAgent:
         self._applied: dict[str, str] = {}
         self._generation: int | None = None
         self._policy_status: dict[str, Any] | None = None
+        self.runtime = runtime
+        self._runtime_status: dict[str, Any] | None = None
 
     def reconcile(self, obj: Mapping[str, Any], resync: bool = False) -> None:
         """Make the kernel match obj.spec and report obj.status.
@@ -127,20 +132,27 @@ class NodeAgent:
             self.images.forget({e.bytecode.image for e in entries if e.bytecode is not None and e.bytecode.image})
         _add_warnings(statuses, self.collector.set_programs(entries))
         self._reconcile_policy(spec, generation)
+        self._reconcile_runtime(spec)
         self._write_status(generation, statuses + broken)
 
     def reconcile_policy(self, obj: Mapping[str, Any]) -> None:
-        """Only the policy datapath, e.g. after pod interfaces or routes changed on the host."""
-        if self.policy is None:
+        """Only the policy and runtime datapaths, e.g. after pod interfaces or routes changed on the host,
+        or while selected containers are not found yet."""
+        if self.policy is None and self.runtime is None:
             return
         if self._written is None or self._generation != obj["metadata"].get("generation"):
             self.reconcile(obj)
             return
-        self._reconcile_policy(obj.get("spec") or {}, self._generation)
+        if self.policy is not None:
+            self._reconcile_policy(obj.get("spec") or {}, self._generation)
+        if self.runtime is not None:
+            self._reconcile_runtime(obj.get("spec") or {})
         self._write_status(self._generation, list(self._written.get("programs") or []))
 
     def policy_retry_due(self) -> bool:
-        """Some endpoint still has no interface: worth looking again soon."""
+        """Some endpoint still has no interface, or some selected container was not found: look again soon."""
+        if self.runtime is not None and (self._runtime_status or {}).get("missing"):
+            return True
         return self.policy is not None and self.policy.unresolved > 0
 
     def _reconcile_policy(self, spec: Mapping[str, Any], generation: int | None) -> None:
@@ -163,6 +175,22 @@ class NodeAgent:
             log.exception("policy reconcile failed", extra={"node": self.node})
             self._policy_status = {**(previous or {}), "enforcing": False, "message": f"internal error: {exc}"[:2048]}
 
+    def _reconcile_runtime(self, spec: Mapping[str, Any]) -> None:
+        raw = spec.get("runtimeSecurity")
+        if self.runtime is None:
+            self._runtime_status = (
+                None if raw is None else {"enforcing": False, "message": "runtime security needs the kernel backend"}
+            )
+            return
+        try:
+            self._runtime_status = self.runtime.reconcile(raw)
+        except Exception as exc:  # keep reporting the programs; the next event or resync retries
+            log.exception("runtime security reconcile failed", extra={"node": self.node})
+            self._runtime_status = {"enforcing": False, "message": f"internal error: {exc}"[:2048]}
+        hook = self.runtime.hook
+        if hook != self.capabilities.get("execEnforcement"):
+            self.capabilities = {**self.capabilities, "execEnforcement": hook}
+
     def remove_all(self) -> None:
         """Our BpfNodeState was deleted (node leaving the cluster): detach everything."""
         for key in sorted(self.backend.adopted()):
@@ -170,6 +198,9 @@ class NodeAgent:
             self.backend.remove(key)
         if self.policy is not None:
             self.policy.remove()
+        if self.runtime is not None:
+            self.runtime.remove()
+        self._runtime_status = None
         self.collector.set_programs([])
         self._written = None
         self._applied.clear()
@@ -254,6 +285,9 @@ class NodeAgent:
         elif policy is not None and not policy.get("enforcing"):
             ready, reason = False, "PolicyNotEnforced"
             message = f"network policy: {policy.get('message', 'not enforcing')}"[:2048]
+        elif self._runtime_status is not None and not self._runtime_status.get("enforcing"):
+            ready, reason = False, "RuntimeSecurityNotEnforced"
+            message = f"runtime security: {self._runtime_status.get('message', 'not enforcing')}"[:2048]
         else:
             ready, reason, message = True, "Converged", f"{ok}/{total} attached"
         old_ready = [
@@ -276,11 +310,16 @@ class NodeAgent:
         }
         if policy is not None or "networkPolicy" in (self._written or {}):
             status["networkPolicy"] = policy  # None clears a stale report (merge patch)
+        runtime = self._runtime_status
+        if runtime is not None or "runtimeSecurity" in (self._written or {}):
+            status["runtimeSecurity"] = runtime
         if status == self._written:
             return
         body = dict(status)
         if policy is not None:  # a merge patch keeps keys it does not mention: clear dropped ones explicitly
             body["networkPolicy"] = {**dict.fromkeys(POLICY_STATUS_KEYS), **policy}
+        if runtime is not None:
+            body["runtimeSecurity"] = {**dict.fromkeys(RUNTIME_STATUS_KEYS), **runtime}
         try:
             self.custom.patch_cluster_custom_object_status(
                 GROUP, VERSION, BPF_NODE_STATE_PLURAL, self.node, {"status": body}

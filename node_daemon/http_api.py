@@ -5,6 +5,7 @@ about drops (`beekeeper why-dropped --url https://NODE:9464`).
 
     GET /metrics                                             Prometheus text / OpenMetrics
     GET /drops?src=IP&dst=IP&port=N&protocol=TCP&limit=N     JSON, newest first
+    GET /exec-events?since=N&wait=S&namespace=&pod=&policy=  JSON, oldest first (long-poll with wait)
     GET /healthz                                             no credentials needed (probes)
 
 /drops names pods, IPs, ports and policies of every namespace on the node, and /metrics
@@ -31,6 +32,8 @@ from prometheus_client.exposition import choose_encoder
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP
 from beekeeper.node_daemon.access import ApiAccess, Permission, ReviewUnavailable, User, certificate_user
 from beekeeper.node_daemon.drops import PROTOCOL_NUMBERS, DropLog
+from beekeeper.node_daemon.runtime_events import FILTERS as EXEC_EVENT_FILTERS
+from beekeeper.node_daemon.runtime_events import ExecEventLog
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ def drops_permission(node: str) -> Permission:
     """get on the drops subresource of this node's BpfNodeState; RBAC: resources [bpfnodestates/drops] in
     group beekeeper.dev, optionally resourceNames [<node>]."""
     return Permission("get", group=GROUP, resource=BPF_NODE_STATE_PLURAL, subresource="drops", name=node)
+
+
+def exec_events_permission(node: str) -> Permission:
+    """get on the execevents subresource of this node's BpfNodeState (RBAC: bpfnodestates/execevents)."""
+    return Permission("get", group=GROUP, resource=BPF_NODE_STATE_PLURAL, subresource="execevents", name=node)
 
 
 def tls_context(cert_file: str, key_file: str, client_ca_file: str | None = None) -> ssl.SSLContext:
@@ -87,6 +95,21 @@ def drop_query(query: str) -> dict[str, Any]:
     return args
 
 
+MAX_WAIT_SECONDS = 30
+
+
+def exec_event_query(query: str) -> dict[str, Any]:
+    """ExecEventLog.query arguments from a query string; BadQuery names the parameter at fault."""
+    params = {k: v[-1] for k, v in parse_qs(query).items()}
+    args: dict[str, Any] = {k: params[k] for k in EXEC_EVENT_FILTERS if params.get(k)}
+    for name, top in (("since", 2**63), ("limit", MAX_LIMIT), ("wait", MAX_WAIT_SECONDS)):
+        if params.get(name):
+            if not params[name].isdigit() or int(params[name]) > top:
+                raise BadQuery(f"{name}: must be a whole number up to {top}")
+            args[name] = int(params[name])
+    return args
+
+
 def serve(
     registry: CollectorRegistry,
     drops: DropLog,
@@ -95,6 +118,7 @@ def serve(
     address: str,
     access: ApiAccess,
     tls: ssl.SSLContext | None = None,
+    exec_events: ExecEventLog | None = None,
 ) -> ThreadingHTTPServer:
     """Start the endpoint on a background thread."""
 
@@ -122,6 +146,15 @@ def serve(
                     return
                 if self._allowed(drops_permission(node)):
                     self._send_json(200, {"node": node, "capacity": drops.capacity, "drops": drops.query(**args)})
+            elif url.path == "/exec-events" and exec_events is not None:
+                try:
+                    args = exec_event_query(url.query)
+                except BadQuery as exc:
+                    self._send_json(400, {"error": str(exc)})
+                    return
+                if self._allowed(exec_events_permission(node)):
+                    found, next_since = exec_events.query(**args)
+                    self._send_json(200, {"node": node, "events": found, "next": next_since})
             else:
                 self._send_json(404, {"error": f"no such path {url.path}; try /metrics or /drops"})
 

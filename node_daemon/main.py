@@ -47,9 +47,11 @@ from beekeeper.node_daemon.object_cache import ObjectCache
 from beekeeper.node_daemon.oci_client import RegistryClient
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
+from beekeeper.node_daemon.runtime_events import FLUSH_SECONDS, ExecEventLog, PodEventPoster
 
 if TYPE_CHECKING:  # imported with the kernel backend only (the fake backend has no policy datapath)
     from beekeeper.node_daemon.policy_agent import PolicyAgent
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,39 @@ def image_cache_dir(backend_kind: str, state_dir: Path | None) -> Path:
     from beekeeper.node_daemon.kernel_backend import DEFAULT_STATE_DIR
 
     return Path(DEFAULT_STATE_DIR) / "images"
+def _runtime(kind: str, node_name: str, bpffs_root: Path | None) -> RuntimeAgent | None:
+    """The runtime-security agent (kernel backend only); a pinned hook is adopted at once, so a
+    restarted daemon never leaves a gap while it waits for its spec."""
+    if kind == "fake":
+        return None
+    from beekeeper.node_daemon.kernel_backend import DEFAULT_BASE_DIR
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
+
+    runtime = RuntimeAgent(node_name, Path(bpffs_root or DEFAULT_BASE_DIR) / "runtime")
+    try:
+        runtime.adopt()
+    except Exception:
+        log.exception("adopting the pinned runtime-security datapath failed", extra={"node": node_name})
+    return runtime
+
+
+def _pump_exec_events(
+    runtime: RuntimeAgent, exec_log: ExecEventLog, poster: PodEventPoster, stop: threading.Event
+) -> None:
+    """Ring buffer -> event log and Pod Events, until the daemon stops."""
+    flush_at = time.monotonic() + FLUSH_SECONDS
+    while not stop.is_set():
+        try:
+            for event in runtime.poll_events(200):
+                exec_log.add(event)
+                poster.add(event)
+                log.info("exec matched", extra={k: event[k] for k in ("namespace", "pod", "file", "policy", "action")})
+            if time.monotonic() >= flush_at:
+                poster.flush()
+                flush_at = time.monotonic() + FLUSH_SECONDS
+        except Exception:
+            log.exception("exec event pump failed; retrying")
+            stop.wait(1.0)
 
 
 def run(
@@ -145,6 +180,8 @@ def run(
     images = ImagePuller(
         RegistryClient(ca_file=registry_ca_file), ObjectCache(image_cache_dir(backend_kind, state_dir))
     )
+    runtime = _runtime(backend_kind, node_name, bpffs_root)
+    exec_log = ExecEventLog()
     agent = NodeAgent(
         node_name,
         backend,
@@ -154,6 +191,7 @@ def run(
         policy_disabled=f"policy datapath disabled ({backend_kind} backend)",
         policy_slices=slices.snapshot,
         images=images,
+        runtime=runtime,
     )
     if metrics_port:
         registry = CollectorRegistry()
@@ -162,7 +200,13 @@ def run(
             from beekeeper.node_daemon.policy_metrics import PolicyCollector
 
             registry.register(PolicyCollector(policy))
-        http_api.serve(registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls)
+        if runtime is not None:
+            from beekeeper.node_daemon.runtime_metrics import RuntimeCollector
+
+            registry.register(RuntimeCollector(runtime))
+        http_api.serve(
+            registry, drop_log, node_name, metrics_port, metrics_address, ApiAccess(api), tls, exec_events=exec_log
+        )
 
     stop = threading.Event()
     events: queue.Queue[Any] = queue.Queue()
@@ -186,6 +230,11 @@ def run(
             name="watch-slices",
         ).start()
     routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None else None
+    if runtime is not None:
+        poster = PodEventPoster(api, node_name)
+        threading.Thread(
+            target=_pump_exec_events, args=(runtime, exec_log, poster, stop), daemon=True, name="exec-events"
+        ).start()
     log.info(
         "node daemon started",
         extra={
@@ -237,4 +286,6 @@ def run(
         routes.close()
     if policy is not None:
         policy.close()
+    if runtime is not None:
+        runtime.close()
     log.info("node daemon stopped; attachments stay pinned", extra={"node": node_name})

@@ -35,8 +35,9 @@ KINDS = (
     "NetworkIdentity",
     "BpfPolicySlice",
     "ConfigMap",
+    "RuntimeSecurityPolicy",
 )
-NAMESPACED = frozenset({"Pod", "NetworkIdentityPolicy", "ConfigMap"})
+NAMESPACED = frozenset({"Pod", "NetworkIdentityPolicy", "ConfigMap", "RuntimeSecurityPolicy"})
 DELETED = "DELETED"
 OWN_WRITE_TTL_SECONDS = 300.0
 """An own write whose watch event never came (e.g. lost in a watch gap) is forgotten after this."""
@@ -121,6 +122,7 @@ class Snapshot:
     """namespace/name -> data, for the referenced ConfigMaps that exist."""
     binary_configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     """namespace/name -> binaryData (base64), for the referenced ConfigMaps that exist."""
+    runtime_policies: list[Body] = field(default_factory=list)
 
     def node_labels(self) -> dict[str, dict[str, str]]:
         return {name: dict(body["metadata"].get("labels") or {}) for name, body in self.nodes.items()}
@@ -316,4 +318,5 @@ class ClusterCache:
             binary_configmaps={
                 key: dict(body.get("binaryData") or {}) for key, body in self.tables["ConfigMap"].items()
             },
+            runtime_policies=list(self.tables["RuntimeSecurityPolicy"].values()),
         )

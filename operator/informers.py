@@ -32,6 +32,7 @@ from beekeeper.crds.names import (
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
+    RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
 )
 from beekeeper.operator.cache import KINDS, ClusterCache
@@ -70,6 +71,7 @@ def listers(api: client.ApiClient) -> dict[str, Lister]:
         "NetworkIdentity": crd(NETWORK_IDENTITY_PLURAL),
         "BpfPolicySlice": crd(BPF_POLICY_SLICE_PLURAL),
         "ConfigMap": core.list_config_map_for_all_namespaces,
+        "RuntimeSecurityPolicy": crd(RUNTIME_SECURITY_POLICY_PLURAL),
     }
     assert set(found) == set(KINDS)
     return found

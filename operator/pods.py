@@ -109,7 +109,7 @@ def pod_records(
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The fields pod_records reads, so the cache does not hold whole pod specs."""
+    """The fields pod_records and the runtime-security compiler read, so the cache does not hold whole pods."""
     meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
 
     def ports(containers: Iterable[Mapping[str, Any]] | None, sidecars: bool = False) -> list[dict[str, Any]]:
@@ -122,7 +122,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "metadata": {
             k: meta[k]
-            for k in ("name", "namespace", "labels", "resourceVersion", "creationTimestamp", "deletionTimestamp")
+            for k in ("name", "namespace", "uid", "labels", "resourceVersion", "creationTimestamp", "deletionTimestamp")
             if meta.get(k) is not None
         },
         "spec": {
@@ -131,5 +131,13 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
             "containers": ports(spec.get("containers")),
             "initContainers": ports(spec.get("initContainers"), sidecars=True),
         },
-        "status": {k: status[k] for k in ("phase", "podIP", "podIPs") if status.get(k) is not None},
+        "status": {
+            **{k: status[k] for k in ("phase", "podIP", "podIPs") if status.get(k) is not None},
+            # Runtime security finds each container's cgroup by its id.
+            **{
+                k: [{"name": c.get("name"), "containerID": c.get("containerID")} for c in status[k]]
+                for k in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses")
+                if status.get(k)
+            },
+        },
     }

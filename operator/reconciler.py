@@ -45,11 +45,13 @@ from beekeeper.crds.names import (
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
+    RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
-from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, policy_revision
-from beekeeper.operator import image_resolver, policy_status
+from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, NodeRuntimeSecurity, policy_revision
+from beekeeper.crds.runtimesecurity import RuntimeSecurityPolicyStatus
+from beekeeper.operator import image_resolver, policy_status, runtime_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
 from beekeeper.operator.health import Health
@@ -64,6 +66,7 @@ from beekeeper.operator.identities import (
 from beekeeper.operator.pods import PodRecord, pod_records
 from beekeeper.operator.policy_compile import compile_policies, expansion_budget, node_addresses
 from beekeeper.operator.program_status import aggregate
+from beekeeper.operator.runtime_compile import compile_runtime
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,18 @@ def _same_network_policy(stored: Mapping[str, Any] | None, desired: Mapping[str,
     except ValidationError:
         return False
     return {k: wire.get(k) or [] for k in NETWORK_POLICY_FIELDS} == desired
+
+
+def _same_runtime_security(stored: Mapping[str, Any] | None, desired: Mapping[str, Any] | None) -> bool:
+    """Whether the stored spec.runtimeSecurity is the desired one (read through the model: apiserver defaults)."""
+    if stored is None or desired is None:
+        return stored is desired
+    if stored == desired:
+        return True
+    try:
+        return NodeRuntimeSecurity.model_validate(stored).to_dict() == desired
+    except ValidationError:
+        return False
 
 
 def _normal(model: type[ApiModel], status: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -263,6 +278,7 @@ class Reconciler:
             {node: node_addresses(snapshot.nodes[node]) for node in node_labels},
             self.expansion_budget,
         )
+        runtime = compile_runtime(snapshot.runtime_policies, snapshot.pods, node_labels)
         slices_by_node: dict[str, dict[str, Mapping[str, Any]]] = {}
         for name, body in snapshot.policy_slices.items():
             slices_by_node.setdefault((body.get("spec") or {}).get("nodeName", ""), {})[name] = body
@@ -279,7 +295,9 @@ class Reconciler:
                 snapshot.nodes[node],
             )
             try:
-                generation, revision = self._write_nodestate(node, programs, network_policy, existing)
+                generation, revision = self._write_nodestate(
+                    node, programs, network_policy, existing, runtime.nodes.get(node)
+                )
                 error = None
                 self._delete_slices(
                     set(stored_slices) - {r["name"] for r in (network_policy or {}).get("slices") or []}
@@ -320,6 +338,16 @@ class Reconciler:
             status = policy_status.aggregate(outcome, enforcement, previous, now)
             if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
                 self._patch_policy_status(outcome.namespace, outcome.name, status)
+
+        reported_runtime = {n: (b.get("status") or {}).get("runtimeSecurity") for n, b in nodestates.items()}
+        previous_runtime_status = {
+            f"{b['metadata']['namespace']}/{b['metadata']['name']}": b.get("status") for b in snapshot.runtime_policies
+        }
+        for ref, runtime_outcome in runtime.policies.items():
+            previous = previous_runtime_status.get(ref)
+            status = runtime_status.aggregate(runtime_outcome, runtime.nodes, reported_runtime, previous, now)
+            if _normal(RuntimeSecurityPolicyStatus, status) != _normal(RuntimeSecurityPolicyStatus, previous):
+                self._patch_runtime_status(runtime_outcome.namespace, runtime_outcome.name, status)
 
         self._collect(identities.delete)
         result.written = self._written
@@ -550,6 +578,7 @@ class Reconciler:
         programs: list[dict[str, Any]],
         network_policy: dict[str, Any] | None,
         existing: Mapping[str, Any] | None,
+        runtime_security: dict[str, Any] | None = None,
     ) -> tuple[int | None, str | None]:
         """Write the node's spec if it differs; returns its generation and networkPolicy.revision afterwards."""
         old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
@@ -558,7 +587,7 @@ class Reconciler:
         if network_policy is not None:  # hashed only when it changed: the stored revision stands for it otherwise
             revision = ((old_policy or {}).get("revision") if same_policy else None) or policy_revision(network_policy)
         written_policy = None if network_policy is None else {**network_policy, "revision": revision}
-        spec = {"programs": programs, "networkPolicy": written_policy}
+        spec = {"programs": programs, "networkPolicy": written_policy, "runtimeSecurity": runtime_security}
         extra = {
             "node": node,
             "bpfprograms": len(programs),
@@ -571,6 +600,7 @@ class Reconciler:
                 _normal_programs(old.get("programs")) == programs
                 and same_policy
                 and (old_policy or {}).get("revision") == revision
+                and _same_runtime_security(old.get("runtimeSecurity"), runtime_security)
             ):
                 return existing["metadata"].get("generation"), revision
             written = self.custom.patch_cluster_custom_object(
@@ -624,6 +654,29 @@ class Reconciler:
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
                 raise
+
+    def _patch_runtime_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        try:
+            written = self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, RUNTIME_SECURITY_POLICY_PLURAL, name, {"status": status}
+            )
+            self._wrote("RuntimeSecurityPolicy", written)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile
+                raise
+            return
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        log.info(
+            "runtimesecuritypolicy status",
+            extra={
+                "policy": f"{namespace}/{name}",
+                "ready": ready["status"],
+                "reason": ready["reason"],
+                "pods": status["selectedPods"],
+                "nodes": status["nodesEnforcing"],
+                "matches": status["matches"],
+            },
+        )
 
     def _patch_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         try:

@@ -146,7 +146,27 @@ def valid_policy_slice() -> dict[str, Any]:
     }
 
 
+def valid_runtime_policy() -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RuntimeSecurityPolicy",
+        "metadata": {"name": "valid"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "backend"}},
+            "containers": ["app"],
+            "mode": "Audit",
+            "rules": [
+                {"name": "no-shells", "exec": {"paths": ["/bin/sh", "/bin/bash"]}, "action": "Block"},
+                {"name": "no-tmp", "exec": {"pathPrefixes": ["/tmp/", "/dev/shm/"]}, "action": "Block"},
+                {"name": "tools", "exec": {"paths": ["/usr/bin/id"], "pathPrefixes": ["/opt/"]}, "action": "Allow"},
+            ],
+            "defaultAction": "Audit",
+        },
+    }
+
+
 VALID = {
+    "RuntimeSecurityPolicy": valid_runtime_policy,
     "BpfProgram": valid_bpfprogram,
     "NetworkIdentityPolicy": valid_policy,
     "BpfNodeState": valid_node_state,
@@ -202,6 +222,8 @@ PEER0 = "spec.ingress[0].from[0]"
 PORT0 = "spec.ingress[0].ports[0]"
 NP = "spec.networkPolicy"
 SR0 = "spec.rules[0]"
+RR0 = "spec.rules[0]"
+RSP = "RuntimeSecurityPolicy"
 
 CASES = [
     # --- BpfProgram: structure and types -------------------------------------------------
@@ -574,6 +596,69 @@ CASES = [
         "canonical prefix",
     ),
     Case("slice-bad-policy-ref", "BpfPolicySlice", {"spec.policy": "web"}, "spec.policy"),
+    # --- RuntimeSecurityPolicy ------------------------------------------------------------
+    Case("rsp-relative-path", RSP, {f"{RR0}.exec.paths[0]": "bin/sh"}, f"{RR0}.exec.paths[0]", "absolute path"),
+    Case("rsp-dotdot-path", RSP, {f"{RR0}.exec.paths[0]": "/usr/../bin/sh"}, f"{RR0}.exec.paths[0]", "'..'"),
+    Case("rsp-empty-path", RSP, {f"{RR0}.exec.paths[0]": ""}, f"{RR0}.exec.paths[0]"),
+    Case("rsp-path-is-directory", RSP, {f"{RR0}.exec.paths[0]": "/bin/"}, f"{RR0}.exec.paths[0]", "name a file"),
+    Case(
+        "rsp-prefix-without-slash",
+        RSP,
+        {"spec.rules[1].exec.pathPrefixes[0]": "/tmp"},
+        "spec.rules[1].exec.pathPrefixes[0]",
+        "must end with /",
+    ),
+    Case(
+        "rsp-prefix-relative",
+        RSP,
+        {"spec.rules[1].exec.pathPrefixes[0]": "tmp/"},
+        "spec.rules[1].exec.pathPrefixes[0]",
+        "absolute path",
+    ),
+    Case("rsp-unknown-action", RSP, {f"{RR0}.action": "Kill"}, f"{RR0}.action", "Unsupported value"),
+    Case("rsp-unknown-mode", RSP, {"spec.mode": "Enforcing"}, "spec.mode", "Unsupported value"),
+    Case("rsp-empty-rules", RSP, {"spec.rules": []}, "spec.rules"),
+    Case("rsp-missing-rules", RSP, {"spec.rules": DELETE}, "spec.rules", "Required value"),
+    Case("rsp-empty-exec", RSP, {f"{RR0}.exec": {}}, f"{RR0}.exec", "exec needs paths or pathPrefixes"),
+    Case("rsp-rule-without-exec", RSP, {f"{RR0}.exec": DELETE}, f"{RR0}.exec", "Required value"),
+    Case(
+        "rsp-duplicate-rule-name",
+        RSP,
+        {"spec.rules[1].name": "no-shells"},
+        "spec.rules[1]",
+        "Duplicate value",
+    ),
+    Case(
+        "rsp-duplicate-path",
+        RSP,
+        {f"{RR0}.exec.paths": ["/bin/sh", "/bin/sh"]},
+        f"{RR0}.exec.paths[1]",
+        "Duplicate value",
+    ),
+    Case(
+        "rsp-conflicting-rules",
+        RSP,
+        {"spec.rules[2].exec.paths": ["/usr/bin/id", "/bin/sh"]},
+        "spec.rules",
+        "different actions",
+    ),
+    Case(
+        "rsp-conflicting-prefixes",
+        RSP,
+        {"spec.rules[2].exec.pathPrefixes": ["/tmp/"]},
+        "spec.rules",
+        "different actions",
+    ),
+    Case(
+        "rsp-allow-without-default",
+        RSP,
+        {"spec.defaultAction": DELETE},
+        "spec.defaultAction",
+        "Allow rules need spec.defaultAction",
+    ),
+    Case("rsp-default-allow", RSP, {"spec.defaultAction": "Allow"}, "spec.defaultAction", "Unsupported value"),
+    Case("rsp-bad-container-name", RSP, {"spec.containers": ["App_1"]}, "spec.containers[0]"),
+    Case("rsp-bad-rule-name", RSP, {f"{RR0}.name": "No Shells"}, f"{RR0}.name"),
 ]
 
 
@@ -588,14 +673,14 @@ def policy_namespace(cluster: Any) -> Iterator[str]:
 
 def apply(cluster: Any, doc: dict[str, Any], namespace: str, *extra: str) -> Any:
     args = ["apply", "-f", "-", *extra]
-    if doc["kind"] == "NetworkIdentityPolicy":
+    if BY_KIND[doc["kind"]].names.namespaced:
         args += ["-n", namespace]
     return cluster.kubectl(*args, input=json.dumps(doc), check=False)
 
 
 def delete(cluster: Any, doc: dict[str, Any], namespace: str) -> None:
     args = ["delete", doc["kind"].lower() + ".beekeeper.dev", doc["metadata"]["name"], "--ignore-not-found"]
-    if doc["kind"] == "NetworkIdentityPolicy":
+    if BY_KIND[doc["kind"]].names.namespaced:
         args += ["-n", namespace]
     cluster.kubectl(*args, check=False)
 
@@ -716,3 +801,34 @@ def test_kubectl_explain_is_useful(cluster: Any) -> None:
     assert "Functions of the source" in out and "direction" in out and "tc, cgroup_skb" in out
     out = cluster.kubectl("explain", "networkidentitypolicy.spec.ingressDeny.from.ipBlock").stdout
     assert "except" in out and "cidr" in out
+
+
+def test_runtime_policy_columns_are_filled(cluster: Any, policy_namespace: str) -> None:
+    doc = valid_runtime_policy()
+    name = f"rsp-{uuid.uuid4().hex[:6]}"
+    doc["metadata"]["name"] = name
+    try:
+        assert apply(cluster, doc, policy_namespace).returncode == 0
+        condition = {"status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z", "observedGeneration": 1}
+        status = {
+            "status": {
+                "observedGeneration": 1,
+                "conditions": [
+                    {"type": "Valid", "reason": "Accepted", "message": "", **condition},
+                    {"type": "Ready", "reason": "Enforced", "message": "enforced on 2/2 nodes", **condition},
+                ],
+                "selectedPods": 3,
+                "nodesEnforcing": 2,
+                "matches": 7,
+                "hooks": {"tracepoint": 2},
+            }
+        }
+        args = ["patch", "rsp", name, "-n", policy_namespace, "--subresource=status", "--type=merge"]
+        cluster.kubectl(*args, "-p", json.dumps(status))
+        table = cluster.kubectl("get", "rsp", name, "-n", policy_namespace, "--no-headers").stdout.split()
+        assert table[:7] == [name, "Audit", "True", "True", "3", "2", "7"]
+        assert name in cluster.kubectl("get", "beekeeper", "-n", policy_namespace).stdout
+        out = cluster.kubectl("explain", "runtimesecuritypolicy.spec.rules.exec").stdout
+        assert "pathPrefixes" in out and "hard link" not in out and "link to one is the same file" in out
+    finally:
+        delete(cluster, doc, policy_namespace)

@@ -137,7 +137,14 @@ def test_resource_names() -> None:
     assert names.BPF_NODE_STATE.short_names == ("bns",)
     assert names.NETWORK_IDENTITY_POLICY.namespaced
     assert not names.BPF_PROGRAM.namespaced and not names.BPF_NODE_STATE.namespaced
-    assert set(BY_KIND) == {"BpfProgram", "NetworkIdentityPolicy", "BpfNodeState", "NetworkIdentity", "BpfPolicySlice"}
+    assert set(BY_KIND) == {
+        "BpfProgram",
+        "NetworkIdentityPolicy",
+        "BpfNodeState",
+        "NetworkIdentity",
+        "BpfPolicySlice",
+        "RuntimeSecurityPolicy",
+    }
     assert all(r.names.kind == r.model_fields["kind"].default for r in RESOURCES)
 
 
