@@ -344,6 +344,15 @@ class KernelCapabilities(ApiModel):
     reasons: dict[str, str] | None = Field(
         None, description="Program type to why it is not supported, e.g. kprobes disabled in this kernel."
     )
+    xdp_multi_program: bool | None = Field(
+        None,
+        description="Whether one interface can run several XDP programs (libxdp's multi-program dispatcher, "
+        "which needs freplace extension programs); without it the second XDP program on an interface is "
+        "UnsupportedOnNode.",
+    )
+    xdp_multi_program_reason: str | None = Field(
+        None, max_length=1024, description="Why xdpMultiProgram is false: the kernel's answer to the probe."
+    )
 
 
 class ProgramPhase(StrEnum):

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
-from beekeeper.node_daemon import hooks
+from beekeeper.node_daemon import hooks, xdp_dispatcher
 from beekeeper.node_daemon.backend import (
     MESSAGE_LIMIT,
     AttachSpec,
@@ -100,6 +100,7 @@ class BccBackend(Backend):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._store = StateStore(state_dir, lock_timeout)
+        self._xdp_cache = Path(state_dir) / "xdp-dispatcher"
         self._env = Environment(tracefs=ensure_tracefs(), cgroup2=find_mount("cgroup2"))
         self._guard = BuildGuard(state_dir)
         self._workers = CompileWorkers(compile_limits or CompileLimits(), sandbox_paths(self._env.tracefs))
@@ -122,7 +123,7 @@ class BccBackend(Backend):
     def capabilities(self) -> NodeCapabilities:
         with self._lock:
             if self._caps is None:
-                self._caps = probe(self._env.tracefs, self._env.cgroup2)
+                self._caps = probe(self._env.tracefs, self._env.cgroup2, self._xdp_cache)
             return self._caps
 
     def adopted(self) -> dict[str, str]:
@@ -420,6 +421,8 @@ class BccBackend(Backend):
         """Create and pin a link; a replaced link is dropped only once the new one is live."""
         unit_dir = self._unit_dir(rec)
         pin = replacing.pin if replacing else f"{LINKS_DIR}/{safe_name(target.slot)}"
+        if target.kind == "xdp" and replacing is None:
+            self._check_xdp_free(target)
         anchor = self._tcx_anchor(rec, target) if target.kind == "tcx" else None
         with bpf.obj_get(str(unit_dir / prog.pin)) as prog_fd, anchor or nullcontext():
             link = hooks.attach(target, prog_fd.fd, anchor.fd if anchor else None)
@@ -450,6 +453,25 @@ class BccBackend(Backend):
             build.build_id,
             " replacing the old link" if replacing else "",
         )
+
+    def _check_xdp_free(self, target: Target) -> None:
+        """A second XDP program on an interface is UnsupportedOnNode, naming the holder, on a
+        node without multi-program XDP (the holder keeps running as it is)."""
+        ifindex = target.ident["ifindex"]
+        occupant = xdp_dispatcher.inspect(ifindex)
+        if occupant is None:
+            return
+        owner = next(
+            (
+                other.key
+                for other in self._units.values()
+                for link in other.links.values()
+                if link.kind == "xdp" and link.ident.get("ifindex") == ifindex
+            ),
+            None,
+        )
+        message = xdp_dispatcher.refusal(target.point, occupant, owner, self.capabilities().xdp_multi_program)
+        raise TargetError(Reason.UNSUPPORTED_ON_NODE, message)
 
     def _tcx_anchor(self, rec: UnitRecord, target: Target) -> bpf.OwnedFd | None:
         """The link of the lowest-priority-number beekeeper program that must run after target."""

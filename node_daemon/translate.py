@@ -123,4 +123,6 @@ def capabilities(caps: NodeCapabilities) -> dict[str, Any]:
         "reasons": {
             name: hook.reason for name, hook in sorted(caps.hooks.items()) if not hook.supported and hook.reason
         },
+        "xdpMultiProgram": caps.xdp_multi_program.supported,
+        "xdpMultiProgramReason": caps.xdp_multi_program.reason or None,
     }
