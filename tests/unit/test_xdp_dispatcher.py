@@ -123,6 +123,6 @@ def test_refusal_names_the_holder_and_the_kernels_answer() -> None:
         no,
     )
     assert (
-        "a libxdp dispatcher (id 13, 0 programs) holds it, and beekeeper cannot extend it: it is a libxdp dispatcher of version 2"
-        in old
+        "a libxdp dispatcher (id 13, 0 programs) holds it, and beekeeper cannot extend it: "
+        "it is a libxdp dispatcher of version 2" in old
     )
