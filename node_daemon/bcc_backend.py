@@ -385,7 +385,7 @@ class BccBackend(Backend):
                     target.spec.load_key,
                 )
                 log.info("unit %s: %s now runs build %s (atomic link update)", rec.key, target.point, build.build_id)
-            elif target.kind in hooks.EXCLUSIVE_KINDS:
+            elif target.kind in hooks.EXCLUSIVE_KINDS or existing.prog_id == prog.prog_id:
                 self._reattach_exclusive(rec, build, prog, target, existing)
             else:
                 self._attach(rec, build, prog, target, replacing=existing)
@@ -393,9 +393,11 @@ class BccBackend(Backend):
     def _reattach_exclusive(
         self, rec: UnitRecord, build: BuildRecord, prog: ProgramRecord, target: Target, existing: LinkRecord
     ) -> None:
-        """Change the attach options of a hook that holds one program (xdp generic -> native):
-        the old link must go first, so there is a short gap; if the new options do not work
-        on this node, the old attachment is restored and the error reported."""
+        """Change the attach options of a link whose successor cannot coexist with it: xdp
+        holds one program per interface (generic -> native), and a tcx hook holds a program
+        once (a new priority moves the same program): the old link must go first, so this
+        program has a short gap (the others on the hook have none); if the new options do
+        not work on this node, the old attachment is restored and the error reported."""
         self._drop_link(rec, target.slot)
         try:
             self._attach(rec, build, prog, target, replacing=None)
