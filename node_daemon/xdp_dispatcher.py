@@ -172,8 +172,13 @@ def dispatcher_source() -> bytes:
 
 
 def dispatcher_object(cache_dir: Path) -> Path:
-    """The compiled dispatcher (clang -target bpf, with BTF: freplace needs it), built once
-    per source content into cache_dir."""
+    """The compiled dispatcher (clang -target bpf, with BTF: freplace needs it): the one
+    shipped next to the source in beekeeper.bpf, else built once per source content into
+    cache_dir."""
+    for directory in beekeeper.bpf.__path__:
+        shipped = Path(directory) / "xdp_dispatcher.o"
+        if shipped.is_file():
+            return shipped
     source = dispatcher_source()
     out = cache_dir / f"xdp_dispatcher-{hashlib.sha256(source).hexdigest()[:12]}.o"
     if out.exists():
