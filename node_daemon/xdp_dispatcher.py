@@ -295,7 +295,10 @@ def probe(cache_dir: Path) -> HookSupport:
         prog = ext.program("xdp_pass")
         _set_type(prog, 28)  # BPF_PROG_TYPE_EXT
         _set_expected(prog, 0)
-        _check(_set_target(prog, dispatcher.fd, b"compat_test"), "set the freplace target")
+        try:  # libbpf reads the dispatcher's BTF by id: without CAP_SYS_ADMIN that is refused
+            _check(_set_target(prog, dispatcher.fd, b"compat_test"), "resolve the freplace target's BTF")
+        except bpf.BpfError as exc:
+            return HookSupport(False, f"the dispatcher cannot be targeted by freplace programs: {exc.strerror}")
         _set_log_buf(prog, log_buf, len(log_buf))
         try:
             ext.load("BPF_PROG_LOAD of a BPF_PROG_TYPE_EXT (freplace) program")
