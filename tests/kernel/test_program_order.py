@@ -251,3 +251,32 @@ def test_an_older_dispatcher_version_is_refused_with_the_reason(tmp_path, veth, 
     occupant = xdp_dispatcher.inspect(ifindex, str(tmp_path))
     assert occupant is not None and occupant.config is None
     assert occupant.incompatible.startswith("it is a libxdp dispatcher of version 2, older than the version 3")
+
+
+def xdp_verdict(prog_fd: int) -> int:
+    """The action an XDP program returns for one packet (BPF_PROG_TEST_RUN)."""
+    packet = ct.create_string_buffer(bytes(64), 64)
+    attr = ct.create_string_buffer(48)
+    struct.pack_into("<IIIIQQI", attr, 0, prog_fd, 0, 64, 0, ct.addressof(packet), 0, 1)
+    libc = ct.CDLL(None, use_errno=True)
+    libc.syscall.restype = ct.c_long
+    assert libc.syscall(321, 10, attr, 48) == 0, os.strerror(ct.get_errno())
+    return struct.unpack_from("<I", attr, 4)[0]
+
+
+@pytest.mark.parametrize(
+    ("enabled", "masks", "verdict"),
+    [
+        (0, (), xdp_dispatcher.XDP_PASS),  # no slot: pass
+        (3, (xdp_dispatcher.chain_mask([xdp_dispatcher.XDP_PASS]),) * 3, xdp_dispatcher.XDP_PASS),
+        # A slot that does not continue on the empty stub's return value ends the chain with it:
+        # proof that the verdict follows chain_call_actions slot by slot.
+        (2, (xdp_dispatcher.chain_mask([]), 1 << xdp_dispatcher.XDP_PASS), xdp_dispatcher.RETVAL),
+    ],
+)
+def test_the_dispatcher_follows_its_config(tmp_path, enabled: int, masks: tuple[int, ...], verdict: int) -> None:
+    image = xdp_dispatcher.dispatcher_object(tmp_path / "cache").read_bytes()
+    padded = masks + (0,) * (xdp_dispatcher.SLOTS - len(masks))
+    config = xdp_dispatcher.DispatcherConfig(num_progs_enabled=enabled, chain_call_actions=padded)
+    with xdp_dispatcher.load_dispatcher(image, config) as disp:
+        assert xdp_verdict(disp.fd) == verdict
