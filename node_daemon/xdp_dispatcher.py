@@ -162,24 +162,22 @@ def pin_dir(bpffs_root: str, ifindex: int, dispatcher_id: int) -> Path:
 # --- the dispatcher object -----------------------------------------------------------------
 
 
-def dispatcher_source() -> bytes:
+def _package_file(name: str) -> Path | None:
     # importlib.resources cannot read namespace packages installed in editable mode (3.11)
-    for directory in beekeeper.bpf.__path__:
-        path = Path(directory) / "xdp_dispatcher.c"
-        if path.is_file():
-            return path.read_bytes()
-    raise DispatcherError(f"xdp_dispatcher.c is missing from the beekeeper.bpf package {list(beekeeper.bpf.__path__)}")
+    return next((p for d in beekeeper.bpf.__path__ if (p := Path(d) / name).is_file()), None)
 
 
 def dispatcher_object(cache_dir: Path) -> Path:
     """The compiled dispatcher (clang -target bpf, with BTF: freplace needs it): the one
     shipped next to the source in beekeeper.bpf, else built once per source content into
     cache_dir."""
-    for directory in beekeeper.bpf.__path__:
-        shipped = Path(directory) / "xdp_dispatcher.o"
-        if shipped.is_file():
-            return shipped
-    source = dispatcher_source()
+    shipped = _package_file("xdp_dispatcher.o")
+    if shipped:
+        return shipped
+    source_path = _package_file("xdp_dispatcher.c")
+    if source_path is None:
+        raise DispatcherError(f"xdp_dispatcher.c is missing from the beekeeper.bpf package {beekeeper.bpf.__path__}")
+    source = source_path.read_bytes()
     out = cache_dir / f"xdp_dispatcher-{hashlib.sha256(source).hexdigest()[:12]}.o"
     if out.exists():
         return out
@@ -222,7 +220,6 @@ _set_target = _fn("bpf_program__set_attach_target", ct.c_int, _vp, ct.c_int, ct.
 _set_log_buf = _fn("bpf_program__set_log_buf", ct.c_int, _vp, ct.c_char_p, ct.c_size_t)
 _prog_fd = _fn("bpf_program__fd", ct.c_int, _vp)
 _attach_freplace = _fn("bpf_program__attach_freplace", _vp, _vp, ct.c_int, ct.c_char_p)
-_link_fd = _fn("bpf_link__fd", ct.c_int, _vp)
 _link_destroy = _fn("bpf_link__destroy", ct.c_int, _vp)
 _get_error = _fn("libbpf_get_error", ct.c_long, _vp)
 
