@@ -351,7 +351,7 @@ class KernelCapabilities(ApiModel):
         "UnsupportedOnNode.",
     )
     xdp_multi_program_reason: str | None = Field(
-        None, max_length=1024, description="Why xdpMultiProgram is false: the kernel's answer to the probe."
+        None, max_length=2048, description="Why xdpMultiProgram is false: the kernel's answer to the probe."
     )
 
 
