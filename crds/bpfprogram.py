@@ -38,6 +38,8 @@ MAX_INLINE_SOURCE = 256 * 1024
 MAX_GLOBAL_DATA = 64
 MAX_GLOBAL_VALUE = 4096
 """Bytes of one globalData value (base64 on the wire)."""
+XDP_DEFAULT_PRIORITY = 50
+"""Run priority of an XDP program that states none: libxdp's default, so programs of both interleave."""
 
 # --------------------------------------------------------------------------------------
 # Source
@@ -220,7 +222,7 @@ class CgroupSockAddrAttachType(StrEnum):
 # Which attach fields each program type requires and which it may use; everything else is
 # rejected so a misplaced field never silently does nothing. Keys are wire (camelCase) names.
 ATTACH_FIELDS: dict[ProgramType, tuple[frozenset[str], frozenset[str]]] = {
-    ProgramType.XDP: (frozenset({"interfaceSelector"}), frozenset({"xdpMode"})),
+    ProgramType.XDP: (frozenset({"interfaceSelector"}), frozenset({"xdpMode", "priority"})),
     ProgramType.TC: (frozenset({"interfaceSelector", "direction"}), frozenset({"priority"})),
     ProgramType.TRACEPOINT: (frozenset({"tracepoint"}), frozenset()),
     ProgramType.RAW_TRACEPOINT: (frozenset({"tracepoint"}), frozenset()),
@@ -363,7 +365,14 @@ class Program(ApiModel):
     xdp_mode: XdpMode | None = Field(
         None, description="xdp: native (driver, default) or generic (skb, works on any interface)."
     )
-    priority: int | None = Field(None, ge=1, le=1000, description="tc: filter priority, lower runs first (default 1).")
+    priority: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="tc, xdp: order among the programs of all BpfPrograms on one interface (and tc direction), "
+        "lower runs first; tc default 1, xdp default 50 (libxdp's default run priority). Several XDP programs "
+        "on one interface need a node whose status.capabilities.xdpMultiProgram is true.",
+    )
     tracepoint: str | None = Field(
         None,
         max_length=128,
@@ -422,7 +431,7 @@ class Program(ApiModel):
 
     @property
     def effective_priority(self) -> int:
-        return self.priority or 1
+        return self.priority or (XDP_DEFAULT_PRIORITY if self.type == ProgramType.XDP else 1)
 
 
 def attach_field_problems(program: Program) -> list[str]:

@@ -495,6 +495,15 @@ class KernelCapabilities(ApiModel):
         description="The hook RuntimeSecurityPolicy uses here: lsm (bprm_check_security, the exec fails with "
         "EPERM) or tracepoint (sched_process_exec + SIGKILL before the program's first instruction).",
     )
+    xdp_multi_program: bool | None = Field(
+        None,
+        description="Whether one interface can run several XDP programs (libxdp's multi-program dispatcher, "
+        "which needs freplace extension programs); without it the second XDP program on an interface is "
+        "UnsupportedOnNode.",
+    )
+    xdp_multi_program_reason: str | None = Field(
+        None, max_length=2048, description="Why xdpMultiProgram is false: the kernel's answer to the probe."
+    )
 
 
 class ProgramPhase(StrEnum):

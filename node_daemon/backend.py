@@ -120,7 +120,7 @@ class AttachSpec:
     xdp_mode: str = "native"
     """xdp: "native" (driver) or "generic" (skb; works on any interface, slower)."""
     priority: int = 0
-    """tc: among beekeeper's programs on one interface and direction, lower runs first."""
+    """tc, xdp: among beekeeper's programs on one interface (and tc direction), lower runs first."""
     tracepoint: str | None = None
     """tracepoint: "category:name" (e.g. "syscalls:sys_enter_openat"); raw_tracepoint: "name"."""
     binary: str | None = None
@@ -248,6 +248,8 @@ class NodeCapabilities:
     btf: bool
     hooks: Mapping[str, HookSupport] = field(default_factory=dict)
     """Per ProgramType value: can this node attach that type, and if not, why."""
+    xdp_multi_program: HookSupport = HookSupport(False, "not probed")
+    """Can one interface run several XDP programs (libxdp's dispatcher), and if not, why."""
 
     def support(self, program_type: str) -> HookSupport:
         return self.hooks.get(program_type, HookSupport(False, f"unknown program type {program_type!r}"))

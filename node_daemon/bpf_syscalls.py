@@ -381,3 +381,48 @@ def load_trivial_prog(prog_type: int, expected_attach_type: int = 0, attach_btf_
 def enable_run_time_stats() -> OwnedFd:
     """Turn on per-program run_cnt/run_time_ns accounting for as long as the fd stays open."""
     return OwnedFd(_check(_enable_stats(0), "enable BPF run-time stats"))  # BPF_STATS_RUN_TIME
+
+
+# --- objects by id (what another process attached) ---------------------------------------
+
+_prog_get_fd_by_id = _proto("bpf_prog_get_fd_by_id", ct.c_int, ct.c_uint32)
+_map_get_fd_by_id = _proto("bpf_map_get_fd_by_id", ct.c_int, ct.c_uint32)
+_xdp_query_id = _proto("bpf_xdp_query_id", ct.c_int, ct.c_int, ct.c_int, _u32p)
+
+BPF_F_RDONLY_PROG = 1 << 7
+
+
+def prog_by_id(prog_id: int) -> OwnedFd:
+    return OwnedFd(_check(_prog_get_fd_by_id(prog_id), f"open program id {prog_id}"))
+
+
+def map_by_id(map_id: int) -> OwnedFd:
+    return OwnedFd(_check(_map_get_fd_by_id(map_id), f"open map id {map_id}"))
+
+
+def prog_map_ids(fd: int, limit: int = 64) -> list[int]:
+    """Ids of the maps a program uses (struct bpf_prog_info nr_map_ids / map_ids)."""
+    ids = (ct.c_uint32 * limit)()
+    buf = ct.create_string_buffer(232)
+    struct.pack_into("<IQ", buf, 52, limit, ct.addressof(ids))
+    length = ct.c_uint32(232)
+    _check(_obj_get_info_by_fd(fd, buf, ct.byref(length)), "program info")
+    count = struct.unpack_from("<I", buf.raw, 52)[0]
+    return list(ids[: min(count, limit)])
+
+
+def map_flags(fd: int) -> int:
+    return struct.unpack_from("<I", _info(fd, 88, "map info"), 20)[0]
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes:
+    value = ct.create_string_buffer(value_size)
+    _check(_map_lookup_elem(fd, ct.create_string_buffer(key, len(key)), value), "map lookup")
+    return value.raw
+
+
+def xdp_attached_prog_id(ifindex: int) -> int:
+    """Id of the XDP program on an interface (any mode), 0 when there is none."""
+    prog_id = ct.c_uint32(0)
+    _check(_xdp_query_id(ifindex, 0, ct.byref(prog_id)), f"query XDP program of ifindex {ifindex}")
+    return prog_id.value

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
+from beekeeper.node_daemon import xdp_dispatcher
 from beekeeper.node_daemon.backend import HookSupport, NodeCapabilities, ProgramType
 from beekeeper.node_daemon.libbpf import kernel_function_btf_id
 
@@ -155,8 +156,20 @@ def _probe_pmu(name: str, tracefs: str | None) -> HookSupport:
     )
 
 
-def probe(tracefs: str | None, cgroup2: str | None) -> NodeCapabilities:
-    """Probe every hook beekeeper knows; cheap (a handful of tiny program loads)."""
+def _probe_xdp_multi_program(cache_dir: Path) -> HookSupport:
+    kernel = xdp_dispatcher.probe(cache_dir)
+    if not kernel.supported:
+        return kernel
+    return HookSupport(
+        False,
+        "the kernel takes freplace extension programs, but beekeeper cannot load its bcc-built programs as "
+        "extensions yet (bcc's loader takes no freplace target), so an interface runs one XDP program",
+    )
+
+
+def probe(tracefs: str | None, cgroup2: str | None, xdp_cache: Path | None = None) -> NodeCapabilities:
+    """Probe every hook beekeeper knows; cheap (a handful of tiny program loads). xdp_cache
+    holds the compiled XDP dispatcher the multi-program probe loads (no probe without it)."""
 
     def prog_type(ptype: int, label: str) -> HookSupport:
         if bpf.prog_type_supported(ptype):
@@ -198,7 +211,13 @@ def probe(tracefs: str | None, cgroup2: str | None) -> NodeCapabilities:
         kernel_release=os.uname().release,
         btf=os.path.exists("/sys/kernel/btf/vmlinux"),
         hooks={str(k): v for k, v in hooks.items()},
+        xdp_multi_program=_probe_xdp_multi_program(xdp_cache) if xdp_cache else HookSupport(False, "not probed"),
     )
     unsupported = {k: v.reason for k, v in caps.hooks.items() if not v.supported}
-    log.info("kernel %s capabilities probed; unsupported hooks: %s", caps.kernel_release, unsupported or "none")
+    log.info(
+        "kernel %s capabilities probed; unsupported hooks: %s; multi-program XDP: %s",
+        caps.kernel_release,
+        unsupported or "none",
+        "yes" if caps.xdp_multi_program.supported else caps.xdp_multi_program.reason,
+    )
     return caps

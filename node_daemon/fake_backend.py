@@ -5,8 +5,9 @@ build only when the content hash changes, program ids stable across re-applies a
 restarts, maps reset by a new build) without touching the kernel. Failures can be
 provoked from the outside: a `#error` line in the source is a CompileError at that line,
 a function the source does not define is FunctionNotFound, an interface the fake node
-does not have is InterfaceNotFound, and a hook marked unsupported in the capabilities is
-UnsupportedOnNode. State lives in a FakeKernel, so a second FakeBackend on the same
+does not have is InterfaceNotFound, a hook marked unsupported in the capabilities is
+UnsupportedOnNode, and so is the XDP program of a second unit on one interface unless the
+capabilities say the node runs several. State lives in a FakeKernel, so a second FakeBackend on the same
 FakeKernel behaves like a restarted daemon adopting its pins.
 """
 
@@ -41,13 +42,17 @@ _ERROR_DIRECTIVE = re.compile(r"^\s*#\s*error\b\s*(.*)$")
 _MAP_DECL = re.compile(r"\bBPF_(?!TABLE)[A-Z_]+\s*\(\s*(\w+)\s*[,)]")
 _TABLE_DECL = re.compile(r"\bBPF_TABLE(?:_PINNED)?\s*\(\s*\"\w+\"\s*,[^,]+,[^,]+,\s*(\w+)")
 _KPROBES_MISSING = HookSupport(False, "kernel built without kprobes (fake node)")
+_NO_MULTI_PROGRAM_XDP = HookSupport(False, "the kernel refuses freplace extension programs (fake node)")
 
 
 def default_capabilities() -> NodeCapabilities:
-    """Everything supported except kprobes, like the development machines."""
+    """Everything supported except kprobes and several XDP programs per interface, like the
+    development machines."""
     hooks = {t.value: HookSupport(True) for t in ProgramType}
     hooks[ProgramType.KPROBE] = hooks[ProgramType.KRETPROBE] = _KPROBES_MISSING
-    return NodeCapabilities(kernel_release="6.18.0-fake", btf=True, hooks=hooks)
+    return NodeCapabilities(
+        kernel_release="6.18.0-fake", btf=True, hooks=hooks, xdp_multi_program=_NO_MULTI_PROGRAM_XDP
+    )
 
 
 @dataclass
@@ -65,6 +70,8 @@ class FakeKernel:
     ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
     builds: int = 0
     """How many (fake) compiles happened; lets tests assert that nothing was reloaded."""
+    xdp_holders: dict[str, str] = field(default_factory=dict)
+    """Interface -> the unit whose XDP program it runs."""
     lock: threading.RLock = field(default_factory=threading.RLock)
 
 
@@ -96,11 +103,16 @@ class FakeBackend(Backend):
                 self.kernel.builds += 1
                 maps = {name: {} for name in _MAP_DECL.findall(source) + _TABLE_DECL.findall(source)}
                 state = self.kernel.units[unit.key] = _Unit(unit.content_hash, {}, maps)
+            self._release_xdp(unit.key)
             return [self._report(unit, spec, state, compile_error) for spec in unit.programs]
 
     def remove(self, key: str) -> None:
         with self.kernel.lock:
             self.kernel.units.pop(key, None)
+            self._release_xdp(key)
+
+    def _release_xdp(self, key: str) -> None:
+        self.kernel.xdp_holders = {n: holder for n, holder in self.kernel.xdp_holders.items() if holder != key}
 
     def read_map(self, key: str, map_name: str, key_layout: Layout | None = None) -> list[MapEntry]:
         with self.kernel.lock:
@@ -170,6 +182,16 @@ class FakeBackend(Backend):
         if not names:
             message = f"no interface on this node matches {spec.interface_pattern!r}"
             return ProgramReport(spec.name, spec.type, Phase.LOADED, ids, (), Reason.NO_MATCHING_INTERFACES, message)
+        if spec.type == ProgramType.XDP and not self._caps.xdp_multi_program.supported:
+            held = {n: h for n in names if (h := self.kernel.xdp_holders.setdefault(n, unit.key)) != unit.key}
+            if held:
+                message = "; ".join(
+                    f"{_point(spec, n)}: BpfProgram {h} already runs an XDP program there; a second XDP program "
+                    f"on one interface needs libxdp's multi-program dispatcher, which this node cannot run: "
+                    f"{self._caps.xdp_multi_program.reason}"
+                    for n, h in held.items()
+                )
+                return failed(Reason.UNSUPPORTED_ON_NODE, message, ids)
         return ProgramReport(spec.name, spec.type, Phase.ATTACHED, ids, tuple(_point(spec, n) for n in names))
 
 

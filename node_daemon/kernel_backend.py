@@ -32,7 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
-from beekeeper.node_daemon import hooks
+from beekeeper.node_daemon import hooks, xdp_dispatcher
 from beekeeper.node_daemon.backend import (
     MESSAGE_LIMIT,
     AttachSpec,
@@ -102,6 +102,7 @@ class KernelBackend(Backend):
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._store = StateStore(state_dir, lock_timeout)
+        self._xdp_cache = Path(state_dir) / "xdp-dispatcher"
         self._env = Environment(tracefs=ensure_tracefs(), cgroup2=find_mount("cgroup2"))
         self._guard = BuildGuard(state_dir)
         self._workers = CompileWorkers(compile_limits or CompileLimits(), sandbox_paths(self._env.tracefs))
@@ -124,7 +125,7 @@ class KernelBackend(Backend):
     def capabilities(self) -> NodeCapabilities:
         with self._lock:
             if self._caps is None:
-                self._caps = probe(self._env.tracefs, self._env.cgroup2)
+                self._caps = probe(self._env.tracefs, self._env.cgroup2, self._xdp_cache)
             return self._caps
 
     def adopted(self) -> dict[str, str]:
@@ -389,7 +390,7 @@ class KernelBackend(Backend):
                     target.spec.load_key,
                 )
                 log.info("unit %s: %s now runs build %s (atomic link update)", rec.key, target.point, build.build_id)
-            elif target.kind in hooks.EXCLUSIVE_KINDS:
+            elif target.kind in hooks.EXCLUSIVE_KINDS or existing.prog_id == prog.prog_id:
                 self._reattach_exclusive(rec, build, prog, target, existing)
             else:
                 self._attach(rec, build, prog, target, replacing=existing)
@@ -397,9 +398,11 @@ class KernelBackend(Backend):
     def _reattach_exclusive(
         self, rec: UnitRecord, build: BuildRecord, prog: ProgramRecord, target: Target, existing: LinkRecord
     ) -> None:
-        """Change the attach options of a hook that holds one program (xdp generic -> native):
-        the old link must go first, so there is a short gap; if the new options do not work
-        on this node, the old attachment is restored and the error reported."""
+        """Change the attach options of a link whose successor cannot coexist with it: xdp
+        holds one program per interface (generic -> native), and a tcx hook holds a program
+        once (a new priority moves the same program): the old link must go first, so this
+        program has a short gap (the others on the hook have none); if the new options do
+        not work on this node, the old attachment is restored and the error reported."""
         self._drop_link(rec, target.slot)
         try:
             self._attach(rec, build, prog, target, replacing=None)
@@ -425,6 +428,8 @@ class KernelBackend(Backend):
         """Create and pin a link; a replaced link is dropped only once the new one is live."""
         unit_dir = self._unit_dir(rec)
         pin = replacing.pin if replacing else f"{LINKS_DIR}/{safe_name(target.slot)}"
+        if target.kind == "xdp" and replacing is None:
+            self._check_xdp_free(target)
         anchor = self._tcx_anchor(rec, target) if target.kind == "tcx" else None
         with bpf.obj_get(str(unit_dir / prog.pin)) as prog_fd, anchor or nullcontext():
             link = hooks.attach(target, prog_fd.fd, anchor.fd if anchor else None)
@@ -455,6 +460,25 @@ class KernelBackend(Backend):
             build.build_id,
             " replacing the old link" if replacing else "",
         )
+
+    def _check_xdp_free(self, target: Target) -> None:
+        """A second XDP program on an interface is UnsupportedOnNode, naming the holder, on a
+        node without multi-program XDP (the holder keeps running as it is)."""
+        ifindex = target.ident["ifindex"]
+        occupant = xdp_dispatcher.inspect(ifindex)
+        if occupant is None:
+            return
+        owner = next(
+            (
+                other.key
+                for other in self._units.values()
+                for link in other.links.values()
+                if link.kind == "xdp" and link.ident.get("ifindex") == ifindex
+            ),
+            None,
+        )
+        message = xdp_dispatcher.refusal(target.point, occupant, owner, self.capabilities().xdp_multi_program)
+        raise TargetError(Reason.UNSUPPORTED_ON_NODE, message)
 
     def _tcx_anchor(self, rec: UnitRecord, target: Target) -> bpf.OwnedFd | None:
         """The link of the lowest-priority-number beekeeper program that must run after target."""

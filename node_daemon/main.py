@@ -113,6 +113,8 @@ def image_cache_dir(backend_kind: str, state_dir: Path | None) -> Path:
     from beekeeper.node_daemon.kernel_backend import DEFAULT_STATE_DIR
 
     return Path(DEFAULT_STATE_DIR) / "images"
+
+
 def _runtime(kind: str, node_name: str, bpffs_root: Path | None) -> RuntimeAgent | None:
     """The runtime-security agent (kernel backend only); a pinned hook is adopted at once, so a
     restarted daemon never leaves a gap while it waits for its spec."""

@@ -9,6 +9,7 @@ from typing import Any
 from beekeeper.crds.bpfprogram import KeyKind, Metric, Program
 from beekeeper.crds.nodestate import NodeProgram
 from beekeeper.node_daemon.backend import (
+    MESSAGE_LIMIT,
     AttachSpec,
     Field,
     Layout,
@@ -17,6 +18,7 @@ from beekeeper.node_daemon.backend import (
     ProgramReport,
     ProgramUnit,
 )
+from beekeeper.node_daemon.compile_errors import bound_head
 
 # Metric key kinds of the API onto map_codec layouts. `int` keys are unsigned: map keys
 # in bcc programs are u32/u64 ids, and a negative label value would only confuse.
@@ -128,11 +130,15 @@ def pending_statuses(entry: NodeProgram, phase: Phase, previous: Mapping[tuple[s
 
 def capabilities(caps: NodeCapabilities) -> dict[str, Any]:
     """BpfNodeState.status.capabilities from the backend's probe."""
-    return {
+    out = {
         "kernelVersion": caps.kernel_release,
         "btf": caps.btf,
         "programTypes": {name: hook.supported for name, hook in sorted(caps.hooks.items())},
         "reasons": {
             name: hook.reason for name, hook in sorted(caps.hooks.items()) if not hook.supported and hook.reason
         },
+        "xdpMultiProgram": caps.xdp_multi_program.supported,
     }
+    if caps.xdp_multi_program.reason:
+        out["xdpMultiProgramReason"] = bound_head(caps.xdp_multi_program.reason, MESSAGE_LIMIT)
+    return out

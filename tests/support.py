@@ -43,6 +43,25 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: fl
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
+_prog_query = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_prog_query
+_prog_query.argtypes = (
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_uint32,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+    ctypes.POINTER(ctypes.c_uint32),
+)
+_prog_query.restype = ctypes.c_int
+
+
+def tcx_chain(ifindex: int, attach_type: int) -> list[int]:
+    """Program ids on a tcx hook, in the order they run."""
+    ids, count = (ctypes.c_uint32 * 16)(), ctypes.c_uint32(16)
+    assert _prog_query(ifindex, attach_type, 0, None, ids, ctypes.byref(count)) == 0
+    return list(ids[: count.value])
+
+
 def node_bpfprogram(name: str, node: str, source: str, programs: list[dict[str, Any]]) -> dict[str, Any]:
     """A BpfProgram for one node (selected by its hostname label) with inline source."""
     from beekeeper.crds.names import GROUP, VERSION

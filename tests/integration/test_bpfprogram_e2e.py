@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import time
 import urllib.request
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from support import VethNamespace, check_exposition, wait_for
+from support import VethNamespace, check_exposition, tcx_chain, wait_for
 
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.node_daemon.bpf_syscalls import ATTACH_TCX_INGRESS
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
@@ -477,3 +479,72 @@ def test_source_update_converges_and_reports_new_hash(api: Api, node_daemons, pr
     status = api.ready(name, "1/1")
     assert status["observedGeneration"] == api.program(name)["metadata"]["generation"]
     assert api.node_reports(daemon.node, name)[0]["programIds"] != old["programIds"]
+
+
+TC_PASS_COUNTER = """
+#include <uapi/linux/pkt_cls.h>
+BPF_ARRAY(packets, u64, 1);
+int count_tc(struct __sk_buff *skb) {
+    int zero = 0;
+    u64 *value = packets.lookup(&zero);
+    if (value)
+        __sync_fetch_and_add(value, 1);
+    return TC_ACT_UNSPEC;
+}
+"""
+
+
+def test_two_bpfprograms_on_one_interface(api: Api, node_daemons, programs) -> None:
+    """tc: both Ready, chained in priority order. xdp: both Ready where the node runs
+    libxdp's multi-program dispatcher; elsewhere the second says why, the first runs."""
+    daemon = node_daemons()
+    selector = {"matchLabels": {"kubernetes.io/hostname": daemon.node}}
+    tag = uid()
+    ns = VethNamespace(f"bk-e2e-{tag}", f"bko{tag}", "10.213.8.2", "10.213.8.1").create()
+    try:
+        tc = {name: f"tc-{prio}-{tag}" for name, prio in (("late", 20), ("early", 10))}
+        for prio, key in ((20, "late"), (10, "early")):
+            programs.append(tc[key])
+            program = {
+                "name": "count_tc",
+                "type": "tc",
+                "direction": "ingress",
+                "priority": prio,
+                "interfaceSelector": {"interfaces": [ns.host_if]},
+            }
+            api.apply(bpfprogram(tc[key], TC_PASS_COUNTER, [program], selector))
+            api.ready(tc[key], "1/1")
+        ids = {key: api.node_reports(daemon.node, name)[0]["programIds"][0] for key, name in tc.items()}
+        chain = tcx_chain(socket.if_nametoindex(ns.host_if), ATTACH_TCX_INGRESS)
+        assert chain == [ids["early"], ids["late"]], "the lower priority runs first, across BpfPrograms"
+
+        xdp = [f"xdp-a-{tag}", f"xdp-b-{tag}"]
+        for prio, name in zip((60, 10), xdp, strict=True):
+            programs.append(name)
+            program = {
+                "name": "count_packets",
+                "type": "xdp",
+                "xdpMode": "generic",
+                "priority": prio,
+                "interfaceSelector": {"interfaces": [ns.host_if]},
+            }
+            api.apply(bpfprogram(name, XDP_COUNTER, [program], selector))
+        api.ready(xdp[0], "1/1")
+        caps = wait_for(lambda: (api.nodestate(daemon.node) or {}).get("status", {}).get("capabilities"), 30, "caps")
+        if caps["xdpMultiProgram"]:
+            api.ready(xdp[1], "1/1")
+            return
+        assert "freplace" in caps["xdpMultiProgramReason"], caps
+
+        def degraded() -> dict | None:
+            status = api.program(xdp[1]).get("status") or {}
+            return status if status.get("phase") == "Degraded" and status.get("failingNodes") else None
+
+        failing = wait_for(degraded, 90, f"{xdp[1]} Degraded")["failingNodes"][0]
+        assert failing["reason"] == "UnsupportedOnNode", failing
+        assert f"BpfProgram {xdp[0]} already runs XDP program count_packets" in failing["message"]
+        assert failing["message"].endswith(caps["xdpMultiProgramReason"])
+        (first,) = api.node_reports(daemon.node, xdp[0])
+        assert first["phase"] == "Attached", first
+    finally:
+        ns.delete()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import pinned_ids, sockets_in, wait_for
+from support import pinned_ids, sockets_in, tcx_chain, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -495,18 +495,6 @@ dp = PolicyDatapath(Path(sys.argv[1]))
 a = dp.attach(sys.argv[2])
 print(json.dumps({"links": a.link_ids, "progs": a.prog_ids}))
 """
-
-
-_prog_query = _libbpf.bpf_prog_query
-_prog_query.argtypes = (ct.c_int, ct.c_int, ct.c_uint32, ct.c_void_p, ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32))
-_prog_query.restype = ct.c_int
-
-
-def tcx_chain(ifindex: int, attach_type: int) -> list[int]:
-    """Program ids on a tcx hook, in the order they run."""
-    ids, count = (ct.c_uint32 * 16)(), ct.c_uint32(16)
-    assert _prog_query(ifindex, attach_type, 0, None, ids, ct.byref(count)) == 0
-    return list(ids[: count.value])
 
 
 def test_attachments_survive_the_process_and_are_adopted(

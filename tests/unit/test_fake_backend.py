@@ -93,3 +93,23 @@ def test_maps_are_declared_by_the_source_and_settable():
         backend.read_map("demo", "nope")
     with pytest.raises(UnitNotFound):
         backend.read_map("other", "counts")
+
+
+def test_a_second_units_xdp_program_on_an_interface_is_unsupported_on_node():
+    backend = FakeBackend()
+
+    def xdp(key: str) -> ProgramUnit:
+        return ProgramUnit(
+            key,
+            "int count(struct xdp_md *ctx) { return 2; }",
+            programs=[AttachSpec("count", "xdp", interfaces=["eth0"])],
+        )
+
+    (first,) = backend.apply(xdp("first"))
+    (second,) = backend.apply(xdp("second"))
+    assert first.phase == Phase.ATTACHED
+    assert (second.phase, second.reason) == (Phase.FAILED, Reason.UNSUPPORTED_ON_NODE)
+    assert second.message.startswith("xdp/native:eth0: BpfProgram first already runs an XDP program there;")
+    assert backend.apply(xdp("first")) == [first], "the holder keeps the interface across re-applies"
+    backend.remove("first")
+    assert backend.apply(xdp("second"))[0].phase == Phase.ATTACHED

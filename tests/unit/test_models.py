@@ -15,6 +15,7 @@ from beekeeper.crds import names
 from beekeeper.crds.bpfprogram import (
     ATTACH_FIELD_NAMES,
     ATTACH_FIELDS,
+    XDP_DEFAULT_PRIORITY,
     BpfProgram,
     BpfProgramSpec,
     Metric,
@@ -280,6 +281,8 @@ def test_program_effective_defaults() -> None:
     assert "xdpMode" not in xdp.to_dict(), "no server-side default: it would be forbidden on other types"
     tc = Program.model_validate(program(ProgramType.TC))
     assert tc.effective_priority == 1
+    assert xdp.effective_priority == XDP_DEFAULT_PRIORITY == 50, "libxdp's default run priority"
+    assert Program.model_validate(program(ProgramType.XDP, priority=7)).effective_priority == 7
 
 
 @pytest.mark.parametrize(
