@@ -21,7 +21,7 @@ from support import XDP_COUNT_UDP, tcx_chain
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import xdp_dispatcher
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit, Reason
-from beekeeper.node_daemon.bcc_backend import BccBackend
+from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 pytestmark = pytest.mark.kernel
 
@@ -54,9 +54,9 @@ int mark_or_count(struct __sk_buff *skb) {
 
 
 @contextmanager
-def daemon(bpffs_dir: Path, state: Path) -> Iterator[BccBackend]:
+def daemon(bpffs_dir: Path, state: Path) -> Iterator[KernelBackend]:
     """One node daemon's backend; leaving the block is its process ending (pins stay)."""
-    backend = BccBackend(str(bpffs_dir), str(state))
+    backend = KernelBackend(str(bpffs_dir), str(state))
     try:
         yield backend
     finally:
@@ -78,12 +78,12 @@ def tc_unit(key: str, interface: str, priority: int) -> ProgramUnit:
     return ProgramUnit(key, TC_MARK_OR_COUNT, cflags=[f"-DPORT={PORT}"], programs=[spec])
 
 
-def seen(backend: BccBackend, key: str) -> tuple[int, int]:
+def seen(backend: KernelBackend, key: str) -> tuple[int, int]:
     entries = sorted(backend.read_map(key, "seen"), key=lambda e: e.key)
     return entries[0].values[0], entries[1].values[0]
 
 
-def chain_of(backend: BccBackend, ifindex: int, *keys: str) -> list[str]:
+def chain_of(backend: KernelBackend, ifindex: int, *keys: str) -> list[str]:
     """The units on the tcx ingress chain, in run order (by their program ids)."""
     owner = {s.program_id: key for key in keys for s in backend.program_stats(key)}
     return [owner.get(pid, f"foreign:{pid}") for pid in tcx_chain(ifindex, bpf.ATTACH_TCX_INGRESS)]
@@ -151,7 +151,7 @@ def xdp_unit(key: str, interface: str, priority: int | None = None) -> ProgramUn
     return ProgramUnit(key, XDP_COUNT_UDP, cflags=[f"-DPORT={PORT}"], programs=[spec])
 
 
-def packets(backend: BccBackend, key: str) -> int:
+def packets(backend: KernelBackend, key: str) -> int:
     (entry,) = backend.read_map(key, "packets")
     return entry.values[0]
 
