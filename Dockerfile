@@ -14,7 +14,7 @@ RUN apt-get update \
 WORKDIR /src
 # `wheel[s]` matches nothing when there is no wheels/ directory; constraints.txt always exists.
 COPY constraints.txt wheel[s] /wheels/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY beekeeper beekeeper
 COPY operator operator
 COPY node_daemon node_daemon

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
-from prometheus_client import CollectorRegistry
 
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL
@@ -37,11 +36,13 @@ from beekeeper.node_daemon.access import ApiAccess
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.compile_limits import CompileLimits
+from beekeeper.node_daemon.daemon_metrics import DaemonMetrics
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.list_watch import list_watch
-from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.metrics import SERIES_BUDGET, BpfCollector
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
+from beekeeper.process_metrics import component_registry
 
 if TYPE_CHECKING:  # imported by the bcc backend only: the policy datapath loads bcc
     from beekeeper.node_daemon.policy_agent import PolicyAgent
@@ -109,6 +110,7 @@ def run(
     tls_cert_file: str | None = None,
     tls_key_file: str | None = None,
     client_ca_file: str | None = None,
+    metrics_series_budget: int = SERIES_BUDGET,
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
 
@@ -120,10 +122,11 @@ def run(
     if client_ca_file and not tls_cert_file:
         raise RuntimeError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
     tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
-    api = kube.api_client(kubeconfig)
+    api = kube.api_client(kubeconfig, manager=kube.NODE_DAEMON_MANAGER)
     drop_log = DropLog()
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
-    collector = BpfCollector(backend, node_name)
+    collector = BpfCollector(backend, node_name, metrics_series_budget)
+    registry = component_registry("node-daemon")
     slices = SliceStore()
     agent = NodeAgent(
         node_name,
@@ -133,9 +136,9 @@ def run(
         policy,
         policy_disabled=f"policy datapath disabled ({backend_kind} backend)",
         policy_slices=slices.snapshot,
+        metrics=DaemonMetrics(registry),
     )
     if metrics_port:
-        registry = CollectorRegistry()
         registry.register(collector)
         if policy is not None:
             from beekeeper.node_daemon.policy_metrics import PolicyCollector

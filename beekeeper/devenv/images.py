@@ -81,7 +81,7 @@ _SLIM_PATHS = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lo
 _BASE_RECIPE = "\n".join(["debootstrap --variant=minbase", SUITE, MIRROR, _DPKG_EXCLUDES, _APT_CLEAN, _SOURCES, "v1"])
 
 # The Dockerfile's build context: exactly what its COPY lines name (plus the host-built wheels).
-CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "constraints.txt")
+CONTEXT_FILES = ("Dockerfile", "pyproject.toml", "README.md", "LICENSE", "constraints.txt")
 CONTEXT_DIRS = ("beekeeper", "operator", "node_daemon", "crds", "bpf")
 
 Progress = Callable[[str], None]
