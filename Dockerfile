@@ -18,7 +18,7 @@ RUN apt-get update \
 WORKDIR /src
 # `wheel[s]` matches nothing when there is no wheels/ directory; constraints.txt always exists.
 COPY constraints.txt wheel[s] /wheels/
-COPY pyproject.toml setup.py MANIFEST.in README.md ./
+COPY pyproject.toml setup.py MANIFEST.in README.md LICENSE ./
 COPY scripts/build_bpf.py scripts/
 COPY beekeeper beekeeper
 COPY operator operator

@@ -10,8 +10,7 @@ install:
 
 demo: install
 	$(BK) dev up
-	$(KUBECTL) apply -f examples/
-	$(KUBECTL) wait --for=condition=Ready bpfprograms --all --timeout=300s
+	$(BK) dev apply -f examples/ --timeout 300
 	@echo "--- busiest processes by system calls (live, from the node daemon's /metrics) ---"
 	@sleep 3; $(BK) dev metrics --grep '^syscalls_total' --top 8
 	$(KUBECTL) get nodes

@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import json
 import os
+import platform
+import signal
 import socket
 import ssl
 import sys
@@ -45,6 +47,7 @@ def _dev(args: argparse.Namespace) -> int:
         case "build":
             print(build.ensure_built(_progress))
             print(build.ensure_node_built(_progress))
+            print(build.ensure_promlint(_progress))
         case "cluster":
             return _dev_cluster(args)
         case "build-promtool":
@@ -65,6 +68,11 @@ def _dev(args: argparse.Namespace) -> int:
 
             tools = ensure_chart_tools(_progress)
             print(f"helm {tools.helm}\nkubeconform {tools.kubeconform}")
+        case "apply":
+            from beekeeper.devenv.apply_wait import apply_and_wait
+
+            kubectl = build.ensure_built(_progress).kubectl
+            apply_and_wait(kubectl, env.control_plane.kubeconfig, args.filename, args.timeout, _progress)
         case "kubectl":
             bins = build.ensure_built(_progress)
             argv = args.args[1:] if args.args[:1] == ["--"] else args.args
@@ -139,6 +147,7 @@ def _node_daemon(args: argparse.Namespace) -> int:
         tls_key_file=args.tls_private_key_file,
         client_ca_file=args.client_ca_file,
         registry_ca_file=args.registry_ca_file,
+        **({"metrics_series_budget": args.metrics_series_budget} if args.metrics_series_budget else {}),
     )
     return 0
 
@@ -310,7 +319,12 @@ def format_drops(answers: list[dict[str, Any]], query: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from beekeeper.version import version
+
     root = argparse.ArgumentParser(prog="beekeeper", description="Run eBPF programs on Kubernetes, declaratively.")
+    root.add_argument(
+        "--version", action="version", version=f"beekeeper {version()} (Python {platform.python_version()})"
+    )
     root.add_argument("--log-level", default=None, help="debug, info, warning, error (env BEEKEEPER_LOG_LEVEL)")
     root.add_argument("--log-format", choices=["logfmt", "json"], default=None, help="env BEEKEEPER_LOG_FORMAT")
     sub = root.add_subparsers(dest="command", required=True)
@@ -325,7 +339,9 @@ def parser() -> argparse.ArgumentParser:
     metrics.add_argument("--grep", default=None, help="only series matching this regular expression, largest first")
     metrics.add_argument("--top", type=int, default=None, help="at most this many series")
     dev_sub.add_parser(
-        "build", help="build and cache the control plane (and kubelet, kube-scheduler, kube-proxy) from source"
+        "build",
+        help="build and cache the control plane (and kubelet, kube-scheduler, kube-proxy, the promlint checker) "
+        "from source",
     )
     cluster = dev_sub.add_parser(
         "cluster", help="a real one-node cluster on this machine: containerd, kubelet, kube-proxy, scheduler"
@@ -351,6 +367,11 @@ def parser() -> argparse.ArgumentParser:
         "build", help="build (or find cached) the base and the project image; prints their OCI archives"
     )
     dev_sub.add_parser("chart-tools", help="build and cache helm and kubeconform (lint and validate the chart)")
+    apply = dev_sub.add_parser(
+        "apply", help="kubectl apply manifests, then wait until those objects are Ready (fail fast if one cannot be)"
+    )
+    apply.add_argument("-f", "--filename", action="append", required=True, help="file or directory (repeatable)")
+    apply.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for Ready (default 300)")
     kubectl = dev_sub.add_parser("kubectl", help="run the pinned kubectl against the dev control plane")
     kubectl.add_argument("args", nargs=argparse.REMAINDER)
     dev.set_defaults(func=_dev)
@@ -406,6 +427,13 @@ def parser() -> argparse.ArgumentParser:
         help="port of /metrics and /drops (both need a caller the API authorizes); 0 disables",
     )
     nd.add_argument("--metrics-address", default="0.0.0.0", help="address /metrics listens on")
+    nd.add_argument(
+        "--metrics-series-budget",
+        type=int,
+        default=None,
+        help="series one BpfProgram's maps may export on this node (default 2000); beyond it the largest values "
+        "are exported and the program is Degraded (MetricsNotExported)",
+    )
     nd.add_argument("--tls-cert-file", default=None, help="serving certificate (PEM): the port speaks TLS")
     nd.add_argument("--tls-private-key-file", default=None, help="key of --tls-cert-file (PEM)")
     nd.add_argument(
@@ -503,9 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that went away is caught, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except (RuntimeError, TimeoutError) as exc:
         _progress(f"beekeeper: error: {exc}")
         return 1
@@ -513,6 +545,17 @@ def main(argv: list[str] | None = None) -> int:
         refused = f"the Kubernetes API refused a request ({exc.status} {exc.reason})"
         _progress(f"beekeeper: error: {refused}: {kube.api_message(exc)}")
         return 1
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`beekeeper dev status | head`): stop quietly, as a command killed by SIGPIPE would.
+
+    stdout is pointed at /dev/null first, or the interpreter's final flush raises again at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

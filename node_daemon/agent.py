@@ -10,6 +10,7 @@ enforced, so nobody mistakes such a node for one that filters traffic.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +18,13 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
+from beekeeper import kube
 from beekeeper.crds.common import Condition, now, set_condition, timestamp
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, GROUP, VERSION
-from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram, RuntimeSecurityStatus
+from beekeeper.crds.names import BPF_NODE_STATE, BPF_NODE_STATE_PLURAL, GROUP, VERSION
+from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeProgram
 from beekeeper.node_daemon import bytecode_image, translate
 from beekeeper.node_daemon.backend import Backend, Phase, ProgramReport
+from beekeeper.node_daemon.daemon_metrics import DaemonMetrics
 from beekeeper.node_daemon.image_puller import ImagePuller, PullFailed
 from beekeeper.node_daemon.metrics import BpfCollector
 
@@ -32,8 +35,6 @@ if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake ba
 log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
-POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
-RUNTIME_STATUS_KEYS = [field.alias for field in RuntimeSecurityStatus.model_fields.values()]
 
 
 def _add_warnings(statuses: list[dict[str, Any]], warnings: Mapping[str, list[str]]) -> None:
@@ -58,8 +59,10 @@ class NodeAgent:
         policy_slices: Callable[[], Mapping[str, Mapping[str, Any]]] = dict,
         images: ImagePuller | None = None,
         runtime: RuntimeAgent | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.node = node
+        self.metrics = metrics or DaemonMetrics()
         self.backend = backend
         self.custom = client.CustomObjectsApi(api)
         self.collector = collector
@@ -87,6 +90,10 @@ class NodeAgent:
         generation = obj["metadata"].get("generation")
         if not resync and generation == self._generation:
             return
+        with self.metrics.sync("full"):
+            self._reconcile(obj, generation)
+
+    def _reconcile(self, obj: Mapping[str, Any], generation: int | None) -> None:
         self._generation = generation
         spec = obj.get("spec") or {}
         old_status = obj.get("status") or {}
@@ -119,8 +126,12 @@ class NodeAgent:
             previous = {(p["bpfProgram"], p["name"]): p for p in (self._written or {}).get("programs") or []}
 
         statuses: list[dict[str, Any]] = []
+        rebuilt = {e.bpf_program for e in changed}
         for entry in entries:
+            started = time.monotonic()
             reports = self._apply(entry)
+            if entry.bpf_program in rebuilt:
+                self.metrics.built(reports, time.monotonic() - started)
             self._applied[entry.bpf_program] = entry.content_hash
             statuses += translate.program_statuses(entry, reports, previous, timestamp())
         desired = {e.bpf_program for e in entries}
@@ -168,9 +179,10 @@ class NodeAgent:
             return
         previous = (self._written or {}).get("networkPolicy")
         try:
-            self._policy_status = self.policy.reconcile(
-                spec.get("networkPolicy"), generation, previous, self.policy_slices()
-            )
+            with self.metrics.sync("policy"):
+                self._policy_status = self.policy.reconcile(
+                    spec.get("networkPolicy"), generation, previous, self.policy_slices()
+                )
         except Exception as exc:  # keep reporting the programs; the next event or resync retries
             log.exception("policy reconcile failed", extra={"node": self.node})
             self._policy_status = {**(previous or {}), "enforcing": False, "message": f"internal error: {exc}"[:2048]}
@@ -308,26 +320,26 @@ class NodeAgent:
             "programs": programs,
             "attached": f"{ok}/{total}",
         }
-        if policy is not None or "networkPolicy" in (self._written or {}):
-            status["networkPolicy"] = policy  # None clears a stale report (merge patch)
+        if policy is not None:
+            status["networkPolicy"] = policy
         runtime = self._runtime_status
-        if runtime is not None or "runtimeSecurity" in (self._written or {}):
+        if runtime is not None:
             status["runtimeSecurity"] = runtime
+        self.metrics.set_programs(programs)
         if status == self._written:
             return
-        body = dict(status)
-        if policy is not None:  # a merge patch keeps keys it does not mention: clear dropped ones explicitly
-            body["networkPolicy"] = {**dict.fromkeys(POLICY_STATUS_KEYS), **policy}
-        if runtime is not None:
-            body["runtimeSecurity"] = {**dict.fromkeys(RUNTIME_STATUS_KEYS), **runtime}
+        # Server-side apply: what this daemon left out (a dropped report, a cleared message) goes away.
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": BPF_NODE_STATE.kind, "metadata": {"name": self.node}}
         try:
-            self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, BPF_NODE_STATE_PLURAL, self.node, {"status": body}
+            kube.apply_custom(
+                self.custom, BPF_NODE_STATE_PLURAL, {**body, "status": status}, kube.NODE_DAEMON_MANAGER, status=True
             )
             self._written = status
+            self.metrics.status_writes.labels("ok").inc()
             log.info(
                 "status written",
                 extra={"node": self.node, "attached": status["attached"], "failed": len(failed), "interim": interim},
             )
         except ApiException as exc:
+            self.metrics.status_writes.labels(str(exc.status)).inc()
             log.warning("status write failed", extra={"node": self.node, "status": exc.status, "reason": exc.reason})

@@ -263,6 +263,8 @@ class MapEntry:
     """The value as integers (u64 words, or u32 words when the size is not a multiple of 8),
     summed over CPUs for per-CPU maps."""
     raw_key: bytes
+    array_slot: bool = False
+    """A slot of an array map: it exists whether or not a program stored anything (metrics skip zero ones)."""
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ LINK_TYPE_TCX = 11
 
 # enum bpf_map_type values whose lookups return one value slot per possible CPU
 PERCPU_MAP_TYPES = frozenset({5, 6, 10, 21})  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
+ARRAY_MAP_TYPES = frozenset({2, 6})  # ARRAY, PERCPU_ARRAY: every slot always exists
 
 # link / attach flags
 XDP_FLAGS_SKB_MODE = 1 << 1

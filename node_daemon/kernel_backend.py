@@ -162,8 +162,9 @@ class KernelBackend(Backend):
             cpus = bpf.possible_cpus() if info.type in bpf.PERCPU_MAP_TYPES else 0
             value_size = -(-info.value_size // 8) * 8 * cpus if cpus else info.value_size
             layout = key_layout or default_layout(info.key_size)
+            array = info.type in bpf.ARRAY_MAP_TYPES
             return [
-                MapEntry(layout.decode(k), value_ints(v, info.value_size, cpus), k)
+                MapEntry(layout.decode(k), value_ints(v, info.value_size, cpus), k, array)
                 for k, v in bpf.map_items(fd.fd, info.key_size, value_size)
             ]
 

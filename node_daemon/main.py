@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubernetes import client
-from prometheus_client import CollectorRegistry
 
 from beekeeper import kube
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL
@@ -39,15 +38,17 @@ from beekeeper.node_daemon.access import ApiAccess
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.backend import Backend
 from beekeeper.node_daemon.compile_limits import CompileLimits
+from beekeeper.node_daemon.daemon_metrics import DaemonMetrics
 from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.image_puller import ImagePuller
 from beekeeper.node_daemon.list_watch import list_watch
-from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.metrics import SERIES_BUDGET, BpfCollector
 from beekeeper.node_daemon.object_cache import ObjectCache
 from beekeeper.node_daemon.oci_client import RegistryClient
 from beekeeper.node_daemon.policy_slices import SliceStore, watch_slices
 from beekeeper.node_daemon.routes import RouteWatcher
 from beekeeper.node_daemon.runtime_events import FLUSH_SECONDS, ExecEventLog, PodEventPoster
+from beekeeper.process_metrics import component_registry
 
 if TYPE_CHECKING:  # imported with the kernel backend only (the fake backend has no policy datapath)
     from beekeeper.node_daemon.policy_agent import PolicyAgent
@@ -163,6 +164,7 @@ def run(
     tls_key_file: str | None = None,
     client_ca_file: str | None = None,
     registry_ca_file: str | None = None,
+    metrics_series_budget: int = SERIES_BUDGET,
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
 
@@ -174,10 +176,11 @@ def run(
     if client_ca_file and not tls_cert_file:
         raise RuntimeError("--client-ca-file needs TLS: give --tls-cert-file and --tls-private-key-file too")
     tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
-    api = kube.api_client(kubeconfig)
+    api = kube.api_client(kubeconfig, manager=kube.NODE_DAEMON_MANAGER)
     drop_log = DropLog()
     backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
-    collector = BpfCollector(backend, node_name)
+    collector = BpfCollector(backend, node_name, metrics_series_budget)
+    registry = component_registry("node-daemon")
     slices = SliceStore()
     images = ImagePuller(
         RegistryClient(ca_file=registry_ca_file), ObjectCache(image_cache_dir(backend_kind, state_dir))
@@ -194,9 +197,9 @@ def run(
         policy_slices=slices.snapshot,
         images=images,
         runtime=runtime,
+        metrics=DaemonMetrics(registry),
     )
     if metrics_port:
-        registry = CollectorRegistry()
         registry.register(collector)
         if policy is not None:
             from beekeeper.node_daemon.policy_metrics import PolicyCollector

@@ -69,6 +69,13 @@ class PolicyAgent:
         self._last_sync: dt.datetime | None = None
         self._restored = False
         self._rules = 0
+        self.map_writes = {"update": 0, "delete": 0}
+        """Policy map entries written and deleted by syncs since the daemon started (for /metrics)."""
+
+    @property
+    def rules(self) -> int:
+        """Policy rules in the maps, as last synced."""
+        return self._rules
 
     @property
     def unresolved(self) -> int:
@@ -152,6 +159,8 @@ class PolicyAgent:
             result = datapath.sync(plan.state)
         except (ValueError, PolicyDatapathError) as exc:
             return False, len(before), [f"maps not synced: {exc}"]
+        self.map_writes["update"] += result.updates
+        self.map_writes["delete"] += result.deletes
         problems = list(plan.problems)
         for ifindex, ep in plan.interfaces.items():
             if before.get(ifindex) != datapath.prog_ids:

@@ -1,8 +1,9 @@
 """Prometheus export of the policy datapath: verdicts per policy, default-deny drops per identity.
 
 Read from the kernel's per-CPU counters at scrape time, like the BpfProgram metrics.
-Counters are labelled by policy name (namespace/name), never by pod, so the number of
-series follows the number of policies and identities, not pod churn.
+Counters are labelled by policy (`namespace` and `policy`, as kube-state-metrics labels
+namespaced objects), never by pod, so the number of series follows the number of policies
+and identities, not pod churn.
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ from prometheus_client.metrics_core import Metric
 
 from beekeeper.node_daemon.policy_agent import PolicyAgent
 from beekeeper.node_daemon.policy_maps import CounterKind
+
+
+def policy_labels(name: str | None, index: int) -> tuple[str, str]:
+    """(namespace, policy) of a counter's "namespace/name"; ("", "index:N") for one whose name is not known."""
+    if not name:
+        return "", f"index:{index}"
+    namespace, _, policy = name.rpartition("/")
+    return namespace, policy
 
 
 class PolicyCollector:
@@ -29,10 +38,12 @@ class PolicyCollector:
         packets = CounterMetricFamily(
             "beekeeper_policy_packets",
             "Packets matched by a policy's allow or deny entries (the entry that decided the flow)",
-            labels=["policy", "verdict"],
+            labels=["namespace", "policy", "verdict"],
         )
         volume = CounterMetricFamily(
-            "beekeeper_policy_bytes", "Bytes matched by a policy's allow or deny entries", labels=["policy", "verdict"]
+            "beekeeper_policy_bytes",
+            "Bytes matched by a policy's allow or deny entries",
+            labels=["namespace", "policy", "verdict"],
         )
         default_deny = CounterMetricFamily(
             "beekeeper_policy_default_deny_packets",
@@ -51,7 +62,7 @@ class PolicyCollector:
         for c in seen.counters:
             match c.kind:
                 case CounterKind.ALLOW | CounterKind.DENY:
-                    labels = [c.name or f"index:{c.id}", c.kind.value]
+                    labels = [*policy_labels(c.name, c.id), c.kind.value]
                     packets.add_metric(labels, c.packets)
                     volume.add_metric(labels, c.bytes)
                 case CounterKind.DEFAULT_DENY:
@@ -63,6 +74,16 @@ class PolicyCollector:
         lost.add_metric([], lost_total)
         yield from (packets, volume, default_deny, other, lost)
 
+        rules = GaugeMetricFamily("beekeeper_policy_rules", "Policy rules in this node's maps, as last synced")
+        rules.add_metric([], self.agent.rules)
+        writes = CounterMetricFamily(
+            "beekeeper_policy_map_writes",
+            "Policy map entries written (update) and removed (delete) by syncs since the daemon started",
+            labels=["operation"],
+        )
+        for operation, count in sorted(self.agent.map_writes.items()):
+            writes.add_metric([operation], count)
+        yield from (rules, writes)
         endpoints = GaugeMetricFamily(
             "beekeeper_policy_endpoints",
             "Local endpoints in spec, by whether their interface carries the policy",

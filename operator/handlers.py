@@ -19,6 +19,7 @@ import kopf
 from beekeeper import kube
 from beekeeper.operator import informers
 from beekeeper.operator.cache import ClusterCache
+from beekeeper.operator.metrics import CacheCollector
 from beekeeper.operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,14 @@ log = logging.getLogger(__name__)
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Start the informers and the supervised reconcile loop (main.run put the probes' Health in memo)."""
+    """Start the informers and the supervised reconcile loop (main.run put Health, metrics and registry in memo)."""
     settings.posting.level = logging.WARNING
     settings.scanning.disabled = True  # no resource handlers: kopf need not discover or watch CRDs
-    api = kube.api_client()
+    api = kube.api_client(manager=kube.OPERATOR_MANAGER)
+    memo.metrics.count_writes(api)
     memo.cache = ClusterCache()
-    memo.reconciler = Reconciler(api, memo.cache)
+    memo.registry.register(CacheCollector(memo.cache))
+    memo.reconciler = Reconciler(api, memo.cache, memo.metrics)
     memo.informers = informers.start(api, memo.cache, asyncio.get_running_loop())
     memo.loop_task = asyncio.create_task(memo.reconciler.supervise(memo.health), name="beekeeper-reconciler")
 

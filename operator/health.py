@@ -1,4 +1,4 @@
-"""The operator's probes: GET /healthz (liveness) and GET /readyz (readiness), as JSON.
+"""The operator's probes: GET /healthz (liveness) and GET /readyz (readiness), as JSON; and GET /metrics.
 
 /healthz is 200 while the reconcile loop runs and makes progress: 503 once the loop task
 has ended, or when no pass has completed for longer than STUCK_FACTOR resync periods (a
@@ -15,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,10 @@ class Health:
             return self.primed and self.passes > 0, report
 
 
-def serve(health: Health, port: int, address: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve the probes in a daemon thread; returns the server (shutdown() stops it)."""
+def serve(
+    health: Health, port: int, address: str = "0.0.0.0", registry: CollectorRegistry | None = None
+) -> ThreadingHTTPServer:
+    """Serve the probes (and /metrics from `registry`) in a daemon thread; returns the server (shutdown() stops it)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -102,15 +107,21 @@ def serve(health: Health, port: int, address: str = "0.0.0.0") -> ThreadingHTTPS
                 ok, report = health.live()
             elif path == "/readyz":
                 ok, report = health.ready()
+            elif path == "/metrics" and registry is not None:  # unauthenticated: see operator/metrics.py
+                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                self._send_bytes(200, content_type, encoder(registry))
+                return
             else:
-                self._send(404, {"error": f"no such endpoint {path}; try /healthz or /readyz"})
+                self._send(404, {"error": f"no such endpoint {path}; try /healthz, /readyz or /metrics"})
                 return
             self._send(200 if ok else 503, report)
 
         def _send(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
+            self._send_bytes(code, "application/json", json.dumps(body).encode())
+
+        def _send_bytes(self, code: int, content_type: str, data: bytes) -> None:
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

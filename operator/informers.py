@@ -227,7 +227,9 @@ def start(api: client.ApiClient, cache: ClusterCache, loop: asyncio.AbstractEven
     """
     configuration = copy.deepcopy(api.configuration)
     configuration.connection_pool_maxsize = len(KINDS) + 2
+    user_agent = api.user_agent
     api = client.ApiClient(configuration)
+    api.user_agent = user_agent
     fetcher = ConfigMapFetcher(client.CoreV1Api(api), loop, cache)
     cache.on_unknown_configmap = fetcher.wanted.put
     fetcher.start()

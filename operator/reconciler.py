@@ -41,9 +41,11 @@ from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
     BPF_POLICY_SLICE,
     BPF_POLICY_SLICE_PLURAL,
+    BPF_PROGRAM,
     BPF_PROGRAM_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
+    NETWORK_IDENTITY_POLICY,
     NETWORK_IDENTITY_POLICY_PLURAL,
     RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
@@ -63,6 +65,7 @@ from beekeeper.operator.identities import (
     parse_identity,
     plan_identities,
 )
+from beekeeper.operator.metrics import OperatorMetrics
 from beekeeper.operator.pods import PodRecord, pod_records
 from beekeeper.operator.policy_compile import compile_policies, expansion_budget, node_addresses
 from beekeeper.operator.program_status import aggregate
@@ -171,8 +174,9 @@ def resync_seconds() -> float:
 class Reconciler:
     """Computes and writes desired state; beyond the cache it only remembers since when identities are unused."""
 
-    def __init__(self, api: client.ApiClient, cache: ClusterCache) -> None:
+    def __init__(self, api: client.ApiClient, cache: ClusterCache, metrics: OperatorMetrics | None = None) -> None:
         self.cache = cache
+        self.metrics = metrics or OperatorMetrics()
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.identity_gc_grace = gc_grace_seconds()
@@ -194,6 +198,7 @@ class Reconciler:
                 except Exception as exc:
                     delay = min(RETRY_MAX_SECONDS, 2.0**health.restarts)
                     health.update(restarts=health.restarts + 1, last_error=_describe(exc))
+                    self.metrics.restarts.inc()
                     log.exception(
                         "reconcile loop failed; restarting", extra={"restarts": health.restarts, "retryIn": delay}
                     )
@@ -221,10 +226,14 @@ class Reconciler:
             if not dirty and not due:
                 continue  # only the operator's own writes came back
             health.pass_began()
+            started = time.monotonic()
             try:
                 result = await asyncio.to_thread(self.reconcile, self.cache.snapshot())
             except Exception as exc:
                 health.pass_failed(_describe(exc))
+                self.metrics.duration.observe(time.monotonic() - started)
+                self.metrics.passes.labels("error").inc()
+                self.metrics.errors.inc()
                 delay = min(RETRY_MAX_SECONDS, 2.0 ** (health.consecutive_failures - 1))
                 log.error(
                     "reconcile pass failed; retrying",
@@ -237,6 +246,9 @@ class Reconciler:
             for kind, key, body in result.written:  # seen by the next pass even before their watch events
                 self.cache.record_own(kind, body, key)
             health.pass_done()
+            self.metrics.duration.observe(time.monotonic() - started)
+            self.metrics.passes.labels("success").inc()
+            self.metrics.last_pass.set_to_current_time()
             shown = ", ".join(f"{kind}/{key}" for kind, key in sorted(dirty)[:5])
             log.debug("reconcile pass", extra={"changes": len(dirty), "changed": shown, "writes": len(result.written)})
             wait = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
@@ -295,8 +307,9 @@ class Reconciler:
                 snapshot.nodes[node],
             )
             try:
+                node_uid = (snapshot.nodes[node].get("metadata") or {}).get("uid")
                 generation, revision = self._write_nodestate(
-                    node, programs, network_policy, existing, runtime.nodes.get(node)
+                    node, programs, network_policy, existing, node_uid, runtime.nodes.get(node)
                 )
                 error = None
                 self._delete_slices(
@@ -393,6 +406,7 @@ class Reconciler:
                 GROUP, VERSION, NETWORK_IDENTITY_PLURAL, identity_body(number, key)
             )
             self._wrote("NetworkIdentity", body)
+            self.metrics.identity_changes.labels("allocated").inc()
             log.info("identity allocated", extra=extra)
             return body
         except ApiException as exc:
@@ -413,6 +427,7 @@ class Reconciler:
         for number in numbers:
             try:
                 self.custom.delete_cluster_custom_object(GROUP, VERSION, NETWORK_IDENTITY_PLURAL, str(number))
+                self.metrics.identity_changes.labels("released").inc()
                 log.info("identity released", extra={"identity": number})
             except ApiException as exc:
                 if exc.status != 404:
@@ -578,6 +593,7 @@ class Reconciler:
         programs: list[dict[str, Any]],
         network_policy: dict[str, Any] | None,
         existing: Mapping[str, Any] | None,
+        node_uid: str | None,
         runtime_security: dict[str, Any] | None = None,
     ) -> tuple[int | None, str | None]:
         """Write the node's spec if it differs; returns its generation and networkPolicy.revision afterwards."""
@@ -603,13 +619,8 @@ class Reconciler:
                 and _same_runtime_security(old.get("runtimeSecurity"), runtime_security)
             ):
                 return existing["metadata"].get("generation"), revision
-            written = self.custom.patch_cluster_custom_object(
-                GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
-            )
-            self._wrote("BpfNodeState", written)
-            log.info("bpfnodestate updated", extra=extra)
-            return written["metadata"].get("generation"), revision
-        node_obj = self.core.read_node(node)
+        # One server-side apply creates or updates it: the spec and these metadata fields are the
+        # operator's (a networkPolicy left out is removed), the status stays the daemon's.
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": BPF_NODE_STATE.kind,
@@ -617,20 +628,15 @@ class Reconciler:
                 "name": node,
                 "labels": {"app.kubernetes.io/managed-by": "beekeeper"},
                 # The garbage collector removes the state with its Node, even if the operator is down.
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_obj.metadata.uid}],
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid}],
             },
-            "spec": {"nodeName": node, **{k: v for k, v in spec.items() if v is not None}},
+            "spec": {"nodeName": node, **spec},
         }
-        try:
-            written = self.custom.create_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, body)
-            log.info("bpfnodestate created", extra=extra)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            written = self.custom.patch_cluster_custom_object(
-                GROUP, VERSION, BPF_NODE_STATE_PLURAL, node, {"spec": spec}
-            )
+        if not node_uid:
+            del body["metadata"]["ownerReferences"]
+        written = kube.apply_custom(self.custom, BPF_NODE_STATE_PLURAL, body, kube.OPERATOR_MANAGER)
         self._wrote("BpfNodeState", written)
+        log.info("bpfnodestate created" if existing is None else "bpfnodestate updated", extra=extra)
         return written["metadata"].get("generation"), revision
 
     def _delete_nodestate(self, node: str) -> None:
@@ -643,9 +649,10 @@ class Reconciler:
         self._deleted("BpfNodeState", node)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": BPF_PROGRAM.kind, "metadata": {"name": name}}
         try:
-            written = self.custom.patch_cluster_custom_object_status(
-                GROUP, VERSION, BPF_PROGRAM_PLURAL, name, {"status": status}
+            written = kube.apply_custom(
+                self.custom, BPF_PROGRAM_PLURAL, {**body, "status": status}, kube.OPERATOR_MANAGER, status=True
             )
             self._wrote("BpfProgram", written)
             log.info(
@@ -679,9 +686,15 @@ class Reconciler:
         )
 
     def _patch_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        meta = {"name": name, "namespace": namespace}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": NETWORK_IDENTITY_POLICY.kind, "metadata": meta}
         try:
-            written = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, NETWORK_IDENTITY_POLICY_PLURAL, name, {"status": status}
+            written = kube.apply_custom(
+                self.custom,
+                NETWORK_IDENTITY_POLICY_PLURAL,
+                {**body, "status": status},
+                kube.OPERATOR_MANAGER,
+                status=True,
             )
             self._wrote("NetworkIdentityPolicy", written)
         except ApiException as exc:

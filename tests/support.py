@@ -130,8 +130,9 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
 
 
 def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tuple[str, tuple], float]]:
-    """Parse a /metrics answer as Prometheus would and fail on any family named twice; with promtool
-    (once built and cached by `beekeeper dev build-promtool`) also run `promtool check metrics` on the text format.
+    """Parse a /metrics answer as Prometheus would and fail on any family named twice; lint the text format
+    with promlint (the checks of `promtool check metrics`, built by the install) and require it clean; with
+    promtool itself (once built by `beekeeper dev build-promtool`) also run `promtool check metrics`.
 
     Returns family -> {(sample name, sorted labels): value}.
     """
@@ -139,6 +140,9 @@ def check_exposition(text: str, openmetrics: bool = False) -> dict[str, dict[tup
     for family in (parse_openmetrics if openmetrics else parse_text)(text):
         assert family.name not in families, f"family {family.name} appears twice on /metrics:\n{text}"
         families[family.name] = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+    if not openmetrics:
+        lint = subprocess.run([str(build.ensure_promlint())], input=text, capture_output=True, text=True, timeout=30)
+        assert lint.returncode == 0, f"promlint: {lint.stdout}{lint.stderr}\n{text}"
     if not openmetrics and build.promtool().exists():
         result = subprocess.run(
             [str(build.promtool()), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
@@ -296,6 +300,11 @@ class OperatorProcess(Process):
             return exc.code, json.load(exc)
         except (urllib.error.URLError, OSError):
             return None
+
+    def metrics(self) -> str:
+        """The operator's /metrics (text format)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/metrics", timeout=5) as resp:
+            return resp.read().decode()
 
     def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Until /readyz says the cache is primed and a first pass completed."""

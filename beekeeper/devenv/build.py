@@ -8,6 +8,7 @@ the first run takes minutes, every later run finds the binaries and starts in se
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 PROMETHEUS_MODULE_VERSION = "v0.316.0"
 """github.com/prometheus/prometheus's Go module version (Prometheus 3.x is tagged v0.3xx.y); for promtool."""
+PROMLINT_SOURCE = Path(__file__).with_name("promlint")
+"""main.go and go.mod (client_golang pinned there) of the exposition checker the tests run."""
 
 # The controller manager runs only the namespace and garbage-collector controllers, so
 # namespaces really go away and ownerReferences are honoured as on a real cluster.
@@ -135,6 +138,36 @@ def ensure_promtool(progress=print) -> Path:
             progress,
             f"build promtool {PROMETHEUS_MODULE_VERSION}",
             {"GOBIN": str(tmp)},
+        )
+        shutil.rmtree(path.parent, ignore_errors=True)
+        tmp.rename(path.parent)
+    return path
+
+
+def promlint() -> Path:
+    """Where the promlint checker for this source lives (whether or not it is built yet)."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(PROMLINT_SOURCE.iterdir()))).hexdigest()[:12]
+    return cache_dir() / "bin" / f"promlint-{digest}" / "promlint"
+
+
+def ensure_promlint(progress=print) -> Path:
+    """Build the small checker on client_golang's promlint, the linter `promtool check metrics` runs.
+
+    Seconds to build where promtool takes minutes (it compiles all of Prometheus), so the
+    install builds it and the tests always run it on both components' /metrics.
+    """
+    path = promlint()
+    if not path.exists():
+        src = cache_dir() / "src" / path.parent.name
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(PROMLINT_SOURCE, src)
+        tmp = path.parent.with_name(path.parent.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        _go(
+            ["build", "-trimpath", "-ldflags", "-s -w", "-o", str(tmp / "promlint"), "."],
+            src,
+            progress,
+            "build promlint",
         )
         shutil.rmtree(path.parent, ignore_errors=True)
         tmp.rename(path.parent)

@@ -88,6 +88,7 @@ CONTEXT_FILES = (
     "MANIFEST.in",
     "scripts/build_bpf.py",
     "README.md",
+    "LICENSE",
     "constraints.txt",
 )
 CONTEXT_DIRS = ("beekeeper", "operator", "node_daemon", "crds", "bpf")

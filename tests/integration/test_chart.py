@@ -54,16 +54,26 @@ def test_rendered_chart_and_examples_are_valid_offline(schemas: Path) -> None:
     result = kubeconform(schemas, chart + "\n---\n" + examples, "-skip", "ServiceMonitor")
     assert result.returncode == 0, result.stdout + result.stderr
     rendered = len(documents(chart)) + sum(len(documents(p.read_text())) for p in EXAMPLES)
-    assert f"Valid: {rendered - 1}, Invalid: 0, Errors: 0, Skipped: 1" in result.stdout, result.stdout
+    assert f"Valid: {rendered - 2}, Invalid: 0, Errors: 0, Skipped: 2" in result.stdout, result.stdout
 
 
 def test_service_monitor_scrapes_with_a_token_the_daemon_can_review() -> None:
-    """The daemon's /metrics needs a caller the API authenticates: Prometheus sends its own token."""
+    """The daemon's /metrics needs a caller the API authenticates: Prometheus sends its own token.
+    The operator's is scraped without one, through its own Service on the probe port."""
     docs = documents(render("beekeeper-system", "metrics.serviceMonitor.enabled=true"))
-    (monitor,) = (d for d in docs if d["kind"] == "ServiceMonitor")
-    (endpoint,) = monitor["spec"]["endpoints"]
+    monitors = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in docs if d["kind"] == "ServiceMonitor"
+    }
+    assert set(monitors) == {"node-daemon", "operator"}
+    (endpoint,) = monitors["node-daemon"]["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics"
     assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    (endpoint,) = monitors["operator"]["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics" and "bearerTokenFile" not in endpoint
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    service = services["beekeeper-operator-metrics"]["spec"]
+    assert service["selector"] == monitors["operator"]["spec"]["selector"]["matchLabels"]
+    assert service["ports"] == [{"name": "metrics", "port": 8081, "targetPort": "health"}]
 
 
 def test_kubeconform_with_these_schemas_catches_mistakes(schemas: Path) -> None:

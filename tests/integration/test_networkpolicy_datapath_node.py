@@ -132,6 +132,12 @@ class Env:
         return table
 
 
+def policy_labels(ref: str) -> dict[str, str]:
+    """The namespace and policy labels of a policy's counters."""
+    namespace, policy = ref.split("/")
+    return {"namespace": namespace, "policy": policy}
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
@@ -206,7 +212,7 @@ def test_metrics_count_verdicts_per_policy_and_default_deny_per_identity(env: En
 
     def counted() -> str | None:
         text = env.nodes[1].metrics()
-        allowed = metric_value(text, "beekeeper_policy_packets_total", policy=ALLOW_CLIENT, verdict="allow")
+        allowed = metric_value(text, "beekeeper_policy_packets_total", **policy_labels(ALLOW_CLIENT), verdict="allow")
         denied = metric_value(text, "beekeeper_policy_default_deny_packets_total", identity=str(SERVER))
         return text if allowed and denied else None
 
@@ -346,7 +352,9 @@ def test_daemon_restart_keeps_enforcing_without_reload(env: Env) -> None:
 
 
 def allowed_packets(node: NodeDaemon) -> float | None:
-    return metric_value(node.metrics(), "beekeeper_policy_packets_total", policy=ALLOW_CLIENT, verdict="allow")
+    return metric_value(
+        node.metrics(), "beekeeper_policy_packets_total", **policy_labels(ALLOW_CLIENT), verdict="allow"
+    )
 
 
 def test_node_state_deleted_removes_the_datapath(env: Env) -> None:

@@ -37,3 +37,15 @@ def test_an_explicit_kubeconfig_wins(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "env", "https://127.0.0.9:6443")))
     explicit = _kubeconfig(tmp_path / "explicit", "https://127.0.0.10:6443")
     assert kube.api_client(explicit).configuration.host == "https://127.0.0.10:6443"
+
+
+def test_writes_are_attributed_to_the_component(tmp_path: Path) -> None:
+    """The apiserver names a write's field manager after the User-Agent's first segment."""
+    api = kube.api_client(_kubeconfig(tmp_path / "k", "https://127.0.0.9:6443"), manager=kube.OPERATOR_MANAGER)
+    assert api.user_agent.split("/")[0] == "beekeeper-operator"
+    assert kube.api_client(tmp_path / "k").user_agent.startswith("beekeeper/")
+
+
+def test_an_applied_body_leaves_out_what_is_none() -> None:
+    body = {"status": {"warnings": None, "nodes": {"ready": 1, "failed": None}, "list": [{"a": None, "b": 2}]}}
+    assert kube.without_none(body) == {"status": {"nodes": {"ready": 1}, "list": [{"b": 2}]}}

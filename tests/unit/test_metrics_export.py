@@ -1,4 +1,5 @@
-"""/metrics of BpfProgram maps: one family per name whatever the programs ask, and what is left out is said."""
+"""/metrics of BpfProgram maps: one family per name whatever the programs ask, what is left out is said,
+and the number of series stays bounded."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from support import check_exposition
 
+from beekeeper.crds.bpfprogram import Metric
 from beekeeper.crds.nodestate import NodeProgram, content_hash
 from beekeeper.node_daemon import translate
+from beekeeper.node_daemon.backend import MapEntry
 from beekeeper.node_daemon.fake_backend import FakeBackend
-from beekeeper.node_daemon.metrics import BpfCollector, plan_exports
+from beekeeper.node_daemon.metrics import (
+    BpfCollector,
+    Export,
+    budget_warning,
+    plan_exports,
+    series_rows,
+    within_budget,
+)
+from beekeeper.node_daemon.policy_metrics import policy_labels
 
 SOURCE = "BPF_HASH(counts, u32, u64);\nint fn(void *ctx) { return 0; }\n"
 PROGRAMS = [{"name": "fn", "type": "tracepoint", "tracepoint": "raw_syscalls:sys_enter"}]
@@ -84,3 +95,45 @@ def test_a_metric_naming_a_missing_map_is_reported() -> None:
     warnings, text, _ = scrape([entry("p", metric("hits_total"), metric("misses_total", map_="missed"))])
     assert warnings == {"p": ["metric misses_total: not exported: unit p has no map 'missed' (it has: counts)"]}
     assert "hits" in check_exposition(text) and "misses" not in check_exposition(text)
+
+
+def test_array_zero_slots_are_not_series() -> None:
+    rows = [MapEntry(i, (i % 2,), b"", array_slot=True) for i in range(256)] + [MapEntry(999, (0,), b"")]
+    kept = series_rows(rows)
+    assert len(kept) == 129 and MapEntry(999, (0,), b"") in kept, "a hash entry of 0 stays: its key was stored"
+
+
+def test_a_program_over_its_series_budget_exports_its_largest_values_and_says_so() -> None:
+    item = entry("big", metric("by_pid_total", label="pid"))
+    backend = FakeBackend()
+    backend.apply(translate.program_unit(item))
+    backend.set_map("big", "counts", {struct.pack("<I", pid): (pid,) for pid in range(1, 11)})
+    collector = BpfCollector(backend, "n1", series_budget=4)
+    warnings = collector.set_programs([item])
+    assert warnings["big"] == [budget_warning(10, 4)] and "more than the 4" in warnings["big"][0]
+    registry = CollectorRegistry()
+    registry.register(collector)
+    families = check_exposition(generate_latest(registry).decode())
+    assert sorted(dict(labels)["pid"] for _, labels in families["by_pid"]) == ["10", "7", "8", "9"]
+
+
+def test_budget_keeps_the_largest_across_a_programs_metrics() -> None:
+    a, b = (Export("p", Metric.model_validate(metric(name))) for name in ("a_total", "b_total"))
+    rows = [(a, [MapEntry(i, (v,), b"") for i, v in enumerate((5, 1, 9))]), (b, [MapEntry(0, (7,), b"")])]
+    kept = within_budget(rows, 2)
+    assert [[r.values[0] for r in r_] for _, r_ in kept] == [[9], [7]]
+    assert within_budget(rows, 4) == rows
+
+
+def test_kernel_program_ids_are_an_info_series_not_a_counter_label() -> None:
+    _, text, _ = scrape([entry("p", metric("hits_total"))])
+    families = check_exposition(text)
+    (runs,) = families["beekeeper_bpf_program_runs"]
+    assert dict(runs[1]) == {"bpfprogram": "p", "program": "fn"}
+    (info,) = families["beekeeper_bpf_program_info"].items()
+    assert dict(info[0][1]).keys() == {"bpfprogram", "program", "id"} and info[1] == 1
+
+
+def test_policy_counters_are_labelled_by_namespace_and_name() -> None:
+    assert policy_labels("team-a/allow-web", 3) == ("team-a", "allow-web")
+    assert policy_labels(None, 3) == ("", "index:3")
