@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake ba
 log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
-POLICY_STATUS_KEYS = [field.alias for field in NetworkPolicyStatus.model_fields.values()]
+POLICY_STATUS_KEYS = [field.alias or name for name, field in NetworkPolicyStatus.model_fields.items()]
 
 
 def _add_warnings(statuses: list[dict[str, Any]], warnings: Mapping[str, list[str]]) -> None:

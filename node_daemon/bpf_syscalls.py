@@ -15,9 +15,9 @@ import ctypes as ct
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 _libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
 _libc = ct.CDLL(None, use_errno=True)
@@ -79,6 +79,8 @@ PERF_TYPE_TRACEPOINT = 2
 class BpfError(OSError):
     """A bpf(2) or perf_event_open(2) call failed; errno says why, the text says which call."""
 
+    errno: int  # always set, unlike a plain OSError's
+
     def __init__(self, err: int, what: str) -> None:
         super().__init__(err, f"{what}: {os.strerror(err)}")
 
@@ -127,7 +129,7 @@ class _ProgLoadOpts(ct.Structure):
     _fields_ = (("sz", ct.c_size_t), ("attempts", ct.c_int), ("expected_attach_type", ct.c_uint32))
 
 
-def _proto(name: str, restype: type, *argtypes: type) -> ct._CFuncPtr:
+def _proto(name: str, restype: type, *argtypes: type) -> Callable[..., Any]:
     fn = getattr(_libbpf, name)
     fn.restype = restype
     fn.argtypes = argtypes

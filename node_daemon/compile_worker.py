@@ -328,7 +328,8 @@ def _serve(fd: int, config: dict[str, Any]) -> None:
             job = json.loads(_recv_frame(sock))
         except EOFError:
             return  # a spare the daemon no longer needs
-        module, programs = None, {}
+        module: CompiledModule | None = None
+        programs: dict[str, OwnedFd] = {}
         if refusal is None:
             header, module, programs = _build(job)
         else:

@@ -95,7 +95,7 @@ class BpfCollector:
     def collect(self) -> Iterator[PromMetric]:
         with self._lock:
             entries, exports = list(self._entries), list(self._exports)
-        families: dict[str, PromMetric] = {}
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for export in exports:
             metric = export.metric
             try:

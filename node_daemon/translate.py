@@ -27,7 +27,7 @@ def attach_spec(program: Program) -> AttachSpec:
     selector = program.interface_selector
     return AttachSpec(
         name=program.name,
-        type=program.type.value,
+        type=program.type,
         interfaces=tuple(selector.interfaces or ()) if selector else (),
         interface_pattern=selector.pattern if selector else None,
         direction=program.direction.value if program.direction else "ingress",

@@ -175,6 +175,7 @@ class ControlPlane:
             f"[control-plane] kube-apiserver {build.KUBERNETES_VERSION} pid {state.apiserver_pid} "
             f"on https://{self.options.address}:{state.apiserver_port}"
         )
+        assert state.apiserver_port is not None  # chosen by start() before the first apiserver
         self._write_kubeconfig(pki, state.apiserver_port)
         processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
 

@@ -365,7 +365,7 @@ class RealNode:
         """SIGKILL every process in the rig's pod cgroups until they are empty (containers)."""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            pids = set()
+            pids: set[int] = set()
             for hierarchy in _hierarchies():
                 for cgroup in _subtree(hierarchy / CGROUP_ROOT):
                     with contextlib.suppress(OSError):
