@@ -188,7 +188,9 @@ class NodeAgent:
                 for p in entry.programs
             ]
 
-    def _invalid_entry(self, raw: Mapping[str, Any], exc: ValidationError, previous) -> list[dict[str, Any]]:
+    def _invalid_entry(
+        self, raw: Mapping[str, Any], exc: ValidationError, previous: Mapping[tuple[str, str], Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
         first = exc.errors()[0]
         message = f"spec entry not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
         names = [p.get("name", "?") for p in raw.get("programs") or []] or ["?"]

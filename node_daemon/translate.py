@@ -108,7 +108,9 @@ def program_statuses(
     return out
 
 
-def pending_statuses(entry: NodeProgram, phase: Phase, previous: Mapping[tuple[str, str], Mapping[str, Any]], now: str):
+def pending_statuses(
+    entry: NodeProgram, phase: Phase, previous: Mapping[tuple[str, str], Mapping[str, Any]], now: str
+) -> list[dict[str, Any]]:
     """Entries for a unit that is being built right now (phase Compiling), before the backend answers."""
     reports = [ProgramReport(name=p.name, type=p.type.value, phase=phase) for p in entry.programs]
     return program_statuses(entry, reports, previous, now)

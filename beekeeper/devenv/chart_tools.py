@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beekeeper.devenv.build import _go
+from beekeeper.devenv.images import Progress
 from beekeeper.devenv.paths import cache_dir
 
 HELM_VERSION = "v3.22.0"
@@ -36,7 +37,7 @@ def tools() -> ChartTools:
     )
 
 
-def ensure_chart_tools(progress=print) -> ChartTools:
+def ensure_chart_tools(progress: Progress = print) -> ChartTools:
     """Build whichever pinned tool is missing; cheap when both are cached."""
     paths = tools()
     if not paths.helm.exists():
@@ -52,7 +53,7 @@ def ensure_chart_tools(progress=print) -> ChartTools:
     return paths
 
 
-def _install(package: str, version: str, ldflags: str, target: Path, progress) -> None:
+def _install(package: str, version: str, ldflags: str, target: Path, progress: Progress) -> None:
     """`go install pkg@version` into a temporary directory, then move it in place (never a half-built binary)."""
     tmp = target.parent.with_name(target.parent.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
