@@ -78,6 +78,11 @@ def label_values(metric: Metric, decoded: object) -> list[str]:
     return [str(decoded)]
 
 
+def transition_time(before: Mapping[str, Any], phase: str, now: str) -> str:
+    """An entry's lastTransitionTime: kept from its previous report while the phase stays, else now."""
+    return before.get("lastTransitionTime", now) if before.get("phase") == phase else now
+
+
 def program_statuses(
     entry: NodeProgram,
     reports: Sequence[ProgramReport],
@@ -94,7 +99,7 @@ def program_statuses(
             "name": report.name,
             "contentHash": entry.content_hash,
             "phase": phase,
-            "lastTransitionTime": before.get("lastTransitionTime", now) if before.get("phase") == phase else now,
+            "lastTransitionTime": transition_time(before, phase, now),
         }
         if report.program_ids:
             item["programIds"] = list(report.program_ids)
