@@ -10,6 +10,8 @@ import os
 import tomllib
 from pathlib import Path
 
+from beekeeper.devenv import images
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,3 +21,13 @@ def test_symlinks_match_package_dir() -> None:
     links = {p.name: os.readlink(p) for p in (ROOT / "beekeeper").iterdir() if p.is_symlink()}
     assert links == {sub: f"../{folder}" for sub, folder in mapped.items()}
     assert all((ROOT / "beekeeper" / sub).resolve() == ROOT / folder for sub, folder in mapped.items())
+
+
+def test_image_context_copies_each_file_once() -> None:
+    """The image build context skips the symlinks: the Dockerfile copies the folders themselves."""
+    files = [str(p) for p in images.context_files()]
+    linked = tuple(f"beekeeper/{p.name}/" for p in (ROOT / "beekeeper").iterdir() if p.is_symlink())
+    assert len(linked) == 4
+    assert len(files) == len(set(files))
+    assert [f for f in files if f.startswith(linked)] == []
+    assert "operator/main.py" in files and "beekeeper/py.typed" in files
