@@ -110,7 +110,7 @@ def install_crds(api: client.ApiClient, manifests: Iterable[dict], timeout: floa
     while pending:
         for name in sorted(pending):
             crd = ext.read_custom_resource_definition(name)
-            conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+            conditions = {c.type: c.status for c in ((crd.status and crd.status.conditions) or [])}
             if conditions.get("Established") == "True":
                 pending.discard(name)
         if pending and time.monotonic() > deadline:
@@ -148,8 +148,7 @@ def _wait_openapi_published(api: client.ApiClient, wanted: dict[str, set[str]], 
                     auth_settings=["BearerToken"],
                 )
                 response = api.call_api(method, url, headers, body, post)
-                response.read()
-                doc = json.loads(response.data) if response.status == 200 else {}
+                doc = json.loads(response.read()) if response.status == 200 else {}
                 schemas = set((doc or {}).get("components", {}).get("schemas", {}))
                 if suffix <= schemas:
                     break
@@ -167,7 +166,7 @@ def register_node(api: client.ApiClient, name: str, labels: dict[str, str] | Non
     all_labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **(labels or {})}
     body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": all_labels}}
     try:
-        core.create_node(body)
+        core.create_node(body)  # type: ignore[arg-type]  # the client sends a dict body as it is
         log.info("registered node", extra={"node": name})
     except ApiException as exc:
         if exc.status != 409:
@@ -178,6 +177,6 @@ def register_node(api: client.ApiClient, name: str, labels: dict[str, str] | Non
 def api_message(exc: ApiException) -> str:
     """The apiserver's own words from a refused request (its Status message), else the raw body."""
     try:
-        return json.loads(exc.body)["message"]
+        return json.loads(exc.body or "")["message"]
     except (TypeError, ValueError, KeyError):
         return str(exc.body)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -77,13 +78,11 @@ def cleanup(
     custom = client.CustomObjectsApi(api)
 
     def items(plural: str) -> list[Object]:
-        return custom.list_cluster_custom_object(GROUP, VERSION, plural)["items"]
+        return cast(Object, custom.list_cluster_custom_object(GROUP, VERSION, plural))["items"]
 
     for body in items(BPF_PROGRAM_PLURAL):
         _delete(
-            lambda name=body["metadata"]["name"]: custom.delete_cluster_custom_object(
-                GROUP, VERSION, BPF_PROGRAM_PLURAL, name
-            )
+            partial(custom.delete_cluster_custom_object, GROUP, VERSION, BPF_PROGRAM_PLURAL, body["metadata"]["name"])
         )
     for plural in (NETWORK_IDENTITY_POLICY_PLURAL, RUNTIME_SECURITY_POLICY_PLURAL):
         for body in items(plural):

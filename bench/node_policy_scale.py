@@ -29,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -119,7 +119,8 @@ def client_policy(namespace: str) -> dict[str, Any]:
 
 
 def all_ready(custom: client.CustomObjectsApi, namespace: str, names: set[str]) -> bool:
-    items = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, NETWORK_IDENTITY_POLICY_PLURAL)["items"]
+    listing = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, NETWORK_IDENTITY_POLICY_PLURAL)
+    items = cast(dict[str, Any], listing)["items"]
     ready = set()
     for body in items:
         status = body.get("status") or {}
@@ -146,9 +147,12 @@ def measure(
         kube.apply(api, big_policy(namespace, i))
     wait_for(lambda: all_ready(custom, namespace, names), 900, f"{len(names)} policies Ready", interval=0.5)
     to_ready = time.monotonic() - started
-    state = custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node)
-    slices = custom.list_cluster_custom_object(
-        GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node.node}"
+    state = cast(dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node))
+    slices = cast(
+        dict[str, Any],
+        custom.list_cluster_custom_object(
+            GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node.node}"
+        ),
     )["items"]
     sizes = [len(json.dumps(s)) for s in slices]
     report = (state.get("status") or {}).get("networkPolicy") or {}
@@ -159,7 +163,9 @@ def measure(
     kube.apply(api, big_policy(namespace, 0, edited=True))
 
     def synced() -> bool:
-        current = custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node)
+        current = cast(
+            dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node)
+        )
         seen = ((current.get("status") or {}).get("networkPolicy") or {}).get("observedGeneration") or 0
         return seen > generation
 
@@ -175,8 +181,11 @@ def measure(
         custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, NETWORK_IDENTITY_POLICY_PLURAL, name)
     wait_for(
         lambda: (
-            not custom.list_cluster_custom_object(
-                GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node.node}"
+            not cast(
+                dict[str, Any],
+                custom.list_cluster_custom_object(
+                    GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node.node}"
+                ),
             )["items"]
         ),
         300,
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         daemons = NodeDaemons(cluster, workdir)
         node = daemons()
         namespace = f"p-{uuid.uuid4().hex[:5]}"
-        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
+        client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})  # type: ignore[arg-type]  # sent as is
         rig = PodRig(api)
         for name in ("server", "client", "other"):
             rig.add(f"p/{name}", namespace, name, node.node, {"app": name})

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
@@ -117,7 +117,7 @@ class Recorder:
         while not self._stop.is_set():
             try:
                 if version is None:
-                    listing = custom.list_cluster_custom_object(GROUP, VERSION, plural)
+                    listing = cast(dict[str, Any], custom.list_cluster_custom_object(GROUP, VERSION, plural))
                     with self._cond:  # in place: callers hold on to these dicts
                         self.objects[plural].clear()
                         self.objects[plural].update({o["metadata"]["name"]: o for o in listing["items"]})
@@ -379,7 +379,7 @@ class Bench:
                 },
             }
             body = custom.create_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, manifest)
-        return int(body["metadata"]["generation"])
+        return int(cast(dict[str, Any], body)["metadata"]["generation"])
 
 
 def _observed(state: dict[str, Any] | None) -> bool:

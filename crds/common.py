@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic.alias_generators import to_camel
 
-from beekeeper.crds.names import API_VERSION, ResourceNames
+from beekeeper.crds.names import ResourceNames
 
 # --------------------------------------------------------------------------------------
 # Base model
@@ -425,7 +425,9 @@ class Resource(ApiModel):
     selectable_fields: ClassVar[tuple[str, ...]] = ()
     """JSON paths clients may filter on with a field selector (e.g. a daemon watching only its node's objects)."""
 
-    api_version: Literal["beekeeper.dev/v1alpha1"] = Field(API_VERSION, description="beekeeper.dev/v1alpha1")
+    api_version: Literal["beekeeper.dev/v1alpha1"] = Field(
+        "beekeeper.dev/v1alpha1", description="beekeeper.dev/v1alpha1"
+    )
     metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
 
     @classmethod

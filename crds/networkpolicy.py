@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from enum import StrEnum
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
@@ -66,7 +66,7 @@ PORT_RULE = cel(
     " + ' must be a number between 1 and 65535 or an IANA service name "
     "(lowercase letters, digits and -, at most 15 characters, at least one letter)'",
 )
-PORT_SCHEMA = {"minimum": 1, "maximum": 65535, "maxLength": 15, "pattern": SERVICE_NAME_PATTERN}
+PORT_SCHEMA: dict[str, Any] = {"minimum": 1, "maximum": 65535, "maxLength": 15, "pattern": SERVICE_NAME_PATTERN}
 """Plain schema bounds print the offending value (`Invalid value: 70000`); CEL's errors print the schema type,
 which is empty for int-or-string, so the CEL message names the value itself."""
 PortValue = Annotated[StrictInt | StrictStr, AfterValidator(_check_port)]

@@ -123,7 +123,10 @@ class ApiAccess:
 
     def _review_token(self, token: str) -> User | None:
         try:
-            review = self._authn.create_token_review({"spec": {"token": token}}, _request_timeout=REVIEW_TIMEOUT)
+            review = self._authn.create_token_review(
+                {"spec": {"token": token}},  # type: ignore[arg-type]  # the client sends a dict body as it is
+                _request_timeout=REVIEW_TIMEOUT,
+            )
         except _API_ERRORS as exc:
             raise ReviewUnavailable(f"TokenReview failed: {getattr(exc, 'reason', None) or exc}") from None
         status = review.status
@@ -139,7 +142,10 @@ class ApiAccess:
         if user.extra:
             spec["extra"] = {k: list(v) for k, v in user.extra}
         try:
-            review = self._authz.create_subject_access_review({"spec": spec}, _request_timeout=REVIEW_TIMEOUT)
+            review = self._authz.create_subject_access_review(
+                {"spec": spec},  # type: ignore[arg-type]  # the client sends a dict body as it is
+                _request_timeout=REVIEW_TIMEOUT,
+            )
         except _API_ERRORS as exc:
             raise ReviewUnavailable(f"SubjectAccessReview failed: {getattr(exc, 'reason', None) or exc}") from None
         status = review.status

@@ -267,18 +267,21 @@ class NodeAgent:
                 for p in entry.programs
             ]
 
-    def _invalid_entry(self, raw: Mapping[str, Any], exc: ValidationError, previous) -> list[dict[str, Any]]:
+    def _invalid_entry(
+        self, raw: Mapping[str, Any], exc: ValidationError, previous: Mapping[tuple[str, str], Mapping[str, Any]]
+    ) -> list[dict[str, Any]]:
         first = exc.errors()[0]
         message = f"spec entry not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
         names = [p.get("name", "?") for p in raw.get("programs") or []] or ["?"]
+        bpf_program, failed, now = raw.get("bpfProgram", "?"), Phase.FAILED.value, timestamp()
         return [
             {
-                "bpfProgram": raw.get("bpfProgram", "?"),
+                "bpfProgram": bpf_program,
                 "name": name,
-                "phase": Phase.FAILED.value,
+                "phase": failed,
                 "reason": "InvalidSpec",
                 "message": message[:2048],
-                "lastTransitionTime": timestamp(),
+                "lastTransitionTime": translate.transition_time(previous.get((bpf_program, name)) or {}, failed, now),
             }
             for name in names
         ]

@@ -152,9 +152,9 @@ class AttachSpec:
             return f"direction must be ingress or egress, not {self.direction!r}"
         if t in (ProgramType.TRACEPOINT, ProgramType.RAW_TRACEPOINT) and not self.tracepoint:
             return f"{t} program {self.name!r} needs a tracepoint"
-        if t == ProgramType.TRACEPOINT and not _TRACEPOINT.match(self.tracepoint):
+        if t == ProgramType.TRACEPOINT and not _TRACEPOINT.match(self.tracepoint or ""):
             return f"tracepoint must be category:name, not {self.tracepoint!r}"
-        if t == ProgramType.RAW_TRACEPOINT and not _RAW_TRACEPOINT.match(self.tracepoint):
+        if t == ProgramType.RAW_TRACEPOINT and not _RAW_TRACEPOINT.match(self.tracepoint or ""):
             return f"raw tracepoint must be a bare tracepoint name, not {self.tracepoint!r}"
         if t in _PROBES and not (self.binary and (self.symbol or self.offset)):
             return f"{t} program {self.name!r} needs a binary and a symbol or offset"

@@ -15,9 +15,9 @@ import ctypes as ct
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 _libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
 _libc = ct.CDLL(None, use_errno=True)
@@ -84,6 +84,8 @@ PERF_TYPE_TRACEPOINT = 2
 
 class BpfError(OSError):
     """A bpf(2) or perf_event_open(2) call failed; errno says why, the text says which call."""
+
+    errno: int  # always set, unlike a plain OSError's
 
     def __init__(self, err: int, what: str) -> None:
         super().__init__(err, f"{what}: {os.strerror(err)}")

@@ -46,7 +46,7 @@ def find_mount(fstype: str) -> str | None:
 def fstype_of(path: str) -> str | None:
     """Filesystem type of the mount that holds path (which need not exist yet)."""
     path = os.path.abspath(path)
-    best = ("", None)
+    best: tuple[str, str | None] = ("", None)
     for mp, fs in mounts():
         if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[0]):
             best = (mp, fs)

@@ -102,6 +102,7 @@ class DropLog:
                 or (protocol is not None and ev.protocol != protocol)
             ):
                 continue
+            key: tuple[object, ...]
             key = (ev.ifindex, ev.direction, ev.saddr, ev.daddr, ev.dport, ev.protocol, ev.reason, ev.policy_index)
             key += (ev.revoked, ev.peer_identity, ev.peer_cidr_identity)
             group = groups.get(key)

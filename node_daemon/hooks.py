@@ -215,7 +215,7 @@ def _resolve_uprobe(spec: AttachSpec) -> Target:
                 spec.symbol.encode(),
                 0,
                 spec.pid or 0,
-                ct.cast(None, ct.POINTER(bcc_symbol_option)),
+                ct.POINTER(bcc_symbol_option)(),  # NULL: default options
                 ct.byref(sym),
             )
             < 0

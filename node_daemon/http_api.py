@@ -136,7 +136,7 @@ def serve(
                 self._send(200, "text/plain", b"ok\n")
             elif url.path == "/metrics":
                 if self._allowed(METRICS_PERMISSION):
-                    encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                    encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                     self._send(200, content_type, encoder(registry))
             elif url.path == "/drops":
                 try:

@@ -30,6 +30,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import hooks, xdp_dispatcher
@@ -291,9 +292,9 @@ class KernelBackend(Backend):
                     pin = f"{build.build_id}/progs/{safe_name(load_key)}"
                     bpf.obj_pin(prog.fd, str(unit_dir / pin))
                     build.programs[load_key] = ProgramRecord(spec.name, spec.type, pin, bpf.prog_info(prog.fd).id)
-                for load_key, exc in built.failures.items():
-                    build.failures[load_key] = Failure(exc.reason, exc.message, exc.transient)
-                    log.warning("unit %s: %s not loaded (%s)", rec.key, loads[load_key].name, exc.reason)
+                for load_key, failed in built.failures.items():
+                    build.failures[load_key] = Failure(failed.reason, failed.message, failed.transient)
+                    log.warning("unit %s: %s not loaded (%s)", rec.key, loads[load_key].name, failed.reason)
         except OSError as exc:
             build.compile_failure = Failure(
                 Reason.LOAD_FAILED, f"pinning under {unit_dir} failed: {exc}", transient=True
@@ -330,7 +331,7 @@ class KernelBackend(Backend):
                 points.append(link.point)
                 ids.add(link.prog_id)
                 kept += link.build_id != build.build_id
-        common = {
+        common: dict[str, Any] = {
             "name": spec.name,
             "type": spec.type,
             "program_ids": tuple(sorted(ids)),
@@ -378,6 +379,7 @@ class KernelBackend(Backend):
             if existing is None:
                 self._attach(rec, build, prog, target, replacing=None)
             elif existing.params == target.params and target.kind in hooks.UPDATABLE_KINDS:
+                assert old_fd is not None  # opened above whenever `existing` survived
                 with bpf.obj_get(str(self._unit_dir(rec) / prog.pin)) as new_prog:
                     try:
                         bpf.link_update(old_fd.fd, new_prog.fd)
@@ -409,8 +411,10 @@ class KernelBackend(Backend):
             self._attach(rec, build, prog, target, replacing=None)
         except TargetError as exc:
             old_build = rec.builds.get(existing.build_id)
-            old_prog = old_build and next(
-                (p for p in old_build.programs.values() if p.prog_id == existing.prog_id), None
+            old_prog = (
+                next((p for p in old_build.programs.values() if p.prog_id == existing.prog_id), None)
+                if old_build
+                else None
             )
             if old_build is None or old_prog is None:
                 raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
@@ -36,7 +36,9 @@ def list_watch(
     """Call listed(items) after every list and observed(type, object) for every watch event, until stop."""
     while not stop.is_set():
         try:
-            listing = api.list_cluster_custom_object(GROUP, VERSION, plural, field_selector=selector)
+            listing = cast(
+                dict[str, Any], api.list_cluster_custom_object(GROUP, VERSION, plural, field_selector=selector)
+            )
             listed(listing["items"])
             stream = watch.Watch()
             for event in stream.stream(

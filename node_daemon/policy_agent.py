@@ -102,7 +102,7 @@ class PolicyAgent:
             self._restored = True
             self._synced_generation = (previous or {}).get("observedGeneration")
             self._synced_revision = (previous or {}).get("observedRevision")
-            if (previous or {}).get("lastSyncTime"):
+            if previous and previous.get("lastSyncTime"):
                 self._last_sync = dt.datetime.fromisoformat(previous["lastSyncTime"])
         if raw is None:
             self.remove()

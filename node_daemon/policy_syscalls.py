@@ -10,6 +10,7 @@ import ctypes as ct
 import errno
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from beekeeper.node_daemon.bpf_syscalls import BPF_F_BEFORE, BpfError, OwnedFd
 
@@ -22,7 +23,7 @@ _BPF_LINK_CREATE = 28
 BPF_NOEXIST = 1
 
 
-def _proto(name: str, restype: type | None, *argtypes: type) -> ct._CFuncPtr:
+def _proto(name: str, restype: type | None, *argtypes: type) -> Callable[..., Any]:
     fn = getattr(_libbpf, name)
     fn.restype = restype
     fn.argtypes = argtypes

@@ -30,7 +30,7 @@ def attach_spec(program: Program) -> AttachSpec:
     selector = program.interface_selector
     return AttachSpec(
         name=program.name,
-        type=program.type.value,
+        type=program.type,
         interfaces=tuple(selector.interfaces or ()) if selector else (),
         interface_pattern=selector.pattern if selector else None,
         direction=program.direction.value if program.direction else "ingress",
@@ -92,6 +92,11 @@ def label_values(metric: Metric, decoded: object) -> list[str]:
     return [str(decoded)]
 
 
+def transition_time(before: Mapping[str, Any], phase: str, now: str) -> str:
+    """An entry's lastTransitionTime: kept from its previous report while the phase stays, else now."""
+    return before.get("lastTransitionTime", now) if before.get("phase") == phase else now
+
+
 def program_statuses(
     entry: NodeProgram,
     reports: Sequence[ProgramReport],
@@ -108,7 +113,7 @@ def program_statuses(
             "name": report.name,
             "contentHash": entry.content_hash,
             "phase": phase,
-            "lastTransitionTime": before.get("lastTransitionTime", now) if before.get("phase") == phase else now,
+            "lastTransitionTime": transition_time(before, phase, now),
         }
         if report.program_ids:
             item["programIds"] = list(report.program_ids)
@@ -122,7 +127,9 @@ def program_statuses(
     return out
 
 
-def pending_statuses(entry: NodeProgram, phase: Phase, previous: Mapping[tuple[str, str], Mapping[str, Any]], now: str):
+def pending_statuses(
+    entry: NodeProgram, phase: Phase, previous: Mapping[tuple[str, str], Mapping[str, Any]], now: str
+) -> list[dict[str, Any]]:
     """Entries for a unit that is being built right now (phase Compiling), before the backend answers."""
     reports = [ProgramReport(name=p.name, type=p.type.value, phase=phase) for p in entry.programs]
     return program_statuses(entry, reports, previous, now)

@@ -61,7 +61,7 @@ def listers(api: client.ApiClient) -> dict[str, Lister]:
     def crd(plural: str) -> Lister:
         return functools.partial(custom.list_cluster_custom_object, GROUP, VERSION, plural)
 
-    found = {
+    found: dict[str, Lister] = {
         "BpfProgram": crd(BPF_PROGRAM_PLURAL),
         "Node": core.list_node,
         "BpfNodeState": crd(BPF_NODE_STATE_PLURAL),

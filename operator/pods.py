@@ -85,7 +85,7 @@ def pod_records(
     candidates: list[tuple[Mapping[str, Any], PodRecord]] = []
     for body in pods:
         meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
-        namespace = meta.get("namespace")
+        namespace = meta.get("namespace", "")  # "" is no namespace's name: left out below
         if spec.get("hostNetwork") or status.get("phase") in TERMINAL_PHASES or namespace not in namespace_labels:
             continue
         key = IdentityKey.of(namespace, meta.get("labels"), namespace_labels[namespace])

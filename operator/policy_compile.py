@@ -268,7 +268,7 @@ class _PolicyCompiler:
         ]
         types = spec.effective_policy_types()
         for direction, attr, wire, action in _RULE_LISTS:
-            rules: list[IngressRule] | list[EgressRule] = getattr(spec, attr) or []
+            rules: Sequence[IngressRule | EgressRule] = getattr(spec, attr) or []
             if direction not in types:
                 if rules:
                     outcome.warn(f"spec.{wire} is ignored: spec.policyTypes does not include {direction.value}")
@@ -329,7 +329,7 @@ class _PolicyCompiler:
                 outcome.warn(f"{path}.ipBlock: IPv6 is not enforced (the datapath handles IPv4 only)")
             self.blocks.add(block)
             return [block]
-        matched = []
+        matched: list[PeerRef] = []
         for n, info in sorted(self.infos.items()):
             if peer.namespace_selector is None:
                 if info.key.namespace != outcome.namespace:
@@ -656,11 +656,11 @@ def compile_policies(
             if not fault:
                 outcome.error += " (with the ipBlock prefixes of other policies on the node nested in its blocks)"
 
-    for pod, _ in (ep for eps in per_node.values() for ep in eps):
+    for node, pod in ((node, pod) for node, eps in per_node.items() for pod, _ in eps):
         for policy, outcome in valid.values():
             if pod.namespace == outcome.namespace and policy.spec.pod_selector.matches(pod.key.label_map):
                 outcome.selected.add(pod.ref)
-                outcome.nodes.add(pod.node)
+                outcome.nodes.add(node)
 
     refs = set(valid)
     cidr_ids = assign_cidr_identities(

@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -256,8 +256,9 @@ class Reconciler:
             for notice in result.notices:
                 await asyncio.to_thread(self._post, notice)
 
-    def _wrote(self, kind: str, body: Mapping[str, Any]) -> None:
+    def _wrote(self, kind: str, answer: object) -> None:
         """Note an own write: its watch event must not wake the loop, the next pass must see it."""
+        body = cast(Mapping[str, Any], answer)  # the client types its JSON answers `object`
         key = object_key(kind, body)
         self.cache.own.expect(kind, key, str(body["metadata"]["resourceVersion"]))
         self._written.append((kind, key, dict(body)))
@@ -408,11 +409,12 @@ class Reconciler:
             self._wrote("NetworkIdentity", body)
             self.metrics.identity_changes.labels("allocated").inc()
             log.info("identity allocated", extra=extra)
-            return body
+            return cast(dict[str, Any], body)
         except ApiException as exc:
             if exc.status == 409:
                 try:
-                    return self.custom.get_cluster_custom_object(GROUP, VERSION, NETWORK_IDENTITY_PLURAL, str(number))
+                    body = self.custom.get_cluster_custom_object(GROUP, VERSION, NETWORK_IDENTITY_PLURAL, str(number))
+                    return cast(dict[str, Any], body)
                 except ApiException as again:
                     if again.status != 404:
                         raise
@@ -554,7 +556,7 @@ class Reconciler:
             log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec["policy"]})
             return
         meta = node_body.get("metadata") or {}
-        body = {
+        body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": BPF_POLICY_SLICE.kind,
             "metadata": {

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -260,7 +260,7 @@ class PodRig:
             start_new_session=True,
         )
         if self.core is not None:
-            self.core.create_namespaced_pod(pod.namespace, pod_manifest(pod))
+            self.core.create_namespaced_pod(pod.namespace, pod_manifest(pod))  # type: ignore[arg-type]  # sent as is
             status = {
                 "phase": "Running",
                 "podIP": pod.ip,
@@ -318,7 +318,7 @@ class PodRig:
         self.close()
 
 
-def _readline(stream, timeout: float) -> str:
+def _readline(stream: IO[str], timeout: float) -> str:
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
     reader.start()

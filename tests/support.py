@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from kubernetes.client import ApiClient
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -31,7 +32,7 @@ from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.node_daemon import bpf_syscalls as bpf
 
 
-def wait_for(check, timeout: float = 60.0, what: str = "condition", interval: float = 0.2):
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "condition", interval: float = 0.2) -> Any:
     """Poll `check()` until it returns something truthy; fail with `what` and the last value."""
     deadline = time.monotonic() + timeout
     last = None
@@ -175,7 +176,7 @@ class Cluster:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
-    def api(self):
+    def api(self) -> ApiClient:
         return kube.api_client(self.kubeconfig)
 
     @contextmanager
@@ -214,7 +215,7 @@ class Process:
     env: dict[str, str]
     pid: int | None = None
 
-    def start(self) -> Process:
+    def start(self) -> Self:
         self.pid = processes.spawn(self.argv, self.log, self.env)
         return self
 
@@ -264,7 +265,9 @@ def service_account_token(api: Any, name: str, rules: list[dict[str, Any]] | Non
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "default"}],
         }
         create(rbac.create_cluster_role_binding, binding)
-    request = core.create_namespaced_service_account_token(name, "default", {"spec": {"expirationSeconds": 3600}})
+    body = {"spec": {"expirationSeconds": 3600}}
+    request = core.create_namespaced_service_account_token(name, "default", body)  # type: ignore[arg-type]  # sent as is
+    assert request.status is not None and request.status.token, "the apiserver issued no token"
     return request.status.token
 
 
@@ -503,7 +506,7 @@ _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def sockets_in(netns: str, kinds: list[int]) -> list[socket.socket]:
+def sockets_in(netns: str, kinds: Sequence[int]) -> list[socket.socket]:
     """Sockets created inside netns: setns() in a short-lived thread moves only that thread,
     and a socket stays in the namespace it was created in."""
     made: list[list[socket.socket] | BaseException] = []

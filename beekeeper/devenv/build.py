@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from beekeeper.devenv.images import Progress
 from beekeeper.devenv.paths import cache_dir
 
 KUBERNETES_VERSION = "v1.34.4"
@@ -94,7 +95,7 @@ def binaries() -> Binaries:
     return Binaries(k8s / "kube-apiserver", k8s / "kube-controller-manager", k8s / "kubectl", etcd / "etcd")
 
 
-def ensure_built(progress=print) -> Binaries:
+def ensure_built(progress: Progress = print) -> Binaries:
     """Build whatever pinned binary is missing; idempotent and cheap when cached."""
     bins = binaries()
     wanted = (bins.kube_apiserver, bins.kube_controller_manager, bins.kubectl)
@@ -114,7 +115,7 @@ def promtool() -> Path:
     return cache_dir() / "bin" / f"promtool-{PROMETHEUS_MODULE_VERSION}" / "promtool"
 
 
-def ensure_promtool(progress=print) -> Path:
+def ensure_promtool(progress: Progress = print) -> Path:
     """Build promtool (the Prometheus project's own exposition-format checker) once; cached like the control plane."""
     path = promtool()
     if path.exists():
@@ -180,7 +181,7 @@ def node_binaries() -> NodeBinaries:
     return NodeBinaries(node / "kubelet", node / "kube-scheduler", node / "kube-proxy")
 
 
-def ensure_node_built(progress=print) -> NodeBinaries:
+def ensure_node_built(progress: Progress = print) -> NodeBinaries:
     """Build kubelet, kube-scheduler and kube-proxy if missing (cold: minutes, the kubelet most)."""
     bins = node_binaries()
     wanted = (bins.kubelet, bins.kube_scheduler, bins.kube_proxy)
@@ -223,7 +224,7 @@ def kubernetes_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def _go(args: list[str], cwd: Path, progress, what: str, env: dict[str, str] | None = None) -> str:
+def _go(args: list[str], cwd: Path, progress: Progress, what: str, env: dict[str, str] | None = None) -> str:
     if shutil.which("go") is None:
         raise BuildError("`go` is not on PATH: install Go >= 1.24 (the control plane is built from source)")
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", **(env or {})}
@@ -312,7 +313,7 @@ def _build_kubernetes(out: Path, progress, commands: tuple[str, ...] = _KUBERNET
     tmp.rename(out)
 
 
-def _build_etcd(out: Path, progress) -> None:
+def _build_etcd(out: Path, progress: Progress) -> None:
     src = cache_dir() / "src" / f"etcd-{ETCD_VERSION}"
     src.mkdir(parents=True, exist_ok=True)
     (src / "go.mod").write_text(

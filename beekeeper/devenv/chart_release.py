@@ -71,7 +71,7 @@ class ChartRelease:
         return time.monotonic() - started
 
 
-def prepare(rig: RealNode, progress=print) -> ChartRelease:
+def prepare(rig: RealNode, progress: images.Progress = print) -> ChartRelease:
     """Build (or find cached) helm and the project image and import the image into the rig."""
     tools = ensure_chart_tools(progress)
     built = images.build_all(progress)

@@ -35,7 +35,7 @@ def tools() -> ChartTools:
     )
 
 
-def ensure_chart_tools(progress=print) -> ChartTools:
+def ensure_chart_tools(progress: Progress = print) -> ChartTools:
     """Build whichever pinned tool is missing; cheap when both are cached."""
     paths = tools()
     if not paths.helm.exists():

@@ -26,6 +26,7 @@ import yaml
 
 from beekeeper.devenv import build, processes
 from beekeeper.devenv.certs import Pki, ensure_pki
+from beekeeper.devenv.images import Progress
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class ControlPlane:
         state = self.load_state()
         return processes.alive(state.apiserver_pid) and processes.alive(state.etcd_pid) and self._ready(state)
 
-    def start(self, progress=print) -> bool:
+    def start(self, progress: Progress = print) -> bool:
         """Start whatever is not running; idempotent. True when the apiserver was (re)started."""
         if self.running():
             progress(f"[control-plane] already running, kubeconfig {self.kubeconfig}")
@@ -144,7 +145,7 @@ class ControlPlane:
         progress(f"[control-plane] ready; kubeconfig {self.kubeconfig}")
         return True
 
-    def _start_apiserver(self, state: ControlPlaneState, progress=print) -> None:
+    def _start_apiserver(self, state: ControlPlaneState, progress: Progress = print) -> None:
         """Start kube-apiserver on state.apiserver_port over this plane's etcd and wait until it is ready."""
         bins = build.binaries()
         pki = Pki(self.dir / "pki")
@@ -175,6 +176,7 @@ class ControlPlane:
             f"[control-plane] kube-apiserver {build.KUBERNETES_VERSION} pid {state.apiserver_pid} "
             f"on https://{self.options.address}:{state.apiserver_port}"
         )
+        assert state.apiserver_port is not None  # chosen by start() before the first apiserver
         self._write_kubeconfig(pki, state.apiserver_port)
         processes.wait_until(lambda: self._ready(state), "kube-apiserver", 120, state.apiserver_pid, api_log)
 
@@ -185,7 +187,7 @@ class ControlPlane:
             os.killpg(state.apiserver_pid, signal.SIGKILL)
             processes.wait_until(lambda: not processes.alive(state.apiserver_pid), "kube-apiserver killed", 10)
 
-    def restart_apiserver(self, progress=print) -> None:
+    def restart_apiserver(self, progress: Progress = print) -> None:
         """Start kube-apiserver again on the same port and etcd, after kill_apiserver()."""
         state = self.load_state()
         if processes.alive(state.apiserver_pid):

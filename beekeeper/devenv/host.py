@@ -13,6 +13,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from beekeeper.devenv.images import Progress
+
 log = logging.getLogger(__name__)
 
 BPFFS = Path("/sys/fs/bpf")
@@ -24,7 +26,7 @@ def _mounted(path: Path, fstype: str) -> bool:
         return any(line.split()[1] == str(path) and line.split()[2] == fstype for line in mounts)
 
 
-def _mount(path: Path, fstype: str, why: str, progress) -> None:
+def _mount(path: Path, fstype: str, why: str, progress: Progress) -> None:
     if _mounted(path, fstype):
         return
     progress(f"[host] mounting {fstype} at {path}: {why}")
@@ -58,7 +60,7 @@ def _headers_candidates(release: str) -> tuple[Path | None, Path | None]:
     return build, common if common.is_dir() else None
 
 
-def link_kernel_headers(progress=print) -> None:
+def link_kernel_headers(progress: Progress = print) -> None:
     """Point /lib/modules/$(uname -r)/{build,source} at the nearest installed headers."""
     release = platform.release()
     moddir = Path("/lib/modules") / release
@@ -81,7 +83,7 @@ def link_kernel_headers(progress=print) -> None:
             link.symlink_to(target)
 
 
-def prepare_host(progress=print) -> None:
+def prepare_host(progress: Progress = print) -> None:
     """Idempotently make bpffs, tracefs and kernel headers available."""
     if os.geteuid() != 0:
         raise RuntimeError("loading eBPF programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON); run as root")

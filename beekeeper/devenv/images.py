@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from beekeeper.devenv.paths import cache_dir
 
@@ -131,7 +132,7 @@ def _digest(parts: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def _run(argv: list[str], what: str, progress: Progress, **kwargs) -> str:
+def _run(argv: list[str], what: str, progress: Progress, **kwargs: Any) -> str:
     progress(f"[images] {what}: {' '.join(argv)}")
     proc = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if proc.returncode != 0:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeGuard
 
 
 def free_port() -> int:
@@ -38,7 +39,7 @@ def spawn(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> 
     return proc.pid
 
 
-def alive(pid: int | None) -> bool:
+def alive(pid: int | None) -> TypeGuard[int]:
     """True while `pid` runs and is not a zombie."""
     if not pid:
         return False

@@ -31,6 +31,7 @@ from beekeeper.devenv import build, processes, testimages
 from beekeeper.devenv.certs import Pki, ensure_client_cert
 from beekeeper.devenv.controlplane import SERVICE_CIDR, ControlPlane, ControlPlaneOptions
 from beekeeper.devenv.host import prepare_host
+from beekeeper.devenv.images import Progress
 
 HOST_IP = "10.243.0.1"
 APISERVER_PORT = 6443  # HOST_IP is the rig's alone (one rig per machine), so a fixed port is free
@@ -111,7 +112,7 @@ class RealNode:
 
     # --- up -----------------------------------------------------------------------------------
 
-    def up(self, progress=print, lock_wait: float = 0) -> RigState:
+    def up(self, progress: Progress = print, lock_wait: float = 0) -> RigState:
         """Bring the whole node up (building what is missing) and wait until it is Ready."""
         if self.running():
             progress(f"[realnode] already running; kubeconfig {self.kubeconfig}")
@@ -156,7 +157,7 @@ class RealNode:
         )
         return state
 
-    def _start_namespaces(self, state: RigState, lock_wait: float, progress) -> None:
+    def _start_namespaces(self, state: RigState, lock_wait: float, progress: Progress) -> None:
         """A process holding the rig's mount + network namespaces and the machine-wide rig lock."""
         for path in _PRIVATE_DIRS:
             if not path.exists():
@@ -327,7 +328,7 @@ class RealNode:
 
     # --- down ---------------------------------------------------------------------------------
 
-    def down(self, progress=print) -> None:
+    def down(self, progress: Progress = print) -> None:
         """Stop everything and remove what `up` made: processes, namespaces, links, cgroups, dirs."""
         state = self.load_state()
         if any((state.lock_pid, state.holder_pid, state.created_dirs)):
@@ -365,7 +366,7 @@ class RealNode:
         """SIGKILL every process in the rig's pod cgroups until they are empty (containers)."""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            pids = set()
+            pids: set[int] = set()
             for hierarchy in _hierarchies():
                 for cgroup in _subtree(hierarchy / CGROUP_ROOT):
                     with contextlib.suppress(OSError):

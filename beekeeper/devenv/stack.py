@@ -22,6 +22,7 @@ from beekeeper.devenv import build, processes
 from beekeeper.devenv.certs import Pki, ensure_serving_cert
 from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.devenv.host import BPFFS, prepare_host
+from beekeeper.devenv.images import Progress
 from beekeeper.devenv.paths import state_dir
 
 
@@ -64,7 +65,7 @@ class DevEnvironment:
         self.root.mkdir(parents=True, exist_ok=True)
         self._file.write_text(json.dumps(asdict(components), indent=2))
 
-    def up(self, progress=print) -> None:
+    def up(self, progress: Progress = print) -> None:
         """Start what is not running yet; safe to run again."""
         from beekeeper.crds.generate import crd_manifests
 
@@ -122,7 +123,7 @@ class DevEnvironment:
         self._save(components)
         progress(self.status())
 
-    def down(self, progress=print) -> None:
+    def down(self, progress: Progress = print) -> None:
         """Stop every process `up` started; cached binaries and PKI stay for a fast next start."""
         self._stop_components(self._load(), progress)
         pins = bpffs_root(self.root)
@@ -150,7 +151,7 @@ class DevEnvironment:
             series.sort(key=lambda line: float(line.rsplit(" ", 1)[-1]), reverse=True)
         return "\n".join(series[:top] if top else series)
 
-    def _stop_components(self, components: Components, progress) -> None:
+    def _stop_components(self, components: Components, progress: Progress) -> None:
         for node, pid in components.node_daemons.items():
             if processes.alive(pid):
                 progress(f"[stop] node daemon {node} (pid {pid}); its programs stay attached (pinned)")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beekeeper.devenv.build import BuildError
-from beekeeper.devenv.images import write_oci_archive
+from beekeeper.devenv.images import Progress, write_oci_archive
 from beekeeper.devenv.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("testpod")
@@ -35,7 +35,7 @@ class ImageSpec:
 IMAGES = (ImageSpec(PAUSE_IMAGE, ["/testpod", "pause"]), ImageSpec(TESTPOD_IMAGE, ["/testpod"]))
 
 
-def ensure_archives(progress=print) -> list[Path]:
+def ensure_archives(progress: Progress = print) -> list[Path]:
     """Build the testpod binary and one OCI archive per image, once per source version."""
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(SOURCE.iterdir()))).hexdigest()[:16]
     out = cache_dir() / "images" / f"testpod-{digest}"

@@ -201,3 +201,29 @@ def test_without_a_policy_datapath_a_policy_is_reported_as_not_enforced() -> Non
     assert written["networkPolicy"]["enforcing"] is False and written["networkPolicy"]["endpoints"] == 1
     assert written["networkPolicy"]["message"] == "disabled here"
     assert written["conditions"][0]["reason"] == "PolicyNotEnforced"
+
+
+def test_an_invalid_spec_entry_keeps_its_transition_time(agent) -> None:
+    """A program entry the daemon cannot parse stays Failed across passes; its lastTransitionTime must not
+    move on every resync (it did: each pass stamped it anew, so each resync rewrote the status)."""
+    node, policy, api = agent
+    policy.status = None
+    invalid = {"bpfProgram": "broken", "programs": [{"name": "p"}]}  # no contentHash, source, ...
+    earlier = {
+        "bpfProgram": "broken",
+        "name": "p",
+        "phase": "Failed",
+        "reason": "InvalidSpec",
+        "message": "whatever was written before",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    state = nodestate(1)
+    state["spec"]["programs"] = [invalid]
+    state["status"] = {"programs": [earlier]}
+    node.reconcile(state)
+    (entry,) = api.patches[-1]["programs"]
+    assert entry["reason"] == "InvalidSpec" and entry["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+    patches = len(api.patches)
+    node.reconcile(state, resync=True)
+    assert len(api.patches) == patches, "an unchanged status is not written again"
