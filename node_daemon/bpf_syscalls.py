@@ -15,9 +15,9 @@ import ctypes as ct
 import errno
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self
 
 _libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
 _libc = ct.CDLL(None, use_errno=True)
