@@ -1,7 +1,7 @@
 """Kubernetes Events about status transitions of BpfPrograms and NetworkIdentityPolicies.
 
 `kubectl describe` shows Events as a table, one row per event: the message is kept to one
-line (the full text, e.g. a compiler's output, stays on the object's status). An event is
+short line (the full text, e.g. a compiler's output, stays on the object's status). An event is
 named after what it announces (object uid, generation, type, reason, message), so
 
 - the same transition again within one operator run bumps `count` and `lastTimestamp` of
@@ -55,14 +55,12 @@ class Notice:
 
 
 def one_line(message: str, limit: int = MESSAGE_MAX) -> str:
-    """The first non-empty line, shortened to `limit` characters; says so when text was left out."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    first = lines[0] if lines else ""
-    cut = len(lines) > 1 or len(first) > limit
-    suffix = " (more in status)"
-    if not cut:
-        return first
-    return first[: limit - len(suffix)].rstrip() + suffix
+    """The message's lines joined by "; " and shortened to `limit` characters (saying so when shortened)."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    suffix = " ... (full text in status)"
+    if len(text) <= limit:
+        return text
+    return text[: limit - len(suffix)].rstrip() + suffix
 
 
 def program_notice(body: Mapping[str, Any], status: Mapping[str, Any]) -> Notice:

@@ -126,3 +126,19 @@ def test_uninstall_cleanup_is_a_pre_delete_hook_only() -> None:
     hooks = {key for key, obj in objects.items() if "helm.sh/hook" in obj["metadata"].get("annotations", {})}
     assert all(objects[key]["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" for key in hooks)
     assert not by_kind(render("beekeeper-system", "uninstall.cleanup=false")).keys() & hooks
+
+
+def test_argocd_health_checks_are_offered_under_argocd_cm_keys() -> None:
+    """Off by default; on, a ConfigMap whose keys are argocd-cm's and whose values are the scripts, byte for byte."""
+    assert not [
+        d for d in documents(render("beekeeper-system")) if d["metadata"]["name"].endswith("argocd-health-checks")
+    ]
+    objects = by_kind(render("beekeeper-system", "argocd.healthChecks.configMap=true"))
+    data = objects["ConfigMap", "beekeeper-argocd-health-checks"]["data"]
+    scripts = CHART / "argocd" / "resource_customizations" / "beekeeper.dev"
+    assert data == {
+        f"resource.customizations.health.beekeeper.dev_{kind}": (scripts / kind / "health.lua").read_text()
+        for kind in ("BpfProgram", "NetworkIdentityPolicy")
+    }
+    operator = objects["Deployment", "beekeeper-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in operator["env"]

@@ -20,12 +20,14 @@ def cond(type_: str, status: str, reason: str, message: str = "") -> dict:
     return {"type": type_, "status": status, "reason": reason, "message": message}
 
 
-def test_one_line_keeps_the_first_line_and_says_there_is_more() -> None:
-    assert one_line(COMPILER_OUTPUT) == "main.c:2:12: error: use of undeclared identifier 'x' (more in status)"
+def test_one_line_joins_lines_and_says_when_it_shortened() -> None:
+    assert one_line(COMPILER_OUTPUT) == (
+        "main.c:2:12: error: use of undeclared identifier 'x'; return x;; ^; 1 error generated."
+    )
     assert one_line("attached on 1/1 nodes") == "attached on 1/1 nodes"
     assert one_line("\n\n  x  \n") == "x"
     long = one_line("y" * 1000, limit=100)
-    assert len(long) == 100 and long.endswith("(more in status)") and "\n" not in long
+    assert len(long) == 100 and long.endswith("(full text in status)") and "\n" not in long
 
 
 def test_degraded_program_announces_a_warning_with_the_degraded_message() -> None:
@@ -73,5 +75,5 @@ def test_policy_events_on_validity_and_ready_reason_changes_only() -> None:
     assert policy_notice(body(namespace="shop"), more_nodes, enforced) is None
     broken = policy_notice(body(2, namespace="shop"), invalid, enforced)
     assert broken is not None and (broken.type, broken.reason) == ("Warning", "InvalidSpec")
-    assert one_line(broken.message) == "spec.ingress[0]: bad (more in status)"
+    assert one_line(broken.message) == "spec.ingress[0]: bad; more"
     assert policy_notice(body(namespace="shop"), {}, None) is None
