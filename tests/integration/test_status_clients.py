@@ -23,7 +23,7 @@ import pytest
 import yaml
 from kubernetes import client
 from status_clients import CUSTOMIZATIONS, health, kstatus
-from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_bpfprogram, wait_for
+from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_bpfprogram, running_pod, wait_for
 
 from beekeeper import kube
 from beekeeper.crds.identity import NAMESPACE_LABEL
@@ -216,16 +216,6 @@ def policy(namespace: str, name: str, ports: list[int] | None = None, app: str =
     }
 
 
-def pod(core: client.CoreV1Api, namespace: str, name: str, app: str, node: str, ip: str) -> None:
-    body = {
-        "metadata": {"name": name, "labels": {"app": app}},
-        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}]},
-    }
-    core.create_namespaced_pod(namespace, body)
-    status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
-    core.patch_namespaced_pod_status(name, namespace, status)
-
-
 def test_networkidentitypolicy_states_as_kstatus_argocd_and_kubectl_read_them(
     plane: Cluster, operator: OperatorProcess
 ) -> None:
@@ -235,8 +225,8 @@ def test_networkidentitypolicy_states_as_kstatus_argocd_and_kubectl_read_them(
     plane.kubectl("create", "namespace", ns)
     node = f"no-daemon-{uuid.uuid4().hex[:6]}"  # no daemon: policies on it keep waiting
     kube.register_node(plane.api(), node)
-    pod(core, ns, "backend", "backend", node, "10.230.0.1")
-    pod(core, ns, "frontend", "frontend", node, "10.230.0.2")
+    running_pod(core, ns, "backend", "backend", node, "10.230.0.1")
+    running_pod(core, ns, "frontend", "frontend", node, "10.230.0.2")
 
     def get(name: str) -> dict[str, Any]:
         return custom.get_namespaced_custom_object(GROUP, VERSION, ns, NETWORK_IDENTITY_POLICY_PLURAL, name)
@@ -273,7 +263,7 @@ def test_networkidentitypolicy_states_as_kstatus_argocd_and_kubectl_read_them(
     # The same transition again in one run is one event with a count of 2.
     core.delete_namespaced_pod("backend", ns, grace_period_seconds=0)
     wait_for(lambda: get("waiting")["status"]["selectedEndpoints"] == 0, 30, "the backend pod gone")
-    pod(core, ns, "backend", "backend", node, "10.230.0.1")
+    running_pod(core, ns, "backend", "backend", node, "10.230.0.1")
     wait_for(lambda: get("waiting")["status"]["selectedEndpoints"] == 1, 30, "the backend pod back")
     waiting_events = wait_for(
         lambda: (e := events_of(core, ns, "waiting")) and max(c for _, c, _ in e.values()) == 2 and e,
