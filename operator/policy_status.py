@@ -104,7 +104,7 @@ def aggregate(
         ("Valid", valid, valid_reason, valid_message),
         ("Ready", ready, ready_reason, ready_message),
         ("Reconciling", reconciling, ready_reason, ready_message if reconciling else ""),
-        ("Stalled", stalled, valid_reason if not valid else ready_reason, ready_message if stalled else ""),
+        ("Stalled", stalled, ready_reason, (valid_message if not valid else ready_message) if stalled else ""),
     ):
         new = Condition(
             type=type_,

@@ -21,10 +21,14 @@ for _, condition in ipairs(obj.status.conditions or {}) do
   found[condition.type] = condition
 end
 local function said(condition)
-  if condition.message ~= nil and condition.message ~= "" then
-    return condition.reason .. ": " .. condition.message
+  local message = condition.message or ""
+  if message == "" then
+    return condition.reason
   end
-  return condition.reason
+  if string.sub(message, 1, string.len(condition.reason)) == condition.reason then
+    return message
+  end
+  return condition.reason .. ": " .. message
 end
 if found.Stalled ~= nil and found.Stalled.status == "True" then
   hs.status = "Degraded"
