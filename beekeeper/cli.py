@@ -48,6 +48,7 @@ def _dev(args: argparse.Namespace) -> int:
             print(build.ensure_built(_progress))
             print(build.ensure_node_built(_progress))
             print(build.ensure_promlint(_progress))
+            print(build.ensure_kstatus(_progress))
         case "cluster":
             return _dev_cluster(args)
         case "build-promtool":

@@ -24,10 +24,13 @@ from beekeeper.crds.common import (
     cel,
     cel_list,
     cel_str,
+    condition_column,
     conditions_field,
     human_list,
     list_map,
     list_set,
+    observed_generation_field,
+    status_field,
     validations,
 )
 from beekeeper.crds.names import BPF_PROGRAM
@@ -823,10 +826,10 @@ class ImageStatus(ApiModel):
 class BpfProgramStatus(ApiModel):
     """Observed state aggregated by the operator from every selected node's BpfNodeState."""
 
-    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
+    observed_generation: int = observed_generation_field()
     conditions: list[Condition] | None = conditions_field(
         ["Ready", "Progressing", "Degraded", "Reconciling", "Stalled"],
-        "Reconciling and Stalled mirror Progressing and Degraded for kstatus (Flux, Argo CD, kpt).",
+        "Reconciling and Stalled mirror Progressing and Degraded for kstatus (Flux, kpt).",
     )
     nodes: NodeCounts | None = Field(None, description="Node counts.")
     ready: str | None = Field(None, max_length=32, description="ready/selected nodes, e.g. 2/3 (for kubectl get).")
@@ -853,9 +856,12 @@ class BpfProgram(Resource):
     printer_columns: ClassVar = (
         PrinterColumn("Ready", ".status.ready", "string", "Nodes ready / nodes selected"),
         PrinterColumn("Status", ".status.phase", "string", "Ready, Progressing, Degraded or Deleting"),
+        PrinterColumn("Failed", ".status.nodes.failed", "integer", "Selected nodes where a program failed", 1),
+        condition_column("Reason", "Degraded", "Why it is degraded, e.g. CompileError", 1, "reason"),
+        PrinterColumn("Types", ".spec.programs[*].type", "string", "Program types (xdp, tc, tracepoint, ...)", 1),
         AGE_COLUMN,
     )
 
     kind: Literal["BpfProgram"] = Field("BpfProgram", description="BpfProgram")
     spec: BpfProgramSpec = Field(description="What code runs where.")
-    status: BpfProgramStatus | None = Field(None, description="Aggregated state across nodes, written by the operator.")
+    status: BpfProgramStatus | None = status_field("Aggregated state across nodes, written by the operator.")

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 from pydantic.alias_generators import to_camel
 
 from beekeeper.crds.names import ResourceNames
+from beekeeper.crds.schema import SERVER_DEFAULT
 
 # --------------------------------------------------------------------------------------
 # Base model
@@ -408,9 +409,29 @@ class PrinterColumn:
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
 
 
-def condition_column(name: str, type_: str, description: str, priority: int = 0) -> PrinterColumn:
-    """A column showing one condition's status (True/False/Unknown)."""
-    return PrinterColumn(name, f'.status.conditions[?(@.type=="{type_}")].status', "string", description, priority)
+def status_field(description: str) -> Any:
+    """A resource's `status`, stored as `{observedGeneration: 0}` from creation on (the schema defaults both).
+
+    Without it a new object has no status until the operator writes one, and kstatus (Flux,
+    kpt) then computes Current for it: a broken object would pass a health check while the
+    operator is down or has not got to it yet. With generation 1 and observedGeneration 0
+    it reads InProgress, as does the Argo CD health script.
+    """
+    return Field(None, description=description, json_schema_extra={SERVER_DEFAULT: {}})
+
+
+def observed_generation_field() -> Any:
+    """`status.observedGeneration`, defaulted to 0 by the apiserver: "not looked at yet" (see status_field)."""
+    return Field(
+        0, ge=0, description="metadata.generation this status describes; 0 until the operator first looked at it."
+    )
+
+
+def condition_column(
+    name: str, type_: str, description: str, priority: int = 0, field: str = "status"
+) -> PrinterColumn:
+    """A column showing one field of one condition: its status (True/False/Unknown) or its reason."""
+    return PrinterColumn(name, f'.status.conditions[?(@.type=="{type_}")].{field}', "string", description, priority)
 
 
 class Resource(ApiModel):

@@ -14,6 +14,8 @@ from pydantic import ConfigDict, Field
 from beekeeper.crds.common import AGE_COLUMN, ApiModel, DnsLabel, PrinterColumn, Resource, cel, validations
 from beekeeper.crds.names import NETWORK_IDENTITY
 
+NAMESPACE_LABEL = "beekeeper.dev/namespace"
+"""Label of every NetworkIdentity the operator creates: its pods' namespace, for `kubectl get nid -l`."""
 MIN_POD_IDENTITY = 256
 MAX_POD_IDENTITY = (1 << 24) - 1
 
@@ -39,9 +41,11 @@ class NetworkIdentity(Resource):
 
     names: ClassVar = NETWORK_IDENTITY
     printer_columns: ClassVar = (
-        PrinterColumn("Namespace", ".spec.namespace", "string", "Namespace of the pods"),
+        PrinterColumn("Pod-Namespace", ".spec.namespace", "string", "Namespace of the pods"),
         AGE_COLUMN,
     )
+    selectable_fields: ClassVar = (".spec.namespace",)
+    """`kubectl get nid --field-selector spec.namespace=x`; cluster-scoped, so `-n x` would list them all."""
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(

@@ -25,6 +25,8 @@ from beekeeper.crds.common import (
     condition_column,
     conditions_field,
     list_set,
+    observed_generation_field,
+    status_field,
     validations,
 )
 from beekeeper.crds.names import NETWORK_IDENTITY_POLICY
@@ -350,8 +352,12 @@ class NetworkIdentityPolicySpec(ApiModel):
 class NetworkIdentityPolicyStatus(ApiModel):
     """Observed state, written by the operator."""
 
-    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
-    conditions: list[Condition] | None = conditions_field(["Valid", "Ready"])
+    observed_generation: int = observed_generation_field()
+    conditions: list[Condition] | None = conditions_field(
+        ["Valid", "Ready", "Reconciling", "Stalled"],
+        "Reconciling (nodes still converging) and Stalled (invalid, or refused by the API) are for kstatus "
+        "(Flux, kpt); Ready is for `kubectl wait`.",
+    )
     selected_endpoints: int | None = Field(None, ge=0, description="Pods currently selected by podSelector.")
     nodes_enforcing: int | None = Field(
         None, ge=0, description="Nodes whose datapath enforces the current generation for selected pods."
@@ -371,9 +377,13 @@ class NetworkIdentityPolicy(Resource):
         condition_column("Ready", "Ready", "Whether every node enforces the current generation"),
         PrinterColumn("Endpoints", ".status.selectedEndpoints", "integer", "Pods selected by podSelector"),
         PrinterColumn("Nodes", ".status.nodesEnforcing", "integer", "Nodes enforcing the policy"),
+        condition_column(
+            "Reason", "Ready", "Why it is (not) ready, e.g. NodesNotEnforcing", field="reason", priority=1
+        ),
+        PrinterColumn("Types", ".spec.policyTypes", "string", "Directions isolated, when given", 1),
         AGE_COLUMN,
     )
 
     kind: Literal["NetworkIdentityPolicy"] = Field("NetworkIdentityPolicy", description="NetworkIdentityPolicy")
     spec: NetworkIdentityPolicySpec = Field(description="Selected pods and their allowed and denied traffic.")
-    status: NetworkIdentityPolicyStatus | None = Field(None, description="Observed state, written by the operator.")
+    status: NetworkIdentityPolicyStatus | None = status_field("Observed state, written by the operator.")

@@ -607,8 +607,12 @@ class BpfNodeState(Resource):
     names: ClassVar = BPF_NODE_STATE
     printer_columns: ClassVar = (
         PrinterColumn("Programs", ".status.attached", "string", "Attached functions / functions in spec"),
-        condition_column("Ready", "Ready", "Whether the node runs everything in spec", priority=1),
+        condition_column("Ready", "Ready", "Whether the node runs everything in spec"),
         PrinterColumn("Kernel", ".status.capabilities.kernelVersion", "string", "Kernel release of the node"),
+        condition_column("Reason", "Ready", "Why it is or is not ready", 1, "reason"),
+        PrinterColumn(
+            "Policy", ".status.networkPolicy.enforcing", "boolean", "Whether the policy datapath enforces", 1
+        ),
         AGE_COLUMN,
     )
     model_config = ConfigDict(

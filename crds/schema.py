@@ -16,6 +16,13 @@ from typing import Any
 from pydantic import BaseModel
 
 VALIDATIONS = "x-kubernetes-validations"
+SERVER_DEFAULT = "x-beekeeper-server-default"
+"""A `json_schema_extra` key whose value becomes the node's `default` as is, objects included.
+
+Object defaults are otherwise dropped (they would materialise in every stored object); this
+is for the few that must, like `status: {}` so that `status.observedGeneration: 0` is stored
+on create and kstatus reads a new object as InProgress rather than Current.
+"""
 
 # Keywords copied through unchanged (after their children are converted).
 _PASSTHROUGH = {
@@ -143,10 +150,14 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
             continue
         if key == "const":
             out["enum"] = [value]
+        elif key == SERVER_DEFAULT:
+            out["default"] = value
+        elif key == "description":
+            out[key] = reflow(value)
         elif key == "default":
             # Server-side defaults only for scalars: an empty list or object default would
             # materialise in every stored object and in every diff.
-            if value is not None and not isinstance(value, list | dict):
+            if SERVER_DEFAULT not in node and value is not None and not isinstance(value, list | dict):
                 out["default"] = value
         elif key in ("exclusiveMinimum", "exclusiveMaximum"):
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
@@ -169,6 +180,24 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str,
     if out.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
     return _ordered(out)
+
+
+def reflow(text: str) -> str:
+    """Docstring line breaks undone: `kubectl explain` wraps text itself, so a hard break reads mid-sentence.
+
+    Paragraphs (blank-line separated) and lines starting a list item (`- `, `* `) keep their break.
+    """
+    paragraphs = []
+    for paragraph in text.strip().split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            line = line.strip()
+            if lines and not line.startswith(("- ", "* ")):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
 
 
 _RULE_KEYS = ("rule", "message", "messageExpression", "fieldPath", "reason", "optionalOldSelf")

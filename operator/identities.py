@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from beekeeper.crds.identity import MAX_POD_IDENTITY, MIN_POD_IDENTITY, NetworkIdentity
+from beekeeper.crds.identity import MAX_POD_IDENTITY, MIN_POD_IDENTITY, NAMESPACE_LABEL, NetworkIdentity
 
 GC_GRACE_ENV = "BEEKEEPER_IDENTITY_GC_SECONDS"
 DEFAULT_GC_GRACE_SECONDS = 60.0
@@ -173,6 +173,9 @@ def identity_body(number: int, key: IdentityKey) -> dict[str, Any]:
     return {
         "apiVersion": NetworkIdentity.model_fields["api_version"].default,
         "kind": NetworkIdentity.names.kind,
-        "metadata": {"name": str(number), "labels": {"app.kubernetes.io/managed-by": "beekeeper"}},
+        "metadata": {
+            "name": str(number),
+            "labels": {"app.kubernetes.io/managed-by": "beekeeper", NAMESPACE_LABEL: key.namespace},
+        },
         "spec": key.spec(),
     }

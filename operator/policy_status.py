@@ -1,11 +1,15 @@
 """NetworkIdentityPolicy.status from compilation and the nodes' reports: pure aggregation.
 
 Valid says whether the spec could be compiled (and carries warnings about parts that cannot
-take effect); Ready says whether every node with a selected endpoint runs the state written
+take effect). Ready says whether every node with a selected endpoint runs the state written
 for it: its daemon reports status.networkPolicy.enforcing with the observedRevision of the
 spec.networkPolicy the operator wrote. The revision is the policy's own: a BpfProgram
 change on the node moves metadata.generation but not it, so Ready does not dip for it.
 (A daemon that reports no revision is compared by generation, as before.)
+
+Reconciling (nodes still converging) and Stalled (invalid, or a write the API refuses:
+waiting will not fix it) are the conditions kstatus reads, so Flux and kpt report a broken
+policy as Failed instead of waiting for their timeout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 from beekeeper.crds.common import Condition, set_condition
 from beekeeper.operator.policy_compile import PolicyOutcome
 
+STALLED_READY_REASONS = frozenset({"NodeStateNotWritten"})
+"""Ready reasons that do not resolve by waiting: the API refused what the operator must write."""
 MAX_LISTED = 5
 MAX_MESSAGE = 1024
 
@@ -92,9 +98,13 @@ def aggregate(
         n for n in outcome.nodes if n in nodes and nodes[n].enforcing and not nodes[n].slice_errors.get(outcome.ref)
     )
     ready, ready_reason, ready_message = _ready(outcome, nodes, enforcing)
+    stalled = not valid or ready_reason in STALLED_READY_REASONS
+    reconciling = not ready and not stalled
     for type_, value, reason, message in (
         ("Valid", valid, valid_reason, valid_message),
         ("Ready", ready, ready_reason, ready_message),
+        ("Reconciling", reconciling, ready_reason, ready_message if reconciling else ""),
+        ("Stalled", stalled, ready_reason, (valid_message if not valid else ready_message) if stalled else ""),
     ):
         new = Condition(
             type=type_,

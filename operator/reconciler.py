@@ -21,7 +21,6 @@ the loop itself restarts it, and both show on the health endpoint (health.py).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import time
@@ -56,6 +55,7 @@ from beekeeper.crds.runtimesecurity import RuntimeSecurityPolicyStatus
 from beekeeper.operator import image_resolver, policy_status, runtime_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
 from beekeeper.operator.desired_state import node_programs, place
+from beekeeper.operator.events import EventRecorder, Notice, policy_notice, program_notice
 from beekeeper.operator.health import Health
 from beekeeper.operator.identities import (
     IdentityKey,
@@ -83,16 +83,6 @@ IDENTITY_ALLOCATION_ROUNDS = 5
 """Re-plans after 409 conflicts (another writer took a number) before a pass gives up on the rest."""
 NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "slices")
 """spec.networkPolicy lists; the operator writes all of them (a merge patch replaces only what it names)."""
-
-
-@dataclass
-class Notice:
-    """A Kubernetes Event about a BpfProgram transition (shown by `kubectl describe`)."""
-
-    body: Mapping[str, Any]
-    type: str
-    reason: str
-    message: str
 
 
 @dataclass
@@ -179,6 +169,7 @@ class Reconciler:
         self.metrics = metrics or OperatorMetrics()
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
+        self.events = EventRecorder(self.core)
         self.identity_gc_grace = gc_grace_seconds()
         self.expansion_budget = expansion_budget()
         self.images = image_resolver.from_environment()
@@ -254,7 +245,7 @@ class Reconciler:
             wait = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
             due_at = time.monotonic() + wait
             for notice in result.notices:
-                await asyncio.to_thread(self._post, notice)
+                await asyncio.to_thread(self.events.post, notice)
 
     def _wrote(self, kind: str, answer: object) -> None:
         """Note an own write: its watch event must not wake the loop, the next pass must see it."""
@@ -342,16 +333,17 @@ class Reconciler:
                 continue
             self._patch_status(placement.name, status)
             if status["phase"] != previous.get("phase"):
-                result.notices.append(self._notice(body, status))
+                result.notices.append(program_notice(body, status))
 
-        previous_policy_status = {
-            f"{b['metadata']['namespace']}/{b['metadata']['name']}": b.get("status") for b in snapshot.policies
-        }
+        policy_bodies = {f"{b['metadata']['namespace']}/{b['metadata']['name']}": b for b in snapshot.policies}
         for ref, outcome in compiled.policies.items():
-            previous = previous_policy_status.get(ref)
+            previous = policy_bodies[ref].get("status") if ref in policy_bodies else None
             status = policy_status.aggregate(outcome, enforcement, previous, now)
             if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
                 self._patch_policy_status(outcome.namespace, outcome.name, status)
+                notice = policy_notice(policy_bodies[ref], status, previous) if ref in policy_bodies else None
+                if notice is not None:
+                    result.notices.append(notice)
 
         reported_runtime = {n: (b.get("status") or {}).get("runtimeSecurity") for n, b in nodestates.items()}
         previous_runtime_status = {
@@ -467,41 +459,6 @@ class Reconciler:
                 return
             raise
         self._wrote("BpfProgram", written)
-
-    def _post(self, notice: Notice) -> None:
-        """Create a core/v1 Event; events of cluster-scoped objects live in `default`, as kubectl expects."""
-        meta = notice.body["metadata"]
-        now = dt.datetime.now(dt.UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace="default"),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{VERSION}", kind="BpfProgram", name=meta["name"], uid=meta.get("uid")
-            ),
-            type=notice.type,
-            reason=notice.reason,
-            message=notice.message[:1024],
-            source=client.V1EventSource(component="beekeeper-operator"),
-            reporting_component="beekeeper.dev/operator",
-            reporting_instance="beekeeper-operator",
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        try:
-            self.core.create_namespaced_event("default", event)
-        except ApiException as exc:
-            log.warning("posting event failed", extra={"reason": notice.reason, "status": exc.status})
-        except Exception as exc:  # transport errors: an Event is informational, the status already says it
-            log.warning("posting event failed", extra={"reason": notice.reason, "error": str(exc)[:300]})
-
-    def _notice(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> Notice:
-        phase = status["phase"]
-        cond = {c["type"]: c for c in status["conditions"]}
-        if phase == "Degraded":
-            return Notice(body, "Warning", "Degraded", cond["Degraded"]["message"])
-        if phase == "Ready":
-            return Notice(body, "Normal", "Ready", cond["Ready"]["message"])
-        return Notice(body, "Normal", phase, cond["Ready"]["message"])
 
     def _write_slices(
         self,

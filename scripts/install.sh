@@ -15,6 +15,8 @@ PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iprout
     debootstrap buildah skopeo nftables)
 # The real-node test rig: container runtime, CNI plugins (ptp).
 PACKAGES+=(containerd runc containernetworking-plugins)
+# Lua 5.1 (what Argo CD's gopher-lua implements): the tests run the chart's Argo CD health scripts.
+PACKAGES+=(lua5.1)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -79,6 +79,19 @@ def node_bpfprogram(name: str, node: str, source: str, programs: list[dict[str, 
     }
 
 
+def running_pod(
+    core: Any, namespace: str, name: str, app: str, node: str, ip: str, ports: list[dict[str, Any]] | None = None
+) -> None:
+    """A Pod object labelled app=`app` on `node` with status Running and `ip`, as a kubelet would report it."""
+    container: dict[str, Any] = {"name": "c", "image": "registry.k8s.io/pause:3.9"}
+    if ports:
+        container["ports"] = ports
+    body = {"metadata": {"name": name, "labels": {"app": app}}, "spec": {"nodeName": node, "containers": [container]}}
+    core.create_namespaced_pod(namespace, body)
+    status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
+    core.patch_namespaced_pod_status(name, namespace, status)
+
+
 def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     """The node's spec.networkPolicy with the BpfPolicySlices it lists folded in, as its daemon reads them.
 

@@ -29,6 +29,8 @@ PROMETHEUS_MODULE_VERSION = "v0.316.0"
 """github.com/prometheus/prometheus's Go module version (Prometheus 3.x is tagged v0.3xx.y); for promtool."""
 PROMLINT_SOURCE = Path(__file__).with_name("promlint")
 """main.go and go.mod (client_golang pinned there) of the exposition checker the tests run."""
+KSTATUS_SOURCE = Path(__file__).with_name("kstatus")
+"""A small command over sigs.k8s.io/cli-utils' kstatus (pinned with its go.sum there): Flux's and kpt's health."""
 
 # The controller manager runs only the namespace and garbage-collector controllers, so
 # namespaces really go away and ownerReferences are honoured as on a real cluster.
@@ -169,6 +171,30 @@ def ensure_promlint(progress=print) -> Path:
             src,
             progress,
             "build promlint",
+        )
+        shutil.rmtree(path.parent, ignore_errors=True)
+        tmp.rename(path.parent)
+    return path
+
+
+def kstatus() -> Path:
+    """Where the kstatus command for the current source lives (whether or not it is built yet)."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(KSTATUS_SOURCE.iterdir()))).hexdigest()[:16]
+    return cache_dir() / "bin" / f"kstatus-{digest}" / "kstatus"
+
+
+def ensure_kstatus(progress=print) -> Path:
+    """Build the kstatus command once per source version (modules from the proxy, verified by its go.sum)."""
+    path = kstatus()
+    if not path.exists():
+        tmp = path.parent.with_name(path.parent.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        _go(
+            ["build", "-C", str(KSTATUS_SOURCE), "-trimpath", "-ldflags", "-s -w", "-o", str(tmp / "kstatus"), "."],
+            KSTATUS_SOURCE,
+            progress,
+            "build kstatus (sigs.k8s.io/cli-utils)",
+            {"GOFLAGS": "-mod=readonly"},
         )
         shutil.rmtree(path.parent, ignore_errors=True)
         tmp.rename(path.parent)

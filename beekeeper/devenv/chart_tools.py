@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beekeeper.devenv.build import go_install
+from beekeeper.devenv.images import Progress
 from beekeeper.devenv.paths import cache_dir
 
 HELM_VERSION = "v3.22.0"

@@ -163,3 +163,19 @@ def test_image_verification_mounts_keys_and_registry_ca_without_secret_rbac() ->
     assert result.returncode != 0 and "verificationKeys" in result.stderr
     result = helm("template", "x", str(CHART), "--set", "bytecodeImages.verification=maybe", check=False)
     assert result.returncode != 0 and "verification" in result.stderr
+
+
+def test_argocd_health_checks_are_offered_under_argocd_cm_keys() -> None:
+    """Off by default; on, a ConfigMap whose keys are argocd-cm's and whose values are the scripts, byte for byte."""
+    assert not [
+        d for d in documents(render("beekeeper-system")) if d["metadata"]["name"].endswith("argocd-health-checks")
+    ]
+    objects = by_kind(render("beekeeper-system", "argocd.healthChecks.configMap=true"))
+    data = objects["ConfigMap", "beekeeper-argocd-health-checks"]["data"]
+    scripts = CHART / "argocd" / "resource_customizations" / "beekeeper.dev"
+    assert data == {
+        f"resource.customizations.health.beekeeper.dev_{kind}": (scripts / kind / "health.lua").read_text()
+        for kind in ("BpfProgram", "NetworkIdentityPolicy")
+    }
+    operator = objects["Deployment", "beekeeper-operator"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in operator["env"]

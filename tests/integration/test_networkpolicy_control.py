@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from support import node_network_policy, wait_for
+from support import node_network_policy, running_pod, wait_for
 
 from beekeeper import kube
 from beekeeper.crds.names import (
@@ -63,16 +63,7 @@ class Api:
         self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
     def create_pod(self, name: str, app: str, node: str, ip: str, ports: list[dict[str, Any]]) -> None:
-        body = {
-            "metadata": {"name": name, "labels": {"app": app}},
-            "spec": {
-                "nodeName": node,
-                "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9", "ports": ports}],
-            },
-        }
-        self.core.create_namespaced_pod(self.namespace, body)
-        status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
-        self.core.patch_namespaced_pod_status(name, self.namespace, status)
+        running_pod(self.core, self.namespace, name, app, node, ip, ports)
 
 
 @pytest.fixture
@@ -173,7 +164,12 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
 
     st = wait_for(status, 30, "policy status")
     conditions = {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]}
-    assert conditions == {"Valid": ("True", "Accepted"), "Ready": ("False", "NodesNotEnforcing")}  # no daemon here
+    assert conditions == {  # no daemon here: converging, not stuck
+        "Valid": ("True", "Accepted"),
+        "Ready": ("False", "NodesNotEnforcing"),
+        "Reconciling": ("True", "NodesNotEnforcing"),
+        "Stalled": ("False", "NodesNotEnforcing"),
+    }
     assert (st["selectedEndpoints"], st["nodesEnforcing"]) == (2, 0)
     printed = api.cluster.kubectl("get", "nip", "-n", ns, "frontend-to-backend").stdout
     assert "True" in printed and "False" in printed, printed

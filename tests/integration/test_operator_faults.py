@@ -20,7 +20,16 @@ import pytest
 import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
-from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster, node_bpfprogram, node_network_policy, wait_for
+from support import (
+    Cluster,
+    NodeDaemons,
+    OperatorProcess,
+    fresh_cluster,
+    node_bpfprogram,
+    node_network_policy,
+    running_pod,
+    wait_for,
+)
 
 from beekeeper import kube
 from beekeeper.crds.names import (
@@ -93,13 +102,7 @@ class Api:
         return name
 
     def pod(self, name: str, app: str, node: str, ip: str) -> None:
-        body = {
-            "metadata": {"name": name, "labels": {"app": app}},
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.9"}]},
-        }
-        self.core.create_namespaced_pod(self.namespace, body)
-        status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}
-        self.core.patch_namespaced_pod_status(name, self.namespace, status)
+        running_pod(self.core, self.namespace, name, app, node, ip)
 
     def nodestate(self, node: str) -> dict[str, Any]:
         try:

@@ -16,7 +16,14 @@ from beekeeper.crds import generate
 from beekeeper.crds.common import ApiModel, cel, validations
 from beekeeper.crds.names import CATEGORY, GROUP, VERSION
 from beekeeper.crds.resources import RESOURCES
-from beekeeper.crds.schema import INT_OR_STRING_BRANCHES, SchemaError, model_schema, structural_problems, walk
+from beekeeper.crds.schema import (
+    INT_OR_STRING_BRANCHES,
+    SchemaError,
+    model_schema,
+    reflow,
+    structural_problems,
+    walk,
+)
 
 CRD_DIR = Path(generate.__file__).resolve().parent
 MANIFESTS = {m["spec"]["names"]["kind"]: m for m in generate.crd_manifests()}
@@ -138,17 +145,44 @@ def test_printer_columns_point_at_schema_fields(resource: Any) -> None:
         assert node is not None, f"column {column['name']} reads {column['jsonPath']}, which is not in the schema"
         if column["type"] == "integer":
             assert node.get("type") == "integer", column
-        if "conditions[" in column["jsonPath"]:
+        if "conditions[" in column["jsonPath"] and column["jsonPath"].endswith(".status"):
             assert node.get("enum") == ["True", "False", "Unknown"]
 
 
 def test_expected_printer_columns() -> None:
-    def cols(kind: str) -> list[str]:
-        return [c["name"] for c in MANIFESTS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]]
+    def cols(kind: str, wide: bool = False) -> list[str]:
+        columns = MANIFESTS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]
+        return [c["name"] for c in columns if bool(c.get("priority")) == wide]
 
     assert cols("BpfProgram") == ["Ready", "Status", "Age"]
+    assert cols("BpfProgram", wide=True) == ["Failed", "Reason", "Types"]
     assert cols("NetworkIdentityPolicy") == ["Valid", "Ready", "Endpoints", "Nodes", "Age"]
-    assert cols("BpfNodeState")[0] == "Programs" and "Kernel" in cols("BpfNodeState")
+    assert cols("NetworkIdentityPolicy", wide=True) == ["Reason", "Types"]
+    assert cols("BpfNodeState") == ["Programs", "Ready", "Kernel", "Age"]
+    # Cluster-scoped: a column named Namespace would read as the object's own (kubectl prints NAMESPACE).
+    assert "Namespace" not in cols("NetworkIdentity")
+
+
+@pytest.mark.parametrize("kind", sorted(MANIFESTS))
+def test_descriptions_are_not_hard_wrapped(kind: str) -> None:
+    """kubectl explain wraps by itself: a docstring's line break would show up mid-sentence."""
+    schema = MANIFESTS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in walk(schema):
+        for paragraph in node.get("description", "").split("\n\n"):
+            assert "\n" not in paragraph, f"{kind} {path or '<root>'}: {paragraph!r}"
+
+
+def test_reflow_keeps_paragraphs_and_list_items() -> None:
+    text = "One sentence\n    across lines.\n\nA list:\n- first\n  item\n- second"
+    assert reflow(text) == "One sentence across lines.\n\nA list:\n- first item\n- second"
+
+
+@pytest.mark.parametrize("kind", ["BpfProgram", "NetworkIdentityPolicy"])
+def test_user_applied_kinds_store_observed_generation_zero_on_create(kind: str) -> None:
+    """The apiserver fills in status: {observedGeneration: 0}, so kstatus reads a new object as InProgress."""
+    status = MANIFESTS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["default"] == {}
+    assert status["properties"]["observedGeneration"]["default"] == 0
 
 
 # --------------------------------------------------------------------------------------

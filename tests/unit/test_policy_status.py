@@ -24,7 +24,12 @@ def conditions(status: dict) -> dict[str, tuple[str, str]]:
 
 def test_ready_when_every_node_with_endpoints_enforces_the_written_generation() -> None:
     status = aggregate(outcome({"n1", "n2"}), {"n1": enforcing(), "n2": enforcing(4, 7)}, None, NOW)
-    assert conditions(status) == {"Valid": ("True", "Accepted"), "Ready": ("True", "Enforced")}
+    assert conditions(status) == {
+        "Valid": ("True", "Accepted"),
+        "Ready": ("True", "Enforced"),
+        "Reconciling": ("False", "Enforced"),
+        "Stalled": ("False", "Enforced"),
+    }
     assert (status["observedGeneration"], status["selectedEndpoints"], status["nodesEnforcing"]) == (3, 2, 2)
     NetworkIdentityPolicyStatus.model_validate(status)  # the wire form fits the API
 
@@ -36,6 +41,9 @@ def test_stale_or_not_enforcing_nodes_are_waited_for() -> None:
     assert (ready["status"], ready["reason"]) == ("False", "NodesNotEnforcing")
     assert ready["message"] == "enforced on 1/4 nodes; waiting for n2, n3, n4"
     assert status["nodesEnforcing"] == 1
+    # kstatus: InProgress while nodes converge, not Failed
+    assert conditions(status)["Reconciling"] == ("True", "NodesNotEnforcing")
+    assert conditions(status)["Stalled"] == ("False", "NodesNotEnforcing")
 
 
 def test_the_policy_revision_decides_not_the_generation() -> None:
@@ -56,6 +64,10 @@ def test_node_write_errors_are_named() -> None:
     nodes = {"n1": NodeEnforcement(None, {"enforcing": True, "observedGeneration": 9}, "422 Unprocessable Entity")}
     ready = next(c for c in aggregate(outcome({"n1"}), nodes, None, NOW)["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "NodeStateNotWritten" and "n1: 422 Unprocessable Entity" in ready["message"]
+    # The API refusing the node's state does not pass by waiting: kstatus Failed, not InProgress.
+    status = aggregate(outcome({"n1"}), nodes, None, NOW)
+    assert conditions(status)["Stalled"] == ("True", "NodeStateNotWritten")
+    assert conditions(status)["Reconciling"][0] == "False"
 
 
 def test_no_selected_endpoints_is_ready() -> None:
@@ -66,7 +78,14 @@ def test_no_selected_endpoints_is_ready() -> None:
 def test_invalid_spec_is_not_valid_nor_ready() -> None:
     bad = outcome(set(), error="spec.ingress[0].from[0].ipBlock: except entry must be inside cidr")
     status = aggregate(bad, {}, None, NOW)
-    assert conditions(status) == {"Valid": ("False", "InvalidSpec"), "Ready": ("False", "InvalidSpec")}
+    assert conditions(status) == {
+        "Valid": ("False", "InvalidSpec"),
+        "Ready": ("False", "InvalidSpec"),
+        "Reconciling": ("False", "InvalidSpec"),
+        "Stalled": ("True", "InvalidSpec"),
+    }
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert "except entry must be inside cidr" in stalled["message"]
     valid = next(c for c in status["conditions"] if c["type"] == "Valid")
     assert valid["message"].startswith("spec.ingress[0].from[0].ipBlock")
 
@@ -84,4 +103,4 @@ def test_transition_time_moves_only_when_status_changes() -> None:
     assert same == first
     flipped = aggregate(outcome({"n1"}), {"n1": enforcing(on=False)}, first, LATER)
     times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
-    assert times == {"Valid": NOW, "Ready": LATER}
+    assert times == {"Valid": NOW, "Ready": LATER, "Reconciling": LATER, "Stalled": NOW}

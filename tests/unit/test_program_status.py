@@ -82,7 +82,7 @@ def test_failure_is_reported_with_reason(placed) -> None:
 def test_failing_nodes_are_bounded(placed) -> None:
     nodes = [f"n{i:02d}" for i in range(25)]
     p = placed(nodes)
-    failed = report(p, "Failed", reason="VerifierError", message="x" * 10_000)
+    failed = report(p, "Failed", reason="VerifierRejected", message="x" * 10_000)
     status = aggregate(p, {n: [failed] for n in nodes}, None, False, NOW)
     assert status["nodes"]["failed"] == 25 and len(status["failingNodes"]) == MAX_FAILING_NODES
     BpfProgramStatus.model_validate(status)
