@@ -11,7 +11,7 @@ say() { printf '[install] %s\n' "$*" >&2; }
 # libbpf-dev to build bpf/ C,
 # iproute2/iptables for the network test rig, gcc/make for test binaries, Go for the control plane,
 # debootstrap/buildah/skopeo to build the container image without Docker or a registry, nft for the test rig.
-PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang llvm libbpf-dev iproute2 iptables gcc make kmod
+PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 clang clang-14 llvm libbpf-dev iproute2 iptables gcc make kmod
     debootstrap buildah skopeo nftables)
 # The real-node test rig: container runtime, CNI plugins (ptp).
 PACKAGES+=(containerd runc containernetworking-plugins)
