@@ -6,9 +6,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -68,11 +68,15 @@ def apply_custom(
     part = "status" if status else "spec"
     options: dict[str, Any] = {"field_manager": manager, "force": True, "_content_type": APPLY_PATCH}
     payload = without_none(body)
+    # The client's stubs type each patch call's answer as object and its arguments one by one.
+    call: Callable[..., dict[str, Any]]
     if meta.get("namespace"):
-        call = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
+        call = cast(
+            Any, custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
+        )
         where: tuple[str, ...] = (group, version_, meta["namespace"], plural, meta["name"])
     else:
-        call = custom.patch_cluster_custom_object_status if status else custom.patch_cluster_custom_object
+        call = cast(Any, custom.patch_cluster_custom_object_status if status else custom.patch_cluster_custom_object)
         where = (group, version_, plural, meta["name"])
     written = call(*where, payload, **options)
     stale = {key: None for key in written.get(part) or {} if key not in payload.get(part, {})}

@@ -88,9 +88,7 @@ def cleanup(
         for body in items(plural):
             meta = body["metadata"]
             _delete(
-                lambda meta=meta, plural=plural: custom.delete_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], plural, meta["name"]
-                )
+                partial(custom.delete_namespaced_custom_object, GROUP, VERSION, meta["namespace"], plural, meta["name"])
             )
     progress("deleted every BpfProgram and policy; waiting for the nodes to detach")
     deadline = time.monotonic() + timeout

@@ -15,9 +15,9 @@ import ctypes as ct
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 _libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
 _libc = ct.CDLL(None, use_errno=True)
@@ -144,7 +144,7 @@ class _ProgLoadOpts(ct.Structure):
     )
 
 
-def libbpf_function(name: str, restype: type | None, *argtypes: type) -> ct._CFuncPtr:
+def libbpf_function(name: str, restype: type | None, *argtypes: type) -> Callable[..., Any]:
     """A typed function of the system libbpf (errno is kept for callers: use_errno)."""
     fn = getattr(_libbpf, name)
     fn.restype = restype

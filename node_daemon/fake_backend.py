@@ -101,7 +101,8 @@ class FakeBackend(Backend):
             state = self.kernel.units.get(unit.key)
             if compile_error is None and (state is None or state.content_hash != unit.content_hash):
                 self.kernel.builds += 1
-                maps = {name: {} for name in _MAP_DECL.findall(source) + _TABLE_DECL.findall(source)}
+                names = _MAP_DECL.findall(source) + _TABLE_DECL.findall(source)
+                maps: dict[str, dict[bytes, tuple[int, ...]]] = {name: {} for name in names}
                 state = self.kernel.units[unit.key] = _Unit(unit.content_hash, {}, maps)
             self._release_xdp(unit.key)
             return [self._report(unit, spec, state, compile_error) for spec in unit.programs]

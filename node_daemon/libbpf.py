@@ -491,7 +491,7 @@ class BpfObject:
         if problems:
             raise GlobalDataError("; ".join(problems))
         sections = {self._section_map(v.section) for v in map(variables.__getitem__, values)}
-        images = {}
+        images: dict[str, tuple[int, int]] = {}
         for section, m in sections:
             size = ct.c_size_t(0)
             addr = _map_initial_value(m, ct.byref(size))
@@ -500,10 +500,10 @@ class BpfObject:
             images[section] = (addr, size.value)
         for name, value in values.items():
             var = variables[name]
-            addr, size = images[var.section]
-            if var.offset + var.size > size:
-                raise GlobalDataError(f"{name}: lies outside its section {var.section} ({size} bytes)")
-            ct.memmove(addr + var.offset, value, var.size)
+            base, length = images[var.section]
+            if var.offset + var.size > length:
+                raise GlobalDataError(f"{name}: lies outside its section {var.section} ({length} bytes)")
+            ct.memmove(base + var.offset, value, var.size)
 
     def _section_map(self, section: str) -> tuple[str, int]:
         for m in self._maps():

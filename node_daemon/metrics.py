@@ -148,7 +148,7 @@ class BpfCollector:
                 continue
             read[export.bpf_program].append((export, series_rows(rows)))
         budgeted = [item for program_rows in read.values() for item in within_budget(program_rows, self.series_budget)]
-        families: dict[str, PromMetric] = {}
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for export, rows in budgeted:
             metric = export.metric
             family = families.get(metric_family(metric.name))

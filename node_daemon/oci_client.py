@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.message import Message
 from typing import Any
 
 from beekeeper.node_daemon.oci_reference import ImageReference
@@ -229,9 +230,7 @@ class RegistryClient:
             )
         return body
 
-    def _get(
-        self, ref: ImageReference, path: str, accept: str, limit: int, what: str
-    ) -> tuple[bytes, Mapping[str, str]]:
+    def _get(self, ref: ImageReference, path: str, accept: str, limit: int, what: str) -> tuple[bytes, Message]:
         url = f"https://{ref.api_host}/v2/{ref.repository}/{path}"
         scope = f"repository:{ref.repository}:pull"
         authorization = self._tokens.get((ref.api_host, scope))
@@ -284,7 +283,7 @@ class RegistryClient:
 
     def _send(
         self, url: str, accept: str, authorization: str | None, limit: int, what: str
-    ) -> tuple[int, Mapping[str, str], bytes]:
+    ) -> tuple[int, Message, bytes]:
         request = urllib.request.Request(url, headers={"Accept": accept, "User-Agent": "beekeeper"})
         if authorization:
             request.add_header("Authorization", authorization)

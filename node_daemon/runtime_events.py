@@ -154,4 +154,4 @@ class PodEventPoster:
             count=pending.count,
         )
         written = self.core.create_namespaced_event(namespace, event)
-        self._posted[key] = (written.metadata.name, pending.count)
+        self._posted[key] = (str(written.metadata.name), pending.count)

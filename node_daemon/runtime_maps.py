@@ -100,7 +100,15 @@ class Event:
             return b.split(b"\0", 1)[0].decode(errors="replace")
 
         return cls(
-            *f[:9],
+            f[0],
+            f[1],
+            f[2],
+            f[3],
+            f[4],
+            f[5],
+            f[6],
+            f[7],
+            f[8],
             Action(f[9]),
             HOOK_NAMES.get(f[10], str(f[10])),
             MATCH_NAMES.get(f[11], str(f[11])),

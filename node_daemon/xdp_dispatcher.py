@@ -195,33 +195,23 @@ def dispatcher_object(cache_dir: Path) -> Path:
     return out
 
 
-_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-
-
-def _fn(name: str, restype: type | None, *argtypes: type) -> ct._CFuncPtr:
-    fn = getattr(_libbpf, name)
-    fn.restype = restype
-    fn.argtypes = argtypes
-    return fn
-
-
 _vp = ct.c_void_p
-_open_mem = _fn("bpf_object__open_mem", _vp, _vp, ct.c_size_t, _vp)
-_obj_load = _fn("bpf_object__load", ct.c_int, _vp)
-_obj_close = _fn("bpf_object__close", None, _vp)
-_next_map = _fn("bpf_object__next_map", _vp, _vp, _vp)
-_map_name = _fn("bpf_map__name", ct.c_char_p, _vp)
-_set_initial_value = _fn("bpf_map__set_initial_value", ct.c_int, _vp, _vp, ct.c_size_t)
-_find_prog = _fn("bpf_object__find_program_by_name", _vp, _vp, ct.c_char_p)
-_set_autoload = _fn("bpf_program__set_autoload", ct.c_int, _vp, ct.c_bool)
-_set_type = _fn("bpf_program__set_type", ct.c_int, _vp, ct.c_int)
-_set_expected = _fn("bpf_program__set_expected_attach_type", ct.c_int, _vp, ct.c_int)
-_set_target = _fn("bpf_program__set_attach_target", ct.c_int, _vp, ct.c_int, ct.c_char_p)
-_set_log_buf = _fn("bpf_program__set_log_buf", ct.c_int, _vp, ct.c_char_p, ct.c_size_t)
-_prog_fd = _fn("bpf_program__fd", ct.c_int, _vp)
-_attach_freplace = _fn("bpf_program__attach_freplace", _vp, _vp, ct.c_int, ct.c_char_p)
-_link_destroy = _fn("bpf_link__destroy", ct.c_int, _vp)
-_get_error = _fn("libbpf_get_error", ct.c_long, _vp)
+_open_mem = bpf.libbpf_function("bpf_object__open_mem", _vp, _vp, ct.c_size_t, _vp)
+_obj_load = bpf.libbpf_function("bpf_object__load", ct.c_int, _vp)
+_obj_close = bpf.libbpf_function("bpf_object__close", None, _vp)
+_next_map = bpf.libbpf_function("bpf_object__next_map", _vp, _vp, _vp)
+_map_name = bpf.libbpf_function("bpf_map__name", ct.c_char_p, _vp)
+_set_initial_value = bpf.libbpf_function("bpf_map__set_initial_value", ct.c_int, _vp, _vp, ct.c_size_t)
+_find_prog = bpf.libbpf_function("bpf_object__find_program_by_name", _vp, _vp, ct.c_char_p)
+_set_autoload = bpf.libbpf_function("bpf_program__set_autoload", ct.c_int, _vp, ct.c_bool)
+_set_type = bpf.libbpf_function("bpf_program__set_type", ct.c_int, _vp, ct.c_int)
+_set_expected = bpf.libbpf_function("bpf_program__set_expected_attach_type", ct.c_int, _vp, ct.c_int)
+_set_target = bpf.libbpf_function("bpf_program__set_attach_target", ct.c_int, _vp, ct.c_int, ct.c_char_p)
+_set_log_buf = bpf.libbpf_function("bpf_program__set_log_buf", ct.c_int, _vp, ct.c_char_p, ct.c_size_t)
+_prog_fd = bpf.libbpf_function("bpf_program__fd", ct.c_int, _vp)
+_attach_freplace = bpf.libbpf_function("bpf_program__attach_freplace", _vp, _vp, ct.c_int, ct.c_char_p)
+_link_destroy = bpf.libbpf_function("bpf_link__destroy", ct.c_int, _vp)
+_get_error = bpf.libbpf_function("libbpf_get_error", ct.c_long, _vp)
 
 
 def _errno_of(ret: int) -> int:

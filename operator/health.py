@@ -108,7 +108,7 @@ def serve(
             elif path == "/readyz":
                 ok, report = health.ready()
             elif path == "/metrics" and registry is not None:  # unauthenticated: see operator/metrics.py
-                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 self._send_bytes(200, content_type, encoder(registry))
                 return
             else:

@@ -105,7 +105,7 @@ class OperatorMetrics:
             self.writes.labels(*labels, str(response.status)).inc()
             return response
 
-        api.rest_client.request = counted
+        setattr(api.rest_client, "request", counted)  # noqa: B010 (mypy forbids assigning to a method)
 
 
 class CacheCollector:

@@ -580,7 +580,7 @@ class Reconciler:
                 return existing["metadata"].get("generation"), revision
         # One server-side apply creates or updates it: the spec and these metadata fields are the
         # operator's (a networkPolicy left out is removed), the status stays the daemon's.
-        body = {
+        body: dict[str, Any] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": BPF_NODE_STATE.kind,
             "metadata": {

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from beekeeper.devenv.images import Progress
+
 Verdict = Literal["ready", "failed", "pending"]
 FAILED_WHEN = {"Stalled": "True", "Degraded": "True", "Valid": "False"}
 """Conditions that say an object is stuck, not on its way (kstatus' Stalled, BpfProgram's Degraded, NIP's Valid)."""
@@ -60,7 +62,7 @@ def _kubectl(kubectl: Path, kubeconfig: Path, *args: str) -> str:
 
 
 def apply_and_wait(
-    kubectl: Path, kubeconfig: Path, files: Sequence[str], timeout: float, progress=print, poll: float = 1.0
+    kubectl: Path, kubeconfig: Path, files: Sequence[str], timeout: float, progress: Progress = print, poll: float = 1.0
 ) -> list[str]:
     """Apply `files`; returns the applied objects' names once all are Ready; RuntimeError on the first that fails."""
     names = []
@@ -70,7 +72,7 @@ def apply_and_wait(
     deadline = time.monotonic() + timeout
     waiting: dict[str, str] = {}
     while True:
-        items = []
+        items: list[dict[str, Any]] = []
         for path in files:  # exactly the objects of those files, in their namespaces
             got = json.loads(_kubectl(kubectl, kubeconfig, "get", "-f", path, "-o", "json"))
             items += got.get("items") if got.get("kind") == "List" else [got]

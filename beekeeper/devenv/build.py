@@ -77,7 +77,7 @@ class NodeBinaries:
 
 
 @contextmanager
-def _building(out: Path, progress) -> Iterator[None]:
+def _building(out: Path, progress: Progress) -> Iterator[None]:
     """Hold the build lock of one cached output: two checkouts on a machine share the cache,
     and without it both compile the same binaries at once into the same temporary directory."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def promlint() -> Path:
     return cache_dir() / "bin" / f"promlint-{digest}" / "promlint"
 
 
-def ensure_promlint(progress=print) -> Path:
+def ensure_promlint(progress: Progress = print) -> Path:
     """Build the small checker on client_golang's promlint, the linter `promtool check metrics` runs.
 
     Seconds to build where promtool takes minutes (it compiles all of Prometheus), so the
@@ -183,7 +183,7 @@ def kstatus() -> Path:
     return cache_dir() / "bin" / f"kstatus-{digest}" / "kstatus"
 
 
-def ensure_kstatus(progress=print) -> Path:
+def ensure_kstatus(progress: Progress = print) -> Path:
     """Build the kstatus command once per source version (modules from the proxy, verified by its go.sum)."""
     path = kstatus()
     if not path.exists():
@@ -271,7 +271,7 @@ def _go(args: list[str], cwd: Path, progress: Progress, what: str, env: dict[str
     return "\n".join(tail)
 
 
-def go_install(package: str, version: str, ldflags: str, target: Path, progress) -> None:
+def go_install(package: str, version: str, ldflags: str, target: Path, progress: Progress) -> None:
     """`go install pkg@version` into a temporary directory, then move it in place (never a half-built binary);
     under the build lock, so checkouts sharing the cache build it once."""
     with _building(target.parent, progress):
@@ -291,7 +291,7 @@ def go_install(package: str, version: str, ldflags: str, target: Path, progress)
         tmp.rename(target.parent)
 
 
-def _build_kubernetes(out: Path, progress, commands: tuple[str, ...] = _KUBERNETES_COMMANDS) -> None:
+def _build_kubernetes(out: Path, progress: Progress, commands: tuple[str, ...] = _KUBERNETES_COMMANDS) -> None:
     # One module directory per output: concurrent builds never rewrite each other's go.mod.
     src = cache_dir() / "src" / out.name
     src.mkdir(parents=True, exist_ok=True)

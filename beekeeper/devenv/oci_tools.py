@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beekeeper.devenv.build import go_install
+from beekeeper.devenv.images import Progress
 from beekeeper.devenv.paths import cache_dir
 
 REGISTRY_VERSION = "v3.1.2"
@@ -32,7 +33,7 @@ def tools() -> OciTools:
     return OciTools(bins / f"registry-{REGISTRY_VERSION}" / "registry", bins / f"cosign-{COSIGN_VERSION}" / "cosign")
 
 
-def ensure_registry(progress=print) -> Path:
+def ensure_registry(progress: Progress = print) -> Path:
     """Build the registry once (about a minute cold on 2 cores); cached afterwards."""
     path = tools().registry
     if not path.exists():
@@ -41,7 +42,7 @@ def ensure_registry(progress=print) -> Path:
     return path
 
 
-def ensure_cosign(progress=print) -> Path:
+def ensure_cosign(progress: Progress = print) -> Path:
     """Build cosign once (several minutes cold: it links every cloud KMS client); cached afterwards."""
     path = tools().cosign
     if not path.exists():
