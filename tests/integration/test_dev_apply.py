@@ -40,7 +40,7 @@ def test_apply_waits_for_its_objects_and_fails_fast_on_a_stuck_one(
             apply_and_wait(cluster.kubectl_path, cluster.kubeconfig, [str(tmp_path / "both.yaml")], 120, lines.append)
         elapsed = time.monotonic() - started
         print(f"\n{failed.value} (after {elapsed:.1f}s)")
-        assert f"BpfProgram/apply-broken-{tag}: Degraded=True SourceError" in str(failed.value)
+        assert f"BpfProgram/apply-broken-{tag}: Stalled=True SourceError" in str(failed.value)
         assert f"absent-{tag}" in str(failed.value) and elapsed < 30
     finally:
         cluster.kubectl("delete", "-f", str(tmp_path / "both.yaml"), "--ignore-not-found", "--wait=false")
