@@ -69,7 +69,7 @@ def apply_custom(
     options: dict[str, Any] = {"field_manager": manager, "force": True, "_content_type": APPLY_PATCH}
     payload = without_none(body)
     # The client's stubs type each patch call's answer as object and its arguments one by one.
-    call: Callable[..., dict[str, Any]]
+    call: Callable[..., Any]
     if meta.get("namespace"):
         call = cast(
             Any, custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
@@ -78,7 +78,8 @@ def apply_custom(
     else:
         call = cast(Any, custom.patch_cluster_custom_object_status if status else custom.patch_cluster_custom_object)
         where = (group, version_, plural, meta["name"])
-    written = call(*where, payload, **options)
+    # The client maps only a 200 answer to the object: an apply that creates (201) would read as None.
+    written: dict[str, Any] = json.loads(call(*where, payload, _preload_content=False, **options).data)
     stale = {key: None for key in written.get(part) or {} if key not in payload.get(part, {})}
     if stale:
         written = call(*where, {part: stale})

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from beekeeper.crds.common import (
     AGE_COLUMN,
+    BASE64_PATTERN,
     C_IDENTIFIER_PATTERN,
     ApiModel,
     CIdentifier,
@@ -160,7 +161,7 @@ def _check_global_data(values: dict[str, str] | None) -> dict[str, str] | None:
 
 
 GlobalData = Annotated[
-    dict[str, Annotated[str, Field(min_length=4, max_length=5464, json_schema_extra={"format": "byte"})]] | None,
+    dict[str, Annotated[str, Field(min_length=4, max_length=5464, pattern=BASE64_PATTERN)]] | None,
     AfterValidator(_check_global_data),
 ]
 

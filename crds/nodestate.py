@@ -27,6 +27,7 @@ from beekeeper.crds.bpfprogram import (
 )
 from beekeeper.crds.common import (
     AGE_COLUMN,
+    BASE64_PATTERN,
     ApiModel,
     Condition,
     DnsLabel,
@@ -104,7 +105,7 @@ class NodeBytecode(ApiModel):
         min_length=4,
         max_length=(MAX_BYTECODE + 2) // 3 * 4,
         description="The ELF object, base64 (read from the BpfProgram's ConfigMap binaryData). Exclusive with image.",
-        json_schema_extra={"format": "byte"},
+        pattern=BASE64_PATTERN,
     )
     image: str | None = Field(
         None,

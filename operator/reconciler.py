@@ -310,8 +310,8 @@ class Reconciler:
             except ApiException as exc:
                 if exc.status is None or not 400 <= exc.status < 500:
                     raise
-                generation, revision, error = None, None, f"{exc.status} {exc.reason}"
-                log.error("bpfnodestate not written", extra={"node": node, "status": exc.status, "reason": exc.reason})
+                generation, revision, error = None, None, _describe(exc)
+                log.error("bpfnodestate not written", extra={"node": node, "error": error})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
             enforcement[node] = policy_status.NodeEnforcement(generation, reported, error, revision, slice_errors)
         for node in sorted(set(nodestates) - set(node_labels)):

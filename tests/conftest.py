@@ -53,6 +53,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Remember each phase's report on the item so fixtures can print logs on failure."""
     report = yield
     setattr(item, f"rep_{report.when}", report)
+    operator = getattr(item, "funcargs", {}).get("operator_process")
+    if report.failed and report.when == "call" and operator is not None:
+        # The operator runs for the whole session: its last lines are the ones about this test.
+        report.sections.append(("operator log (last 60 lines)", operator.log_tail(60)))
     return report
 
 
