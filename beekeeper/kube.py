@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -68,18 +68,18 @@ def apply_custom(
     part = "status" if status else "spec"
     options: dict[str, Any] = {"field_manager": manager, "force": True, "_content_type": APPLY_PATCH}
     payload = without_none(body)
-    # The client's stubs type each patch call's answer as object and its arguments one by one.
-    call: Callable[..., Any]
-    if meta.get("namespace"):
-        call = cast(
-            Any, custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
-        )
-        where: tuple[str, ...] = (group, version_, meta["namespace"], plural, meta["name"])
-    else:
-        call = cast(Any, custom.patch_cluster_custom_object_status if status else custom.patch_cluster_custom_object)
-        where = (group, version_, plural, meta["name"])
-    # The client maps only a 200 answer to the object: an apply that creates (201) would read as None.
-    written: dict[str, Any] = json.loads(call(*where, payload, _preload_content=False, **options).data)
+    scope = "namespaced" if meta.get("namespace") else "cluster"
+    suffix = "_status" if status else ""
+    where = (
+        (group, version_, meta["namespace"], plural, meta["name"])
+        if scope == "namespaced"
+        else (group, version_, plural, meta["name"])
+    )
+    # By name: the client's stubs type each call's arguments one by one and its answer as object.
+    call: Callable[..., Any] = getattr(custom, f"patch_{scope}_custom_object{suffix}")
+    written: dict[str, Any] = call(*where, payload, **options)
+    if written is None:  # created: the client maps only a 200 answer to the object, not a 201
+        written = getattr(custom, f"get_{scope}_custom_object{suffix}")(*where)
     stale = {key: None for key in written.get(part) or {} if key not in payload.get(part, {})}
     if stale:
         written = call(*where, {part: stale})

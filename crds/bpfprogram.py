@@ -161,7 +161,8 @@ def _check_global_data(values: dict[str, str] | None) -> dict[str, str] | None:
 
 
 GlobalData = Annotated[
-    dict[str, Annotated[str, Field(min_length=4, max_length=5464, pattern=BASE64_PATTERN)]] | None,
+    dict[str, Annotated[str, Field(min_length=4, max_length=5464, json_schema_extra={"pattern": BASE64_PATTERN})]]
+    | None,
     AfterValidator(_check_global_data),
 ]
 

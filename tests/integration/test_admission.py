@@ -227,9 +227,7 @@ RSP = "RuntimeSecurityPolicy"
 
 CASES = [
     # --- BpfProgram: structure and types -------------------------------------------------
-    Case(
-        "program-missing-source", "BpfProgram", {"spec.source": DELETE}, "spec", "exactly one of source or bytecode"
-    ),
+    Case("program-missing-source", "BpfProgram", {"spec.source": DELETE}, "spec", "exactly one of source or bytecode"),
     Case("program-missing-programs", "BpfProgram", {"spec.programs": DELETE}, "spec.programs", "Required value"),
     Case("program-empty-programs", "BpfProgram", {"spec.programs": []}, "spec.programs"),
     Case("program-priority-wrong-type", "BpfProgram", {P0: TC | {"priority": "high"}}, f"{P0}.priority", "integer"),
