@@ -7,7 +7,7 @@
  *   clang -target bpf -g -O2 -D__TARGET_ARCH_x86 -c open_counts.bpf.c -o open_counts.o
  *   llvm-strip -g open_counts.o   # drops DWARF, keeps the BTF CO-RE needs
  *   kubectl create configmap open-counts -n default --from-file=open_counts.o
- *   kubectl apply -f ../bpfprogram-core-open-counts.yaml
+ *   kubectl apply -f bpfprogram-open-counts.yaml
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>

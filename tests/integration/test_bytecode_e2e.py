@@ -65,7 +65,7 @@ def opener(tmp_path: Path) -> Iterator[Opener]:
 
 def _example(namespace: str, node: str, pid: int) -> dict[str, Any]:
     """The shipped example, pointed at this test's ConfigMap, node and process."""
-    doc = yaml.safe_load((EXAMPLES / "bpfprogram-core-open-counts.yaml").read_text())
+    doc = yaml.safe_load((EXAMPLES / "core" / "bpfprogram-open-counts.yaml").read_text())
     name = f"core-opens-{uuid.uuid4().hex[:6]}"
     doc["metadata"]["name"] = name
     spec = doc["spec"]

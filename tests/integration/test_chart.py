@@ -20,7 +20,7 @@ from beekeeper.crds.generate import crd_manifests
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = sorted((CHART.parents[1] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((CHART.parents[1] / "examples").rglob("*.yaml"))
 
 
 @pytest.fixture(scope="module")

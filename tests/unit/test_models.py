@@ -103,7 +103,7 @@ def errors(exc: ValidationError) -> str:
 
 def example_documents() -> list[tuple[str, dict[str, Any]]]:
     docs = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
             if doc:
                 docs.append((f"{path.name}#{i}", doc))
