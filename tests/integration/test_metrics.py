@@ -227,6 +227,7 @@ def test_daemon_exports_bounded_series_from_real_maps(
     manifest["spec"]["metrics"] = METRICS
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     try:
+        ready(custom, name)  # attached: opens made before that are not counted
         target = tmp_path / "f"
         target.write_text("x")
         for _ in range(2 * budget):  # distinct pids opening files
