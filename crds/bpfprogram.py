@@ -9,12 +9,13 @@ import re
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from beekeeper.crds.common import (
     AGE_COLUMN,
     BASE64_PATTERN,
     C_IDENTIFIER_PATTERN,
+    NO_DOTDOT_RULE,
     ApiModel,
     CIdentifier,
     Condition,
@@ -25,6 +26,7 @@ from beekeeper.crds.common import (
     cel,
     cel_list,
     cel_str,
+    check_absolute_path,
     condition_column,
     conditions_field,
     human_list,
@@ -309,12 +311,6 @@ def _attach_rules() -> list[dict[str, str]]:
 INTERFACE_NAME_PATTERN = r"^[^\s/:]{1,15}$"
 INTERFACE_GLOB_PATTERN = r"^[^\s/:]{1,64}$"
 ABSOLUTE_PATH_PATTERN = r"^/"
-# Paths start with "/", so every ".." segment is "/../" or a trailing "/.."; contains() is far
-# cheaper than matches() in the CEL cost estimate, which counts for the nested BpfNodeState copy.
-NO_DOTDOT_RULE = cel(
-    "!self.contains('/../') && !self.endsWith('/..')",
-    "must not contain '..' path segments",
-)
 
 
 class InterfaceSelector(ApiModel):
@@ -423,6 +419,11 @@ class Program(ApiModel):
         None, description="lsm: the LSM hook without the bpf_lsm_ prefix, e.g. file_open (required)."
     )
 
+    @field_validator("binary", "cgroup_path")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        return None if value is None else check_absolute_path(value)
+
     @model_validator(mode="after")
     def _attach_fields_match_type(self) -> Program:
         problems = attach_field_problems(self)
@@ -455,10 +456,6 @@ def attach_field_problems(program: Program) -> list[str]:
             problems.append("tracepoint: tracepoint programs need tracepoint as category:name")
         if program.type == ProgramType.RAW_TRACEPOINT and ":" in program.tracepoint:
             problems.append("tracepoint: raw_tracepoint programs need the bare tracepoint name")
-    for field in ("binary", "cgroupPath"):
-        value = wire.get(field)
-        if value is not None and ".." in value.split("/"):
-            problems.append(f"{field}: must not contain '..' path segments")
     return problems
 
 

@@ -76,6 +76,21 @@ def cel(
     return entry
 
 
+# Paths start with "/", so every ".." segment is "/../" or a trailing "/.."; contains() is far
+# cheaper than matches() in the CEL cost estimate, which counts for the nested BpfNodeState copy.
+NO_DOTDOT_RULE = cel("!self.contains('/../') && !self.endsWith('/..')", "must not contain '..' path segments")
+
+
+def check_absolute_path(value: str) -> str:
+    """An absolute path without '..' segments (what NO_DOTDOT_RULE and an absolute-path rule check in the
+    apiserver), for the models; the error pydantic raises names the field it is on."""
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} must be an absolute path (start with /)")
+    if ".." in value.split("/"):
+        raise ValueError(f"{value!r} must not contain '..' path segments")
+    return value
+
+
 def validations(*rules: dict[str, str]) -> dict[str, Any]:
     """`json_schema_extra` carrying CEL rules for a model or a field."""
     return {"x-kubernetes-validations": list(rules)}

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from beekeeper.crds.common import (
     AGE_COLUMN,
+    NO_DOTDOT_RULE,
     ApiModel,
     Condition,
     DnsLabel,
@@ -24,6 +25,7 @@ from beekeeper.crds.common import (
     PrinterColumn,
     Resource,
     cel,
+    check_absolute_path,
     condition_column,
     conditions_field,
     list_map,
@@ -40,10 +42,7 @@ PATH_MAX_LENGTH = 256
 
 
 def _check_path(value: str, prefix: bool) -> str:
-    if not value.startswith("/"):
-        raise ValueError(f"{value!r} must be an absolute path (start with /)")
-    if ".." in value.split("/"):
-        raise ValueError(f"{value!r} must not contain '..' path segments")
+    check_absolute_path(value)
     if prefix and not value.endswith("/"):
         raise ValueError(f"{value!r} must end with / (a directory prefix, e.g. /tmp/)")
     if not prefix and value.endswith("/"):
@@ -52,14 +51,13 @@ def _check_path(value: str, prefix: bool) -> str:
 
 
 _ABSOLUTE = cel("self.startsWith('/')", "must be an absolute path (start with /)")
-_NO_DOTDOT = cel("!self.contains('/../') && !self.endsWith('/..')", "must not contain '..' path segments")
 ExecPath = Annotated[
     str,
     Field(
         min_length=1,
         max_length=PATH_MAX_LENGTH,
         json_schema_extra=validations(
-            _ABSOLUTE, _NO_DOTDOT, cel("!self.endsWith('/')", "must name a file, not end with /")
+            _ABSOLUTE, NO_DOTDOT_RULE, cel("!self.endsWith('/')", "must name a file, not end with /")
         ),
     ),
     AfterValidator(lambda v: _check_path(v, prefix=False)),
@@ -70,7 +68,7 @@ PathPrefix = Annotated[
         min_length=2,
         max_length=PATH_MAX_LENGTH,
         json_schema_extra=validations(
-            _ABSOLUTE, _NO_DOTDOT, cel("self.endsWith('/')", "must end with / (a directory prefix, e.g. /tmp/)")
+            _ABSOLUTE, NO_DOTDOT_RULE, cel("self.endsWith('/')", "must end with / (a directory prefix, e.g. /tmp/)")
         ),
     ),
     AfterValidator(lambda v: _check_path(v, prefix=True)),

@@ -28,7 +28,7 @@ from beekeeper.node_daemon.daemon_metrics import DaemonMetrics
 from beekeeper.node_daemon.image_puller import ImagePuller, PullFailed
 from beekeeper.node_daemon.metrics import BpfCollector
 
-if TYPE_CHECKING:  # the policy datapath loads bcc; a daemon without it (fake backend) never imports it
+if TYPE_CHECKING:  # the kernel datapaths; a daemon without them (fake backend) never imports them
     from beekeeper.node_daemon.policy_agent import PolicyAgent
     from beekeeper.node_daemon.runtime_agent import RuntimeAgent
 

@@ -33,7 +33,7 @@ from bcc import BPF, lib
 
 from beekeeper.node_daemon.backend import Reason
 from beekeeper.node_daemon.bpf_syscalls import OwnedFd
-from beekeeper.node_daemon.compile_errors import compile_error_message, verifier_message
+from beekeeper.node_daemon.compile_errors import CompileFailed, LoadFailed, compile_error_message, verifier_message
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +89,6 @@ def captured_stderr() -> Iterator[Captured]:
             captured.text = tmp.read().decode(errors="replace")
             if captured.text:
                 log.debug("bcc output:\n%s", captured.text.rstrip())
-
-
-class CompileFailed(Exception):
-    """The source did not compile (message: the clang errors with file:line), or the
-    compiler crashed or ran out of time (reason CompileTimeout)."""
-
-    def __init__(self, message: str, reason: Reason = Reason.COMPILE_ERROR) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-
-
-class LoadFailed(Exception):
-    """One function could not be loaded; transient ones are worth retrying later."""
-
-    def __init__(self, reason: Reason, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.transient = transient
 
 
 class _UnattachedBPF(BPF):

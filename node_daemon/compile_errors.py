@@ -1,4 +1,6 @@
-"""Turning clang diagnostics and verifier logs into short messages a user can act on.
+"""Turning clang diagnostics and verifier logs into short messages a user can act on, and the
+exceptions that carry them (here, not in bcc_compile, so the daemon raises and catches them
+without importing bcc: libbcc costs tens of MiB of RSS and only compile workers need it).
 
 Both outputs can be megabytes; a node status has room for about 2 KiB per program. Compile
 errors keep the first errors with file:line and the offending source line. Verifier logs
@@ -21,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from beekeeper.node_daemon.backend import MESSAGE_LIMIT
+from beekeeper.node_daemon.backend import MESSAGE_LIMIT, Reason
 
 _DIAG = re.compile(
     r"^(?P<path>[^\s:][^:]*):(?P<line>\d+):(?P<col>\d+): (?P<severity>fatal error|error|warning|note): (?P<text>.*)$"
@@ -32,6 +34,26 @@ _VIRTUAL_PREFIX = "/virtual/"
 SOURCE_NAME = "main.c"
 """The name bcc gives the program's own source (as /virtual/main.c)."""
 _MESSAGE_LINE = re.compile(r"^(?:(?:fatal )?error|warning|note|LLVM ERROR|HINT|bpf):? ", re.IGNORECASE)
+
+
+class CompileFailed(Exception):
+    """The source did not compile (message: the clang errors with file:line), or the
+    compiler crashed or ran out of time (reason CompileTimeout)."""
+
+    def __init__(self, message: str, reason: Reason = Reason.COMPILE_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+
+
+class LoadFailed(Exception):
+    """One function could not be loaded; transient ones are worth retrying later."""
+
+    def __init__(self, reason: Reason, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.transient = transient
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,17 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from beekeeper.node_daemon import bcc_compile, landlock
+from beekeeper.node_daemon import landlock
 from beekeeper.node_daemon.backend import Reason
-from beekeeper.node_daemon.bcc_compile import CompiledModule, CompileFailed, LoadFailed
 from beekeeper.node_daemon.bpf_syscalls import OwnedFd
-from beekeeper.node_daemon.compile_errors import compile_error_message
+from beekeeper.node_daemon.compile_errors import CompileFailed, LoadFailed, compile_error_message
 from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.object_load import LoadedObject, load_object
+
+if TYPE_CHECKING:  # bcc is imported by the worker process only (_serve): it costs the daemon tens of MiB
+    from beekeeper.node_daemon.bcc_compile import CompiledModule
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +324,8 @@ def _confine(config: dict[str, Any]) -> str | None:
 
 def _build(job: dict[str, Any]) -> tuple[dict[str, Any], CompiledModule | None, dict[str, OwnedFd]]:
     """The answer's header, and what holds the fds it announces (maps: the module)."""
+    from beekeeper.node_daemon.bcc_compile import CompiledModule  # imported already by _serve
+
     try:
         module = CompiledModule(job["source"], job["cflags"])
     except CompileFailed as exc:
@@ -358,6 +362,9 @@ def _load_object(job: dict[str, Any]) -> tuple[dict[str, Any], LoadedObject | No
 
 
 def _serve(fd: int, config: dict[str, Any]) -> None:
+    # Imported here, in the worker process and before its job arrives (a spare pays it ahead).
+    from beekeeper.node_daemon import bcc_compile
+
     bcc_compile.capture_stderr_in_place()
     refusal = _confine(config)
     with socket.socket(fileno=fd) as sock:

@@ -28,9 +28,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcc import BPF, lib
-from bcc.libbcc import bcc_symbol, bcc_symbol_option
-
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.backend import AttachSpec, ProgramType, Reason
 from beekeeper.node_daemon.capabilities import find_mount, fstype_of, pmu_type, retprobe_bit
@@ -201,6 +198,11 @@ def _resolve_tracepoint(spec: AttachSpec, env: Environment) -> Target:
 
 
 def _resolve_uprobe(spec: AttachSpec) -> Target:
+    # libbcc resolves libraries and symbols; imported on the first uprobe only, so a daemon that
+    # runs none never maps it (tens of MiB of RSS).
+    from bcc import BPF, lib
+    from bcc.libbcc import bcc_symbol, bcc_symbol_option
+
     binary = str(spec.binary)
     path = binary if "/" in binary else BPF.find_library(binary)
     if path is None or not os.path.exists(path):

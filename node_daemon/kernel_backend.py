@@ -49,10 +49,9 @@ from beekeeper.node_daemon.backend import (
     Reason,
     UnitNotFound,
 )
-from beekeeper.node_daemon.bcc_compile import CompileFailed
 from beekeeper.node_daemon.build_guard import QUARANTINE_AFTER, BuildGuard
 from beekeeper.node_daemon.capabilities import ensure_bpffs, ensure_tracefs, find_mount, probe
-from beekeeper.node_daemon.compile_errors import bound_head
+from beekeeper.node_daemon.compile_errors import CompileFailed, bound_head
 from beekeeper.node_daemon.compile_limits import CompileLimits
 from beekeeper.node_daemon.compile_worker import CompileWorkers, Load, sandbox_paths
 from beekeeper.node_daemon.hooks import Environment, Target, TargetError

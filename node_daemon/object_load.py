@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from beekeeper.node_daemon.backend import MESSAGE_LIMIT, Reason
-from beekeeper.node_daemon.bcc_compile import CompileFailed, LoadFailed
 from beekeeper.node_daemon.bpf_syscalls import BpfError, OwnedFd
-from beekeeper.node_daemon.compile_errors import bound_head, bound_tail
+from beekeeper.node_daemon.compile_errors import CompileFailed, LoadFailed, bound_head, bound_tail
 from beekeeper.node_daemon.libbpf import (
     BpfObject,
     GlobalDataError,

@@ -36,6 +36,7 @@ from beekeeper import kube
 from beekeeper.crds.bpfprogram import BpfProgramStatus
 from beekeeper.crds.common import ApiModel, timestamp
 from beekeeper.crds.names import (
+    API_VERSION,
     BPF_NODE_STATE,
     BPF_NODE_STATE_PLURAL,
     BPF_POLICY_SLICE,
@@ -45,9 +46,9 @@ from beekeeper.crds.names import (
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY,
-    NETWORK_IDENTITY_POLICY_PLURAL,
-    RUNTIME_SECURITY_POLICY_PLURAL,
+    RUNTIME_SECURITY_POLICY,
     VERSION,
+    ResourceNames,
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
 from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, NodeRuntimeSecurity, policy_revision
@@ -148,6 +149,12 @@ def _normal(model: type[ApiModel], status: Mapping[str, Any] | None) -> dict[str
         return model.model_validate(status or {}).to_dict()
     except ValidationError:
         return dict(status or {})
+
+
+def _ready(status: Mapping[str, Any]) -> dict[str, str]:
+    """The Ready condition's status and reason, for a status log line."""
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    return {"ready": ready["status"], "reason": ready["reason"]}
 
 
 def _describe(exc: Exception) -> str:
@@ -331,7 +338,12 @@ class Reconciler:
             status = aggregate(placement, node_reports, previous, placement.deleting, now)
             if _normal(BpfProgramStatus, status) == _normal(BpfProgramStatus, previous):
                 continue
-            self._patch_status(placement.name, status)
+            self._apply_status(
+                BPF_PROGRAM,
+                {"name": placement.name},
+                status,
+                {"bpfprogram": placement.name, "phase": status["phase"], "ready": status["ready"]},
+            )
             if status["phase"] != previous.get("phase"):
                 result.notices.append(program_notice(body, status))
 
@@ -340,7 +352,17 @@ class Reconciler:
             previous = policy_bodies[ref].get("status") if ref in policy_bodies else None
             status = policy_status.aggregate(outcome, enforcement, previous, now)
             if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
-                self._patch_policy_status(outcome.namespace, outcome.name, status)
+                self._apply_status(
+                    NETWORK_IDENTITY_POLICY,
+                    {"name": outcome.name, "namespace": outcome.namespace},
+                    status,
+                    {
+                        "policy": ref,
+                        **_ready(status),
+                        "endpoints": status["selectedEndpoints"],
+                        "nodes": status["nodesEnforcing"],
+                    },
+                )
                 notice = policy_notice(policy_bodies[ref], status, previous) if ref in policy_bodies else None
                 if notice is not None:
                     result.notices.append(notice)
@@ -353,7 +375,18 @@ class Reconciler:
             previous = previous_runtime_status.get(ref)
             status = runtime_status.aggregate(runtime_outcome, runtime.nodes, reported_runtime, previous, now)
             if _normal(RuntimeSecurityPolicyStatus, status) != _normal(RuntimeSecurityPolicyStatus, previous):
-                self._patch_runtime_status(runtime_outcome.namespace, runtime_outcome.name, status)
+                self._apply_status(
+                    RUNTIME_SECURITY_POLICY,
+                    {"name": runtime_outcome.name, "namespace": runtime_outcome.namespace},
+                    status,
+                    {
+                        "policy": ref,
+                        **_ready(status),
+                        "pods": status["selectedPods"],
+                        "nodes": status["nodesEnforcing"],
+                        "matches": status["matches"],
+                    },
+                )
 
         self._collect(identities.delete)
         result.written = self._written
@@ -607,67 +640,20 @@ class Reconciler:
                 raise
         self._deleted("BpfNodeState", node)
 
-    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": BPF_PROGRAM.kind, "metadata": {"name": name}}
-        try:
-            written = kube.apply_custom(
-                self.custom, BPF_PROGRAM_PLURAL, {**body, "status": status}, kube.OPERATOR_MANAGER, status=True
-            )
-            self._wrote("BpfProgram", written)
-            log.info(
-                "bpfprogram status", extra={"bpfprogram": name, "phase": status["phase"], "ready": status["ready"]}
-            )
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile
-                raise
+    def _apply_status(
+        self, names: ResourceNames, meta: dict[str, str], status: dict[str, Any], summary: dict[str, Any]
+    ) -> None:
+        """Server-side apply one resource's whole status as the operator, the same way for every kind.
 
-    def _patch_runtime_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        The status is the operator's alone: a field (or map key, e.g. a hook no node uses any more)
+        it leaves out is removed, where a merge patch would keep it. `summary` goes to the log line.
+        """
+        body = {"apiVersion": API_VERSION, "kind": names.kind, "metadata": meta, "status": status}
         try:
-            written = self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, RUNTIME_SECURITY_POLICY_PLURAL, name, {"status": status}
-            )
-            self._wrote("RuntimeSecurityPolicy", written)
+            written = kube.apply_custom(self.custom, names.plural, body, kube.OPERATOR_MANAGER, status=True)
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile
                 raise
             return
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        log.info(
-            "runtimesecuritypolicy status",
-            extra={
-                "policy": f"{namespace}/{name}",
-                "ready": ready["status"],
-                "reason": ready["reason"],
-                "pods": status["selectedPods"],
-                "nodes": status["nodesEnforcing"],
-                "matches": status["matches"],
-            },
-        )
-
-    def _patch_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        meta = {"name": name, "namespace": namespace}
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": NETWORK_IDENTITY_POLICY.kind, "metadata": meta}
-        try:
-            written = kube.apply_custom(
-                self.custom,
-                NETWORK_IDENTITY_POLICY_PLURAL,
-                {**body, "status": status},
-                kube.OPERATOR_MANAGER,
-                status=True,
-            )
-            self._wrote("NetworkIdentityPolicy", written)
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile
-                raise
-            return
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        log.info(
-            "networkidentitypolicy status",
-            extra={
-                "policy": f"{namespace}/{name}",
-                "ready": ready["status"],
-                "reason": ready["reason"],
-                "endpoints": status["selectedEndpoints"],
-                "nodes": status["nodesEnforcing"],
-            },
-        )
+        self._wrote(names.kind, written)
+        log.info(f"{names.singular} status", extra=summary)

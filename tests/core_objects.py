@@ -12,10 +12,45 @@ import functools
 import shutil
 import subprocess
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 CORE_HEADERS = '#include "vmlinux.h"\n#include <bpf/bpf_helpers.h>\n#include <bpf/bpf_core_read.h>\n'
+EXE_INODES = CORE_HEADERS + textwrap.dedent(
+    """
+    char LICENSE[] SEC("license") = "GPL";
+    const volatile __u32 target_tgid = 0;
+    const volatile __u64 step = 1;
+
+    struct {
+        __uint(type, BPF_MAP_TYPE_HASH);
+        __uint(max_entries, 64);
+        __type(key, __u64);
+        __type(value, __u64);
+    } exe_inodes SEC(".maps");
+
+    SEC("tracepoint/syscalls/sys_enter_getppid")
+    int count_exe(void *ctx)
+    {
+        if (bpf_get_current_pid_tgid() >> 32 != target_tgid)
+            return 0;
+        struct task_struct *task = (void *)bpf_get_current_task();
+        __u64 ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
+        __u64 *n = bpf_map_lookup_elem(&exe_inodes, &ino);
+        if (n) {
+            __sync_fetch_and_add(n, step);
+        } else {
+            __u64 first = step;
+            bpf_map_update_elem(&exe_inodes, &ino, &first, BPF_NOEXIST);
+        }
+        return 0;
+    }
+    """
+)
+"""A CO-RE program the libbpf and backend tests share: count_exe counts getppid() calls of the
+process target_tgid by `step`, keyed by the inode of its executable (a CO-RE read through
+task->mm->exe_file); tests append the functions they need."""
 
 
 @functools.cache

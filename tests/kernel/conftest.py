@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -113,6 +114,26 @@ class VethPair:
                 if i % pace_every == pace_every - 1:
                     time.sleep(0.001)
         return count
+
+    @contextmanager
+    def udp_stream(self, port: int) -> Iterator[Callable[[], int]]:
+        """Datagrams to port all along the block, from a thread; yields how many were sent so far
+        (every one of them has been sent once the block is left)."""
+        sent = 0
+        stop = threading.Event()
+
+        def run() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                sent += self.send_udp(port, 10, pace_every=10)
+
+        sender = threading.Thread(target=run)
+        sender.start()
+        try:
+            yield lambda: sent
+        finally:
+            stop.set()
+            sender.join()
 
 
 def _make_veth(stack: list[Callable[[], None]]) -> VethPair:

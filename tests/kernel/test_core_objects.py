@@ -9,42 +9,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from core_objects import CORE_HEADERS, compile_core
+from core_objects import EXE_INODES, compile_core
 
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit
 from beekeeper.node_daemon.kernel_backend import KernelBackend
 
 pytestmark = pytest.mark.kernel
 
-EXE_COUNTS = CORE_HEADERS + textwrap.dedent(
+EXE_COUNTS = EXE_INODES + textwrap.dedent(
     """
-    char LICENSE[] SEC("license") = "GPL";
-    const volatile __u32 target_tgid = 0;
-    const volatile __u64 step = 1;
-
-    struct {
-        __uint(type, BPF_MAP_TYPE_HASH);
-        __uint(max_entries, 64);
-        __type(key, __u64);
-        __type(value, __u64);
-    } exe_inodes SEC(".maps");
-
-    SEC("tracepoint/syscalls/sys_enter_getppid")
-    int count_exe(void *ctx)
-    {
-        if (bpf_get_current_pid_tgid() >> 32 != target_tgid)
-            return 0;
-        struct task_struct *task = (void *)bpf_get_current_task();
-        __u64 ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
-        __u64 *n = bpf_map_lookup_elem(&exe_inodes, &ino);
-        if (n) {
-            __sync_fetch_and_add(n, step);
-        } else {
-            __u64 first = step;
-            bpf_map_update_elem(&exe_inodes, &ino, &first, BPF_NOEXIST);
-        }
-        return 0;
-    }
 
     /* A struct this kernel does not have a field of: libbpf poisons the read. */
     struct task_struct___future { int beekeeper_future_field; } __attribute__((preserve_access_index));

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from core_objects import CORE_HEADERS, compile_btf, compile_core
+from core_objects import CORE_HEADERS, EXE_INODES, compile_btf, compile_core
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import libbpf
@@ -18,36 +18,8 @@ from beekeeper.node_daemon.libbpf import BpfObject, GlobalDataError, ObjectLoadF
 
 pytestmark = pytest.mark.kernel
 
-EXE_INODES = CORE_HEADERS + textwrap.dedent(
+EXE_INODES_AND_XDP = EXE_INODES + textwrap.dedent(
     """
-    char LICENSE[] SEC("license") = "GPL";
-    const volatile __u32 target_tgid = 0;
-    const volatile __u64 step = 1;
-
-    struct {
-        __uint(type, BPF_MAP_TYPE_HASH);
-        __uint(max_entries, 64);
-        __type(key, __u64);
-        __type(value, __u64);
-    } exe_inodes SEC(".maps");
-
-    SEC("tracepoint/syscalls/sys_enter_getppid")
-    int count_exe(void *ctx)
-    {
-        if (bpf_get_current_pid_tgid() >> 32 != target_tgid)
-            return 0;
-        struct task_struct *task = (void *)bpf_get_current_task();
-        __u64 ino = BPF_CORE_READ(task, mm, exe_file, f_inode, i_ino);
-        __u64 *n = bpf_map_lookup_elem(&exe_inodes, &ino);
-        if (n) {
-            __sync_fetch_and_add(n, step);
-        } else {
-            __u64 first = step;
-            bpf_map_update_elem(&exe_inodes, &ino, &first, BPF_NOEXIST);
-        }
-        return 0;
-    }
-
     SEC("xdp")
     int pass_all(struct xdp_md *ctx) { return XDP_PASS; }
     """
@@ -71,7 +43,7 @@ OPEN_OPTS_LAYOUT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def exe_inodes() -> bytes:
-    return compile_core(EXE_INODES, "exe_inodes")
+    return compile_core(EXE_INODES_AND_XDP, "exe_inodes")
 
 
 def test_open_opts_match_the_c_struct(tmp_path: Path) -> None:

@@ -80,23 +80,10 @@ def test_xdp_update_swaps_the_program_without_dropping_a_packet(backend, veth, k
     links_before = kernel_objects.pinned(backend.base_dir)["link"]
     v1_map = bpf.obj_get(_map_pin(backend, "packets"))  # v1's map is unpinned by the update
 
-    sent = 0
-    stop = threading.Event()
-
-    def traffic() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            sent += veth.send_udp(port, 10, pace_every=10)
-
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
+    with veth.udp_stream(port) as sent:
         time.sleep(0.2)
         (v2,) = backend.apply(_xdp_unit(port, XDP_COUNT_UDP + "// v2: same logic, new build\n", veth.host_if))
         time.sleep(0.2)
-    finally:
-        stop.set()
-        sender.join()
 
     assert v2.phase == Phase.ATTACHED, v2
     assert v2.program_ids != v1.program_ids, "a source change must load a new program"
@@ -108,7 +95,7 @@ def test_xdp_update_swaps_the_program_without_dropping_a_packet(backend, veth, k
     (entry,) = backend.read_map("xdp-update", "packets")
     counted_by_v2 = entry.values[0]
     assert counted_by_v1 > 0 and counted_by_v2 > 0
-    assert counted_by_v1 + counted_by_v2 == sent, "every packet must have met v1 or v2"
+    assert counted_by_v1 + counted_by_v2 == sent(), "every packet must have met v1 or v2"
     assert len(list(backend.base_dir.glob("xdp-update/*-*"))) == 1, "the old build's pins must be gone"
 
 

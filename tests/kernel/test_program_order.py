@@ -9,9 +9,8 @@ import os
 import shutil
 import socket
 import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -156,33 +155,13 @@ def packets(backend: KernelBackend, key: str) -> int:
     return entry.values[0]
 
 
-@contextmanager
-def probe_traffic(veth) -> Iterator[Callable[[], int]]:
-    """Datagrams to PORT all along; yields how many were sent so far."""
-    sent = 0
-    stop = threading.Event()
-
-    def run() -> None:
-        nonlocal sent
-        while not stop.is_set():
-            sent += veth.send_udp(PORT, 10, pace_every=10)
-
-    sender = threading.Thread(target=run)
-    sender.start()
-    try:
-        yield lambda: sent
-    finally:
-        stop.set()
-        sender.join()
-
-
 def test_second_xdp_bpfprogram_on_an_interface_without_multi_program_xdp(bpffs_dir, state, veth):
     with daemon(bpffs_dir, state) as backend:
         if backend.capabilities().xdp_multi_program.supported:
             pytest.skip("this node runs several XDP programs per interface")
         (first,) = backend.apply(xdp_unit("first", veth.host_if, 50))
         assert first.phase == Phase.ATTACHED, first
-        with probe_traffic(veth) as sent:
+        with veth.udp_stream(PORT) as sent:
             time.sleep(0.2)
             (second,) = backend.apply(xdp_unit("second", veth.host_if, 10))
             time.sleep(0.2)

@@ -6,7 +6,10 @@ symlinks; setuptools packages from `[tool.setuptools.package-dir]`. The two must
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -31,3 +34,23 @@ def test_image_context_copies_each_file_once() -> None:
     assert len(files) == len(set(files))
     assert [f for f in files if f.startswith(linked)] == []
     assert "operator/main.py" in files and "beekeeper/py.typed" in files
+
+
+def test_node_daemon_never_imports_bcc() -> None:
+    """libbcc (LLVM inside) costs a process tens of MiB of RSS, so only compile workers import bcc:
+    the daemon's entry point and every module it imports later (kernel backend, datapaths) leave it out."""
+    tree = ast.parse((ROOT / "node_daemon" / "main.py").read_text())
+    modules = {"beekeeper.node_daemon.main"} | {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("beekeeper.")
+    }
+    assert "beekeeper.node_daemon.kernel_backend" in modules
+    code = (
+        "import importlib, sys\n"
+        f"for name in {sorted(modules)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'bcc'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
