@@ -155,7 +155,9 @@ def test_a_node_daemon_token_changes_only_its_own_nodes_state(cluster, release: 
         # RuntimeSecurityPolicy matches become Events on the Pod, in the pod's namespace: created,
         # then patched as more arrive (the daemon's own poster, with its token).
         poster = PodEventPoster(daemon_a, node_a)
-        match = {"namespace": release.namespace, "pod": f"daemon-{node_a}", "policy": "p", "rule": "r"}
+        pod_uid = client.CoreV1Api(admin).read_namespaced_pod(f"daemon-{node_a}", release.namespace).metadata.uid
+        match = {"namespace": release.namespace, "pod": f"daemon-{node_a}", "podUid": pod_uid, "policy": "p"}
+        match |= {"rule": "r"}
         match |= {"action": "Blocked", "file": "/bin/sh", "container": "c", "parent": "/bin/bash"}
         for _ in range(2):
             poster.add(match)
@@ -163,7 +165,9 @@ def test_a_node_daemon_token_changes_only_its_own_nodes_state(cluster, release: 
 
         def event_count() -> int:
             events = client.CoreV1Api(admin).list_namespaced_event(release.namespace).items
-            return sum(e.count for e in events if e.reason == event_reason("Blocked"))
+            return sum(
+                e.count for e in events if e.reason == event_reason("Blocked") and e.involved_object.uid == pod_uid
+            )
 
         assert event_count() == 2, "the daemon could not create and patch its Event"
         with pytest.raises(ApiException) as policies:
