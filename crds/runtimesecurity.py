@@ -30,6 +30,8 @@ from beekeeper.crds.common import (
     conditions_field,
     list_map,
     list_set,
+    observed_generation_field,
+    status_field,
     validations,
 )
 from beekeeper.crds.names import RUNTIME_SECURITY_POLICY
@@ -226,7 +228,7 @@ class RuntimeSecurityPolicySpec(ApiModel):
 class RuntimeSecurityPolicyStatus(ApiModel):
     """Observed state, written by the operator from the nodes' reports."""
 
-    observed_generation: int | None = Field(None, ge=0, description="metadata.generation this status describes.")
+    observed_generation: int = observed_generation_field()
     conditions: list[Condition] | None = conditions_field(["Valid", "Ready", "Reconciling", "Stalled"])
     selected_pods: int | None = Field(None, ge=0, description="Running pods selected by podSelector.")
     nodes_enforcing: int | None = Field(
@@ -256,4 +258,4 @@ class RuntimeSecurityPolicy(Resource):
 
     kind: Literal["RuntimeSecurityPolicy"] = Field("RuntimeSecurityPolicy", description="RuntimeSecurityPolicy")
     spec: RuntimeSecurityPolicySpec = Field(description="Selected pods and the rules for what runs in them.")
-    status: RuntimeSecurityPolicyStatus | None = Field(None, description="Observed state, written by the operator.")
+    status: RuntimeSecurityPolicyStatus | None = status_field("Observed state, written by the operator.")

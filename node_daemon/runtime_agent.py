@@ -62,6 +62,8 @@ class ScopeInfo:
     namespace: str
     pod: str
     container: str
+    pod_uid: str
+    """Events on the Pod name it: `kubectl describe pod` lists only Events whose involvedObject.uid is the pod's."""
 
 
 @dataclass
@@ -100,7 +102,7 @@ def compile_maps(spec: NodeRuntimeSecurity, identify: Identify, resolve_in: Reso
                 if key not in identities:
                     ident = identify(pod.uid, container.container_id)
                     scope = _scope_id(pod.uid, container.name, out.scopes)
-                    out.scopes[scope] = ScopeInfo(pod.namespace, pod.pod, container.name)
+                    out.scopes[scope] = ScopeInfo(pod.namespace, pod.pod, container.name, pod.uid)
                     identities[key] = (scope, ident)
                     if ident is None or ident.pid is None:
                         if len(out.missing) < MAX_MISSING:
@@ -193,8 +195,14 @@ class RuntimeAgent:
         v2, v1 = cgroup_mounts()
         self_mntns = os.stat("/proc/self/ns/mnt").st_ino
 
+        denied: list[str] = []
+
         def identify(uid: str, container_id: str) -> ContainerIdentity | None:
-            return container_identity(uid, container_id, v2, v1, self_mntns)
+            try:
+                return container_identity(uid, container_id, v2, v1, self_mntns)
+            except PermissionError as exc:
+                denied.append(f"{exc.strerror}: {exc.filename}")
+                return None
 
         def resolve_in(pid: int, path: str, directory: bool) -> tuple[int, int] | None:
             try:
@@ -221,6 +229,8 @@ class RuntimeAgent:
         if compiled.missing:
             status["missing"] = compiled.missing
             status["message"] = f"{len(compiled.missing)} selected containers not found on the node yet"
+            if denied:
+                status["message"] += f"; {denied[0]} (reading a container's /proc entries needs CAP_SYS_PTRACE)"
         return status
 
     def matches(self) -> dict[str, int]:
@@ -255,6 +265,7 @@ class RuntimeAgent:
             "node": self.node,
             "namespace": scope.namespace if scope else None,
             "pod": scope.pod if scope else None,
+            "podUid": scope.pod_uid if scope else None,
             "container": scope.container if scope else None,
             "pid": event.pid,
             "ppid": event.ppid,

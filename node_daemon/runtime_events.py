@@ -142,7 +142,9 @@ class PodEventPoster:
                     raise
         event = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{pod}.", namespace=namespace),
-            involved_object=client.V1ObjectReference(api_version="v1", kind="Pod", name=pod, namespace=namespace),
+            involved_object=client.V1ObjectReference(
+                api_version="v1", kind="Pod", name=pod, namespace=namespace, uid=pending.first.get("podUid")
+            ),
             type="Warning" if pending.first.get("action") == "Blocked" else "Normal",
             reason=event_reason(pending.first.get("action") or ""),
             message=event_message(pending.first)[:1024],

@@ -136,7 +136,11 @@ class ContainerIdentity:
 def container_identity(
     uid: str, container_id: str, cgroup2: list[Path], cgroup1: list[Path], self_mntns: int
 ) -> ContainerIdentity | None:
-    """The container's kernel identity, or None when no cgroup of it exists on this node (yet)."""
+    """The container's kernel identity, or None when no cgroup of it exists on this node (yet).
+
+    PermissionError when its processes exist but none of their /proc entries may be read: the
+    kernel checks ptrace access, which a daemon without CAP_SYS_PTRACE only has to processes
+    whose capabilities are a subset of its own (a container's default set is not)."""
     cid = container_id.partition("://")[2] or container_id
     ident = ContainerIdentity()
     pids: list[int] = []
@@ -159,9 +163,13 @@ def container_identity(
                     pids += _pids(found)
             if pids:
                 break
+    denied: PermissionError | None = None
     for pid in pids:
         try:
             mntns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        except PermissionError as exc:  # a ptrace-mode check: the container's process has capabilities we lack
+            denied = exc
+            continue
         except OSError:
             continue
         ident.pid = ident.pid or pid
@@ -169,6 +177,8 @@ def container_identity(
         # namespace: that one is the host's and is never a key.
         if mntns != self_mntns and (KEY_MNTNS, mntns) not in ident.keys:
             ident.keys.append((KEY_MNTNS, mntns))
+    if ident.pid is None and denied is not None:
+        raise denied
     if not ident.keys:
         return None
     return ident

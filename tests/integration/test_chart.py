@@ -115,7 +115,7 @@ def test_defaults_are_what_a_cluster_needs() -> None:
     container = pod["containers"][0]
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in container["env"]
     caps = container["securityContext"]["capabilities"]
-    assert caps == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN"]}
+    assert caps == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE"]}
     assert "privileged" not in container["securityContext"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert {"/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src", "/var/lib/beekeeper"} <= set(mounts)

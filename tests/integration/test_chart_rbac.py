@@ -25,6 +25,7 @@ from beekeeper import kube
 from beekeeper.crds.generate import crd_manifests
 from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 from beekeeper.devenv.controlplane import ControlPlane
+from beekeeper.node_daemon.runtime_events import PodEventPoster, event_reason
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,28 @@ def test_a_node_daemon_token_changes_only_its_own_nodes_state(cluster, release: 
             client.CoreV1Api(daemon_a).list_pod_for_all_namespaces()
         assert pods.value.status == 403
 
+        # RuntimeSecurityPolicy matches become Events on the Pod, in the pod's namespace: created,
+        # then patched as more arrive (the daemon's own poster, with its token).
+        poster = PodEventPoster(daemon_a, node_a)
+        pod_uid = client.CoreV1Api(admin).read_namespaced_pod(f"daemon-{node_a}", release.namespace).metadata.uid
+        match = {"namespace": release.namespace, "pod": f"daemon-{node_a}", "podUid": pod_uid, "policy": "p"}
+        match |= {"rule": "r"}
+        match |= {"action": "Blocked", "file": "/bin/sh", "container": "c", "parent": "/bin/bash"}
+        for _ in range(2):
+            poster.add(match)
+            poster.flush()
+
+        def event_count() -> int:
+            events = client.CoreV1Api(admin).list_namespaced_event(release.namespace).items
+            return sum(
+                e.count for e in events if e.reason == event_reason("Blocked") and e.involved_object.uid == pod_uid
+            )
+
+        assert event_count() == 2, "the daemon could not create and patch its Event"
+        with pytest.raises(ApiException) as policies:
+            custom.list_namespaced_custom_object(GROUP, VERSION, release.namespace, "runtimesecuritypolicies")
+        assert policies.value.status == 403  # its entries come compiled in its BpfNodeState
+
         # A token of the same service account bound to no pod has no node: refused everywhere.
         unbound = as_token(admin, pod_token(admin, release.namespace, release.node_daemon_sa, None))
         code, message = patch_status(unbound, node_a)
@@ -240,7 +263,8 @@ def private_cluster(tmp_path: Path) -> Iterator[tuple[client.ApiClient, Path]]:
 def test_the_operator_works_with_the_chart_identity_only(private_cluster, tmp_path: Path) -> None:
     """The real operator with a token of the chart's operator ServiceAccount (and a daemon with the
     daemon's): BpfPrograms go Ready and, deleted, through the detach finalizer; identities are
-    allocated and a NetworkIdentityPolicy's status written. No request is forbidden."""
+    allocated and the NetworkIdentityPolicy's and RuntimeSecurityPolicy's status written. No
+    request is forbidden."""
     api, admin_kubeconfig = private_cluster
     namespace = "beekeeper-system"
     client.CoreV1Api(api).create_namespace({"metadata": {"name": namespace}})
@@ -293,12 +317,13 @@ def test_the_operator_works_with_the_chart_identity_only(private_cluster, tmp_pa
 
         wait_for(lambda: programs(ready=True), 60, "every example BpfProgram Ready")
 
-        def policy_ready() -> bool:
-            policies = custom.list_namespaced_custom_object(GROUP, VERSION, "default", "networkidentitypolicies")
+        def policy_ready(plural: str) -> bool:
+            policies = custom.list_namespaced_custom_object(GROUP, VERSION, "default", plural)
             conditions = [c for p in policies["items"] for c in (p.get("status") or {}).get("conditions") or []]
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-        wait_for(policy_ready, 60, "the example NetworkIdentityPolicy Ready")
+        wait_for(lambda: policy_ready("networkidentitypolicies"), 60, "the example NetworkIdentityPolicy Ready")
+        wait_for(lambda: policy_ready("runtimesecuritypolicies"), 60, "the example RuntimeSecurityPolicy Ready")
         assert custom.list_cluster_custom_object(GROUP, VERSION, "networkidentities")["items"]
         for name in programs(ready=True) or []:
             custom.delete_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name)

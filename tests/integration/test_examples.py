@@ -1,4 +1,5 @@
-"""Every manifest in examples/ applies to a real apiserver (a real apply, not a dry run)."""
+"""Every manifest in examples/ applies to a real apiserver (a real apply, not a dry run), and
+the policy examples go Ready with the operator running (in a namespace without their pods)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(EXAMPLES.glob("*.yaml"))
+POLICY_FILES = sorted(EXAMPLES.glob("runtimesecuritypolicy-*.yaml"))
 
 
 def contains(actual: Any, expected: Any) -> bool:
@@ -32,6 +34,7 @@ def contains(actual: Any, expected: Any) -> bool:
 
 def test_there_are_examples() -> None:
     assert len(FILES) >= 3
+    assert POLICY_FILES, "the examples include a RuntimeSecurityPolicy"
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
@@ -60,3 +63,18 @@ def test_example_applies(cluster: Any, namespace: str, path: Path) -> None:
             cluster.kubectl(
                 "delete", resource, name, "--ignore-not-found", *(["-n", namespace] if namespaced else []), check=False
             )
+
+
+@pytest.mark.parametrize("path", POLICY_FILES, ids=[p.name for p in POLICY_FILES])
+def test_policy_example_becomes_ready(cluster: Any, operator_process: Any, namespace: str, path: Path) -> None:
+    """No pod of the fresh namespace is selected: the operator judges the policy Valid and Ready at once."""
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["namespace"] = namespace
+    resource = f"{BY_KIND[doc['kind']].names.plural}.beekeeper.dev"
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
+    name = doc["metadata"]["name"]
+    cluster.kubectl("wait", "--for=condition=Ready", resource, name, "-n", namespace, "--timeout=60s")
+    status = json.loads(cluster.kubectl("get", resource, name, "-n", namespace, "-o", "json").stdout)["status"]
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions["Valid"] == ("True", "Accepted") and conditions["Stalled"][0] == "False", conditions
+    assert status["observedGeneration"] == 1 and status["selectedPods"] == 0, status

@@ -1,10 +1,12 @@
 """Run the node daemon's kernel paths once and report which fail: run under a reduced capability set.
 
-    capsh --caps=... -- -c 'python tests/kernel/capability_probe.py BPFFS_DIR STATE_DIR IFACE CGROUP'
+    capsh --caps=... -- -c 'python tests/kernel/capability_probe.py BPFFS_DIR STATE_DIR IFACE CGROUP POD_UID CID'
 
 Prints one JSON object: step -> "ok" or the error. Steps: compile+load+attach every hook type the
 chart's daemon supports (xdp, tc, tracepoint, raw_tracepoint, cgroup_skb), re-adopt the pins
-in a new backend (what a restarted daemon does), load and attach the policy datapath, remove all.
+in a new backend (what a restarted daemon does), load and attach the policy datapath, enforce a
+RuntimeSecurityPolicy on a simulated container (POD_UID, CID: a kubelet-style cgroup whose
+process has a container's capabilities, more than the probe's), remove all.
 """
 
 from __future__ import annotations
@@ -43,7 +45,24 @@ def programs(interface: str, cgroup: str) -> list[AttachSpec]:
     ]
 
 
-def main(bpffs: Path, state: Path, interface: str, cgroup: str) -> dict[str, str]:
+def runtime_security(bpffs: Path, pod_uid: str, container_id: str) -> str:
+    """Map the container (its process's /proc entries) and resolve /bin/sh in its root."""
+    from beekeeper.node_daemon.runtime_agent import RuntimeAgent
+    from beekeeper.operator.runtime_compile import revision
+
+    rules = [{"name": "shells", "exec": {"paths": ["/bin/sh"]}, "action": "Block"}]
+    pod = {"namespace": "ns", "pod": "p", "uid": pod_uid}
+    pod["containers"] = [{"name": "c", "containerId": f"containerd://{container_id}"}]  # type: ignore[assignment]
+    body = {"policies": [{"policy": "ns/p", "generation": 1, "mode": "Enforce", "rules": rules, "pods": [pod]}]}
+    agent = RuntimeAgent("probe", bpffs / "runtime")
+    try:
+        status = agent.reconcile({**body, "revision": revision(body)}) or {}
+        return "ok" if status.get("enforcing") else str(status.get("message"))[:300]
+    finally:
+        agent.remove()
+
+
+def main(bpffs: Path, state: Path, interface: str, cgroup: str, pod_uid: str, container_id: str) -> dict[str, str]:
     steps: dict[str, str] = {}
     try:
         backend = KernelBackend(str(bpffs / "programs"), str(state))
@@ -70,6 +89,10 @@ def main(bpffs: Path, state: Path, interface: str, cgroup: str) -> dict[str, str
     except Exception as exc:
         steps["policy-datapath"] = f"{type(exc).__name__}: {exc}"[:300]
     try:
+        steps["runtime-security"] = runtime_security(bpffs, pod_uid, container_id)
+    except Exception as exc:
+        steps["runtime-security"] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
         backend.remove("probe")
         steps["remove"] = "ok"
     except Exception as exc:
@@ -82,4 +105,4 @@ def _ifindex(name: str) -> int:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])))
+    print(json.dumps(main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:7])))

@@ -208,6 +208,7 @@ def test_audit_mode_reports_without_blocking_and_events_say_who(agent: RuntimeAg
         "node": "node-1",
         "namespace": "shop",
         "pod": "web-1",
+        "podUid": web.uid,
         "container": "app",
         "pid": None,
         "ppid": None,

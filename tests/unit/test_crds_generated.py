@@ -177,7 +177,7 @@ def test_reflow_keeps_paragraphs_and_list_items() -> None:
     assert reflow(text) == "One sentence across lines.\n\nA list:\n- first item\n- second"
 
 
-@pytest.mark.parametrize("kind", ["BpfProgram", "NetworkIdentityPolicy"])
+@pytest.mark.parametrize("kind", ["BpfProgram", "NetworkIdentityPolicy", "RuntimeSecurityPolicy"])
 def test_user_applied_kinds_store_observed_generation_zero_on_create(kind: str) -> None:
     """The apiserver fills in status: {observedGeneration: 0}, so kstatus reads a new object as InProgress."""
     status = MANIFESTS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
