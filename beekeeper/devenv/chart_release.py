@@ -54,10 +54,12 @@ class ChartRelease:
     def installed(self) -> bool:
         return self.helm_cmd("status", RELEASE, check=False).returncode == 0
 
-    def install(self) -> float:
-        """helm install --wait; returns the seconds it took."""
+    def install(self, *values: str) -> float:
+        """helm install --wait, with more `--set=...` values; returns the seconds it took."""
         started = time.monotonic()
-        self.helm_cmd("install", RELEASE, str(CHART), "--create-namespace", "--wait", "--timeout=5m", *self.values())
+        self.helm_cmd(
+            "install", RELEASE, str(CHART), "--create-namespace", "--wait", "--timeout=5m", *self.values(), *values
+        )
         return time.monotonic() - started
 
     def upgrade(self, tag: str) -> float:

@@ -8,7 +8,9 @@ Every case is also checked against the pydantic models, which must agree.
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import json
 import re
 import uuid
@@ -833,3 +835,24 @@ def test_runtime_policy_columns_are_filled(cluster: Any, policy_namespace: str) 
         assert "pathPrefixes" in words and "a link to one is the same file" in words
     finally:
         delete(cluster, doc, policy_namespace)
+
+
+def test_node_state_carries_an_object_of_any_bytes(cluster: Any, policy_namespace: str) -> None:
+    """Every byte value, so the base64 holds '+' and '/' as a real ELF's does (the apiserver's CEL once
+    refused those in a `format: byte` field its rules read); what is not base64 is refused."""
+    data = bytes(range(256))
+    doc = valid_node_state()
+    doc["metadata"]["name"] = doc["spec"]["nodeName"] = f"object-{uuid.uuid4().hex[:6]}"
+    entry = doc["spec"]["programs"][0]
+    del entry["source"]
+    entry["bytecode"] = {"object": base64.b64encode(data).decode(), "sha256": hashlib.sha256(data).hexdigest()}
+    assert {"+", "/"} <= set(entry["bytecode"]["object"])
+    BY_KIND["BpfNodeState"].model_validate(doc)
+    result = apply(cluster, doc, policy_namespace, "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+
+    entry["bytecode"]["object"] = "not base64!"
+    result = apply(cluster, doc, policy_namespace, "--dry-run=server")
+    assert result.returncode != 0 and "spec.programs[0].bytecode.object" in result.stderr, result.stderr
+    with pytest.raises(ValidationError):
+        BY_KIND["BpfNodeState"].model_validate(doc)

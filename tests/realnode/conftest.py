@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from realnode_pods import HOST_SYSCTLS, pod_manifest
+from registry_rig import OciRig, Registry
 from support import Cluster, wait_for
 
 from beekeeper.devenv import build
-from beekeeper.devenv.realnode import RealNode
+from beekeeper.devenv.realnode import HOST_IP, RealNode
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -78,3 +79,16 @@ def run_pod(node_cluster: Cluster, node_namespace: str) -> Callable[..., dict]:
         return wait_for(running, timeout, f"pod {node_namespace}/{name} Running")
 
     return run
+
+
+@pytest.fixture(scope="session")
+def node_registry(realnode: RealNode, oci_registry: OciRig) -> Iterator[Registry]:
+    """The session's registry served also on the rig's host address, which the node's pods reach.
+
+    The registry on 127.0.0.1 is the machine's loopback, not the node's (its network namespace
+    has a loopback of its own); a second process serves the same storage, certificate and CA
+    on HOST_IP (the certificate names it), so images pushed to oci_registry are pulled here.
+    """
+    registry = Registry(oci_registry.registry.dir, host=HOST_IP).start()
+    yield registry
+    registry.stop()
