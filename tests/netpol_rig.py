@@ -17,7 +17,6 @@ policy programs only to its own pods' veths, as on real nodes. Addresses come fr
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -38,7 +37,7 @@ from typing import IO, Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
-from support import VethNamespace, sh, sockets_in, wait_for
+from support import VethNamespace, sh, sockets_in, tcx_chain, wait_for
 
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
 PORTS = (80, 81)
@@ -523,15 +522,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-_prog_query = ctypes.CDLL("libbpf.so.1", use_errno=True).bpf_prog_query
-_prog_query.argtypes = (
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_uint32,
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint32),
-    ctypes.POINTER(ctypes.c_uint32),
-)
 _TCX_HOOKS = {"ingress": 46, "egress": 47}  # BPF_TCX_INGRESS / BPF_TCX_EGRESS
 
 
@@ -539,10 +529,4 @@ def tcx_program_ids(ifname: str) -> dict[str, list[int]]:
     """{"ingress": [...], "egress": [...]}: the programs on an interface's tcx hooks, asked of the kernel
     (BPF_PROG_QUERY; this bpftool predates tcx)."""
     ifindex = socket.if_nametoindex(ifname)
-    out = {}
-    for hook, attach_type in _TCX_HOOKS.items():
-        ids, count = (ctypes.c_uint32 * 64)(), ctypes.c_uint32(64)
-        if _prog_query(ifindex, attach_type, 0, None, ids, ctypes.byref(count)) != 0:
-            raise OSError(ctypes.get_errno(), f"BPF_PROG_QUERY on {ifname}")
-        out[hook] = list(ids[: count.value])
-    return out
+    return {hook: tcx_chain(ifindex, attach_type) for hook, attach_type in _TCX_HOOKS.items()}

@@ -20,13 +20,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, cast
 
+import yaml
+from kubernetes import client
 from kubernetes.client import ApiClient
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from beekeeper import kube
+from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
 from beekeeper.devenv import build, processes
 from beekeeper.devenv.controlplane import ControlPlane
 from beekeeper.node_daemon import bpf_syscalls as bpf
@@ -57,9 +60,10 @@ _prog_query.restype = ctypes.c_int
 
 
 def tcx_chain(ifindex: int, attach_type: int) -> list[int]:
-    """Program ids on a tcx hook, in the order they run."""
-    ids, count = (ctypes.c_uint32 * 16)(), ctypes.c_uint32(16)
-    assert _prog_query(ifindex, attach_type, 0, None, ids, ctypes.byref(count)) == 0
+    """Program ids on a tcx hook, in the order they run (BPF_PROG_QUERY; this bpftool predates tcx)."""
+    ids, count = (ctypes.c_uint32 * 64)(), ctypes.c_uint32(64)
+    if _prog_query(ifindex, attach_type, 0, None, ids, ctypes.byref(count)) != 0:
+        raise OSError(ctypes.get_errno(), f"BPF_PROG_QUERY on interface {ifindex}")
     return list(ids[: count.value])
 
 
@@ -199,6 +203,57 @@ class Cluster:
         self.kubectl("create", "namespace", name)
         yield name
         self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+class Api:
+    """Thin reads and writes of BpfPrograms and node states for assertions."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.custom = client.CustomObjectsApi(cluster.api())
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+    def program(self, name: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name))
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.program(name).get("status") or {}
+
+    def nodestate(self, node: str) -> dict[str, Any] | None:
+        try:
+            return cast(
+                dict[str, Any], self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
+            )
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def node_reports(self, node: str, program: str) -> list[dict[str, Any]]:
+        state = self.nodestate(node) or {}
+        return [p for p in (state.get("status") or {}).get("programs") or [] if p["bpfProgram"] == program]
+
+    def delete(self, name: str, wait: bool = True) -> None:
+        args = ["delete", "bpfprogram", name, "--ignore-not-found"]
+        self.cluster.kubectl(*args, *(["--timeout=90s"] if wait else ["--wait=false"]))
+
+    def ready(self, name: str, expected: str = "1/1", timeout: float = 120) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            status = self.status(name)
+            return status if status.get("ready") == expected and status.get("phase") == "Ready" else None
+
+        return wait_for(check, timeout, f"BpfProgram {name} READY {expected}")
+
+    def failing(self, name: str, reason: str, timeout: float = 90) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            for failure in self.status(name).get("failingNodes") or []:
+                if failure["reason"] == reason:
+                    return failure
+            return None
+
+        return wait_for(check, timeout, f"BpfProgram {name} failing with {reason}")
 
 
 @contextmanager

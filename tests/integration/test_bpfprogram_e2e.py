@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
-from support import VethNamespace, check_exposition, tcx_chain, wait_for
+from support import Api, VethNamespace, check_exposition, tcx_chain, wait_for
 
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import GROUP, VERSION
 from beekeeper.node_daemon.bpf_syscalls import ATTACH_TCX_INGRESS
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
@@ -45,43 +44,6 @@ int count_packets(struct xdp_md *ctx) {
 
 def uid() -> str:
     return uuid.uuid4().hex[:6]
-
-
-class Api:
-    """Thin reads and writes of the beekeeper resources for assertions."""
-
-    def __init__(self, cluster) -> None:
-        self.cluster = cluster
-        self.custom = client.CustomObjectsApi(cluster.api())
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-
-    def program(self, name: str) -> dict[str, Any]:
-        return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name)
-
-    def nodestate(self, node: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def node_reports(self, node: str, program: str) -> list[dict[str, Any]]:
-        state = self.nodestate(node) or {}
-        return [p for p in (state.get("status") or {}).get("programs") or [] if p["bpfProgram"] == program]
-
-    def delete(self, name: str, wait: bool = True) -> None:
-        args = ["delete", "bpfprogram", name, "--ignore-not-found"]
-        self.cluster.kubectl(*args, *(["--timeout=90s"] if wait else ["--wait=false"]))
-
-    def ready(self, name: str, expected: str) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            status = self.program(name).get("status") or {}
-            return status if status.get("ready") == expected and status.get("phase") == "Ready" else None
-
-        return wait_for(check, 120, f"BpfProgram {name} READY {expected}")
 
 
 def bpfprogram(name: str, source: str, programs: list[dict], selector: dict | None = None, **spec: Any) -> dict:

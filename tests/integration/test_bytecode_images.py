@@ -12,13 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from core_objects import CORE_HEADERS, compile_core
-from kubernetes import client
 from registry_rig import OciRig
-from support import OperatorProcess, check_exposition, component_env, wait_for
+from support import Api, OperatorProcess, check_exposition, component_env, wait_for
 
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import BPF_PROGRAM_PLURAL, GROUP, VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
@@ -79,47 +77,6 @@ def pushed(oci_rig: OciRig, objects: list[Path]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def oci_rig(oci_registry: OciRig) -> OciRig:
     return oci_registry
-
-
-class Api:
-    def __init__(self, cluster) -> None:
-        self.cluster = cluster
-        self.custom = client.CustomObjectsApi(cluster.api())
-
-    def apply(self, manifest: dict[str, Any]) -> None:
-        self.cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
-
-    def program(self, name: str) -> dict[str, Any]:
-        return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_PROGRAM_PLURAL, name)
-
-    def status(self, name: str) -> dict[str, Any]:
-        return self.program(name).get("status") or {}
-
-    def nodestate(self, node: str) -> dict[str, Any]:
-        return self.custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
-
-    def reports(self, node: str, program: str) -> list[dict[str, Any]]:
-        status = self.nodestate(node).get("status") or {}
-        return [p for p in status.get("programs") or [] if p["bpfProgram"] == program]
-
-    def ready(self, name: str, timeout: float = 120) -> dict[str, Any]:
-        return wait_for(
-            lambda: (s := self.status(name)).get("phase") == "Ready" and s.get("ready") == "1/1" and s,
-            timeout,
-            f"BpfProgram {name} Ready",
-        )
-
-    def failing(self, name: str, reason: str, timeout: float = 90) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            for failure in self.status(name).get("failingNodes") or []:
-                if failure["reason"] == reason:
-                    return failure
-            return None
-
-        return wait_for(check, timeout, f"BpfProgram {name} failing with {reason}")
-
-    def delete(self, name: str) -> None:
-        self.cluster.kubectl("delete", "bpfprogram", name, "--ignore-not-found", "--wait=false")
 
 
 def image_program(name: str, node: str, image: str, metric: str | None = None) -> dict[str, Any]:
@@ -227,12 +184,12 @@ def test_image_pinned_by_digest_runs_and_exports_metrics_and_is_cached(
     names += [second, third]
     api.apply(image_program(second, node.node, pinned(oci_rig, repo, digest)))
     api.ready(second)
-    ids = {p["name"]: p["programIds"] for p in api.reports(node.node, name)}
+    ids = {p["name"]: p["programIds"] for p in api.node_reports(node.node, name)}
     node.stop()
     node.start()
     api.apply(image_program(third, node.node, pinned(oci_rig, repo, digest)))
     api.ready(third)  # the restarted daemon has reconciled every entry
-    assert {p["name"]: p["programIds"] for p in api.reports(node.node, name)} == ids  # re-adopted, not reloaded
+    assert {p["name"]: p["programIds"] for p in api.node_reports(node.node, name)} == ids  # re-adopted, not reloaded
     assert oci_rig.registry.fetches(repo) == blobs_before + 2
     assert (node.state_dir / "images" / digest.split(":")[1] / "object.o").read_bytes() == objects[0].read_bytes()
 
@@ -312,7 +269,7 @@ def test_a_registry_outage_keeps_attached_programs_running_and_converges_after(
     names.append(name)
     api.apply(image_program(name, node.node, pinned(oci_rig, "bpf/counter1", pushed["bpf/counter1"])))
     api.ready(name)
-    running = [i for p in api.reports(node.node, name) for i in p["programIds"]]
+    running = [i for p in api.node_reports(node.node, name) for i in p["programIds"]]
 
     oci_rig.registry.stop()
     try:
