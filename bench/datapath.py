@@ -465,11 +465,10 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    try:
-        import matplotlib  # type: ignore[import-not-found]  # optional: not a dependency of the project
-
+    try:  # optional, not a dependency of the project: loaded by name, typed Any either way
+        matplotlib: Any = importlib.import_module("matplotlib")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
+        plt: Any = importlib.import_module("matplotlib.pyplot")
     except ImportError:
         print(f"wrote {out / 'datapath.csv'} (no matplotlib here: no plot)", file=sys.stderr)
         return
