@@ -36,14 +36,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes as ct
 import importlib
 import ipaddress
 import json
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from netpol_rig import PodRig, SimPod
 from support import sh
+from tc_test_run import ACK, SYN, TC_ACT_UNSPEC, packet, prog_test_run
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
@@ -69,10 +68,6 @@ from beekeeper.node_daemon.policy_datapath import TO_POD
 from beekeeper.operator.identities import IdentityKey, plan_identities
 from beekeeper.operator.pods import PodRecord, pod_records
 from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
-
-# The kernel tests' BPF_PROG_TEST_RUN binding and packet builder, loaded by name so that mypy does
-# not check that test module as part of bench/.
-kt: Any = importlib.import_module("kernel.test_policy_datapath")
 
 NAMESPACE, NODE, ELSEWHERE = "bench", "bench", "elsewhere"
 PEERS = ipaddress.IPv4Address("10.64.0.0")  # peer i is PEERS + i + 1 (up to a /10: 4M peers)
@@ -340,39 +335,18 @@ class Beekeeper(Contender):
         ifindex = int(Path(f"/sys/class/net/{self.world.server.host_if}/ifindex").read_text())
         denied_from = peer_ip(0) if self.world.size else "198.51.100.7"  # a known peer on a port it is not let in
         packets = {
-            "new allowed": (kt.packet(client, server, sport=41000, dport=PORT, flags=kt.SYN), True),
-            "established": (kt.packet(client, server, sport=41000, dport=PORT, flags=kt.ACK), True),
-            "denied": (kt.packet(denied_from, server, dport=81, flags=kt.SYN), False),
+            "new allowed": (packet(client, server, sport=41000, dport=PORT, flags=SYN), True),
+            "established": (packet(client, server, sport=41000, dport=PORT, flags=ACK), True),
+            "denied": (packet(denied_from, server, dport=81, flags=SYN), False),
         }
         result = {}
         with bpf.obj_get(str(prog)) as fd:
             for kind, (data, passes) in packets.items():  # the SYN first: it opens the established flow
-                ns, verdict = _test_run_ns(fd.fd, data, ifindex, repeat)
-                if (verdict == kt._TC_ACT_UNSPEC) != passes:
+                verdict, ns = prog_test_run(fd.fd, data, ifindex, repeat)
+                if (verdict == TC_ACT_UNSPEC) != passes:
                     raise SystemExit(f"{kind} packet: verdict {verdict:#x}, expected {'pass' if passes else 'drop'}")
                 result[kind] = ns
         return result
-
-
-def _test_run_ns(prog_fd: int, data: bytes, ifindex: int, repeat: int) -> tuple[float, int]:
-    """(kernel-measured ns per run, verdict): tests/kernel/test_policy_datapath.run_prog with a repeat count."""
-    ctx = ct.create_string_buffer(kt._SKB_CTX_SIZE)
-    struct.pack_into("<I", ctx, kt._SKB_IFINDEX_OFFSET, ifindex)
-    buf = ct.create_string_buffer(data, len(data))
-    out = ct.create_string_buffer(len(data) + 256)
-    opts = kt._TestRunOpts(
-        sz=ct.sizeof(kt._TestRunOpts),
-        data_in=ct.addressof(buf),
-        data_out=ct.addressof(out),
-        data_size_in=len(data),
-        data_size_out=len(out),
-        ctx_in=ct.addressof(ctx),
-        ctx_size_in=kt._SKB_CTX_SIZE,
-        repeat=repeat,
-    )
-    if kt._test_run(prog_fd, ct.byref(opts)) != 0:
-        raise SystemExit("BPF_PROG_TEST_RUN failed")
-    return float(opts.duration), opts.retval
 
 
 # --- measuring ------------------------------------------------------------------------------------

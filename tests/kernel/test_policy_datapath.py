@@ -7,12 +7,9 @@ never meet another's); one test sends real TCP between two network namespaces.
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
-import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -23,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from support import pinned_ids, sockets_in, tcx_chain, wait_for
+from tc_test_run import ACK, DROP, ICMP, PASS, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -47,107 +45,6 @@ LOCAL = 256
 FRONTEND, FRONTEND_IP = 300, "10.231.0.20"
 OTHER, OTHER_IP = 301, "10.231.0.30"
 WORLD_IP = "198.51.100.7"  # in no ipcache entry
-
-PASS, DROP = "pass", "drop"
-_TC_ACT_UNSPEC, _TC_ACT_SHOT = 0xFFFFFFFF, 2  # tcx "next" / drop
-TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
-SYN, ACK = 0x02, 0x10
-
-
-# --- BPF_PROG_TEST_RUN --------------------------------------------------------------------------
-
-
-class _TestRunOpts(ct.Structure):
-    _fields_ = (
-        ("sz", ct.c_size_t),
-        ("data_in", ct.c_void_p),
-        ("data_out", ct.c_void_p),
-        ("data_size_in", ct.c_uint32),
-        ("data_size_out", ct.c_uint32),
-        ("ctx_in", ct.c_void_p),
-        ("ctx_out", ct.c_void_p),
-        ("ctx_size_in", ct.c_uint32),
-        ("ctx_size_out", ct.c_uint32),
-        ("retval", ct.c_uint32),
-        ("repeat", ct.c_int),
-        ("duration", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("cpu", ct.c_uint32),
-        ("batch_size", ct.c_uint32),
-    )
-
-
-_libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-_test_run = _libbpf.bpf_prog_test_run_opts
-_test_run.argtypes = (ct.c_int, ct.POINTER(_TestRunOpts))
-_test_run.restype = ct.c_int
-_SKB_CTX_SIZE = 192  # sizeof(struct __sk_buff)
-_SKB_IFINDEX_OFFSET = 40
-
-
-def run_prog(prog_fd: int, packet: bytes, ifindex: int) -> str:
-    """Run a tc program on packet as if it crossed ifindex (the kernel sets skb->dev from it)."""
-    ctx = ct.create_string_buffer(_SKB_CTX_SIZE)
-    struct.pack_into("<I", ctx, _SKB_IFINDEX_OFFSET, ifindex)
-    data = ct.create_string_buffer(packet, len(packet))
-    out = ct.create_string_buffer(len(packet) + 256)
-    opts = _TestRunOpts(
-        sz=ct.sizeof(_TestRunOpts),
-        data_in=ct.addressof(data),
-        data_out=ct.addressof(out),
-        data_size_in=len(packet),
-        data_size_out=len(out),
-        ctx_in=ct.addressof(ctx),
-        ctx_size_in=_SKB_CTX_SIZE,
-        repeat=1,
-    )
-    ret = _test_run(prog_fd, ct.byref(opts))
-    assert ret == 0, f"BPF_PROG_TEST_RUN failed: {os.strerror(-ret)}"
-    assert opts.retval in (_TC_ACT_UNSPEC, _TC_ACT_SHOT), f"unexpected tc verdict {opts.retval:#x}"
-    return PASS if opts.retval == _TC_ACT_UNSPEC else DROP
-
-
-# --- packets ------------------------------------------------------------------------------------
-
-
-def _ipv4(src: str, dst: str, proto: int, l4: bytes, frag_offset: int = 0) -> bytes:
-    header = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        20 + len(l4),
-        1,
-        frag_offset // 8,
-        64,
-        proto,
-        0,
-        socket.inet_aton(src),
-        socket.inet_aton(dst),
-    )
-    return header + l4
-
-
-def _l4(proto: int, sport: int, dport: int, flags: int) -> bytes:
-    if proto == TCP:
-        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-    if proto == UDP:
-        return struct.pack("!HHHH", sport, dport, 12, 0) + b"data"
-    if proto == SCTP:
-        return struct.pack("!HHII", sport, dport, 7, 0)
-    return b"\0" * 8
-
-
-def eth(payload: bytes, ethertype: int = 0x0800) -> bytes:
-    return b"\x02\0\0\0\0\x01" + b"\x02\0\0\0\0\x02" + struct.pack("!H", ethertype) + payload
-
-
-def packet(src: str, dst: str, proto: int = TCP, sport: int = 40000, dport: int = 8080, flags: int = SYN) -> bytes:
-    return eth(_ipv4(src, dst, proto, _l4(proto, sport, dport, flags)))
-
-
-def icmp(src: str, dst: str, icmp_type: int, echo_id: int = 0, inner: bytes = b"") -> bytes:
-    return eth(_ipv4(src, dst, ICMP, struct.pack("!BBHHH", icmp_type, 0, 0, echo_id, 1) + inner))
-
 
 # --- fixtures -----------------------------------------------------------------------------------
 
@@ -472,17 +369,17 @@ def test_icmp_echo_and_errors(pod: Pod) -> None:
     assert pod.receives(icmp(WORLD_IP, POD, 0, echo_id=77)) == PASS  # the echo reply
     assert pod.receives(icmp(WORLD_IP, POD, 0, echo_id=78)) == DROP
     # Port unreachable about a datagram the pod sent: related to a tracked flow.
-    sent = _ipv4(POD, WORLD_IP, UDP, _l4(UDP, 45000, 9999, 0))
+    sent = ipv4(POD, WORLD_IP, UDP, l4(UDP, 45000, 9999, 0))
     assert pod.sends(eth(sent)) == PASS
     assert pod.receives(icmp(WORLD_IP, POD, 3, inner=sent[:28])) == PASS
-    unrelated = _ipv4(POD, WORLD_IP, UDP, _l4(UDP, 45001, 9999, 0))
+    unrelated = ipv4(POD, WORLD_IP, UDP, l4(UDP, 45001, 9999, 0))
     assert pod.receives(icmp(WORLD_IP, POD, 3, inner=unrelated[:28])) == DROP
 
 
 def test_non_first_fragment_passes(pod: Pod) -> None:
     pod.dp.sync(state(pod.endpoint(ingress=True)))
-    assert pod.receives(eth(_ipv4(FRONTEND_IP, POD, UDP, b"x" * 16, frag_offset=1480))) == PASS
-    assert pod.receives(eth(_ipv4(FRONTEND_IP, POD, UDP, _l4(UDP, 1, 2, 0)))) == DROP
+    assert pod.receives(eth(ipv4(FRONTEND_IP, POD, UDP, b"x" * 16, frag_offset=1480))) == PASS
+    assert pod.receives(eth(ipv4(FRONTEND_IP, POD, UDP, l4(UDP, 1, 2, 0)))) == DROP
 
 
 # --- lifecycle ----------------------------------------------------------------------------------
