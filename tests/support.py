@@ -59,6 +59,10 @@ _prog_query.argtypes = (
 _prog_query.restype = ctypes.c_int
 
 
+BPFFS_TEST_ROOT = Path("/sys/fs/bpf/beekeeper-test")
+"""Where kernel tests pin what they load, each under a directory of its own (tests/kernel/conftest.py removes it)."""
+
+
 def tcx_chain(ifindex: int, attach_type: int) -> list[int]:
     """Program ids on a tcx hook, in the order they run (BPF_PROG_QUERY; this bpftool predates tcx)."""
     ids, count = (ctypes.c_uint32 * 64)(), ctypes.c_uint32(64)

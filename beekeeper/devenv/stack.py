@@ -6,6 +6,7 @@ lives in one directory so any shell can inspect or stop it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -131,6 +132,8 @@ class DevEnvironment:
             progress(f"[stop] unpinning {pins}: detaches every program this environment's daemon attached")
             shutil.rmtree(pins, ignore_errors=True)
             shutil.rmtree(self.root / "node-state", ignore_errors=True)
+            with contextlib.suppress(OSError):  # the shared parent goes with the last environment
+                pins.parent.rmdir()
         progress("[stop] control plane")
         self.control_plane.stop()
         self._save(Components())

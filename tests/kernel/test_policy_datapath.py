@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import pinned_ids, sockets_in, tcx_chain, wait_for
+from support import BPFFS_TEST_ROOT, pinned_ids, sockets_in, tcx_chain, wait_for
 from tc_test_run import ACK, DROP, ICMP, PASS, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
@@ -38,7 +38,6 @@ from beekeeper.node_daemon.policy_maps import (
 
 pytestmark = pytest.mark.kernel
 
-BPFFS_TEST_ROOT = Path("/sys/fs/bpf/beekeeper-test")
 
 POD = "10.231.0.10"
 LOCAL = 256

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from netpol_rig import PodRig, Probe, Prober, TruthTable, probe, tcx_program_ids
-from support import pinned_ids, sockets_in, wait_for
+from support import BPFFS_TEST_ROOT, pinned_ids, sockets_in, wait_for
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
@@ -40,7 +40,6 @@ from beekeeper.node_daemon.policy_syscalls import map_update, tcx_link_create_fi
 pytestmark = pytest.mark.kernel
 
 BCC_RELEASE = Path(__file__).parent / "fixtures" / "policy_bcc.c"
-BPFFS_TEST_ROOT = Path("/sys/fs/bpf/beekeeper-test")
 RELEASE_HOOKS = {FROM_POD: (bpf.ATTACH_TCX_INGRESS, "from_pod"), TO_POD: (bpf.ATTACH_TCX_EGRESS, "to_pod")}
 """The previous release's programs, tcx hooks and link pin suffixes."""
 
