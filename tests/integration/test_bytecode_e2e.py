@@ -141,6 +141,6 @@ def test_core_object_from_configmap_becomes_ready_and_exports_its_map(
         rolled_out(second)
         opener.open(10)
         assert counted(50) == 50
-        assert ready() is not None
+        wait_for(ready, 60, f"BpfProgram {name} Ready again")  # the operator aggregates the node's report after it
     finally:
         cluster.kubectl("delete", "bpfprogram", name, "--ignore-not-found", "--timeout=90s", check=False)
