@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from registry_rig import OciRig
-from support import Cluster, NodeDaemons, OperatorProcess, fresh_cluster
+from support import BPFFS_TEST_ROOT, Cluster, NodeDaemons, OperatorProcess, fresh_cluster
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +16,14 @@ def cluster() -> Iterator[Cluster]:
     """etcd + kube-apiserver + kube-controller-manager from the cached build, CRDs installed."""
     with fresh_cluster("beekeeper-test-cp-") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bpffs_test_root() -> Iterator[None]:
+    """Each test removes its own pins; the shared root they live under goes after the run (if left empty)."""
+    yield
+    with contextlib.suppress(OSError):
+        BPFFS_TEST_ROOT.rmdir()
 
 
 @pytest.fixture

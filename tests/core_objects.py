@@ -52,6 +52,33 @@ EXE_INODES = CORE_HEADERS + textwrap.dedent(
 process target_tgid by `step`, keyed by the inode of its executable (a CO-RE read through
 task->mm->exe_file); tests append the functions they need."""
 
+SYSCALL_COUNTER = CORE_HEADERS + textwrap.dedent(
+    """
+    struct {
+        __uint(type, BPF_MAP_TYPE_HASH);
+        __uint(max_entries, 16);
+        __type(key, __u32);
+        __type(value, __u64);
+    } counts SEC(".maps");
+
+    SEC("tracepoint/raw_syscalls/sys_enter")
+    int count_syscalls(void *ctx)
+    {
+        __u32 key = VARIANT;
+        __u64 one = 1, *value = bpf_map_lookup_elem(&counts, &key);
+        if (value)
+            __sync_fetch_and_add(value, 1);
+        else
+            bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
+        return 0;
+    }
+
+    char LICENSE[] SEC("license") = "GPL";
+    """
+)
+"""The bytecode-image tests' program: count_syscalls counts every syscall under the one key VARIANT
+(replaced per image, so each variant is different bytes with a recognisable series)."""
+
 
 @functools.cache
 def _workdir() -> Path:

@@ -60,7 +60,8 @@ _prog_query.restype = ctypes.c_int
 
 
 BPFFS_TEST_ROOT = Path("/sys/fs/bpf/beekeeper-test")
-"""Where kernel tests pin what they load, each under a directory of its own (tests/kernel/conftest.py removes it)."""
+"""Where kernel tests and simulated nodes pin what they load, each under a directory of its own (the
+session fixture in tests/conftest.py removes the root once the run is done)."""
 
 
 def tcx_chain(ifindex: int, attach_type: int) -> list[int]:
@@ -452,7 +453,7 @@ class NodeDaemons:
         more node-daemon flags (e.g. a short --compile-timeout)."""
         node = name or f"node-{self.test_id}-{len(self.started)}"
         kube.register_node(self.api, node, {"beekeeper.dev/test": self.test_id, **(labels or {})})
-        bpffs_root = Path(f"/sys/fs/bpf/beekeeper-test/{node}")
+        bpffs_root = BPFFS_TEST_ROOT / node
         state = self.workdir / "nodes" / node
         port = processes.free_port()
         argv = [sys.executable, "-m", "beekeeper.cli", "node-daemon", "--node-name", node]

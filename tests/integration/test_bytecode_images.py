@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from core_objects import CORE_HEADERS, compile_core
+from core_objects import SYSCALL_COUNTER, compile_core
 from registry_rig import OciRig
 from support import Api, OperatorProcess, check_exposition, component_env, wait_for
 
@@ -20,32 +20,6 @@ from beekeeper.crds.names import BPF_PROGRAM_PLURAL, GROUP, VERSION
 
 pytestmark = [pytest.mark.integration, pytest.mark.kernel]
 
-COUNTER_C = (
-    CORE_HEADERS
-    + """
-
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 16);
-    __type(key, __u32);
-    __type(value, __u64);
-} counts SEC(".maps");
-
-SEC("tracepoint/raw_syscalls/sys_enter")
-int count_syscalls(void *ctx)
-{
-    __u32 key = VARIANT;
-    __u64 one = 1, *value = bpf_map_lookup_elem(&counts, &key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    else
-        bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
-    return 0;
-}
-
-char LICENSE[] SEC("license") = "GPL";
-"""
-)
 PROGRAMS_LABEL = {"count_syscalls": "tracepoint"}
 MAPS_LABEL = {"counts": "hash"}
 
@@ -54,7 +28,7 @@ def compile_object(directory: Path, variant: int) -> Path:
     """A CO-RE object as a user builds one (variant makes distinct bytes), in a file for buildah's COPY."""
     directory.mkdir(parents=True, exist_ok=True)
     obj = directory / f"counter{variant}.o"
-    obj.write_bytes(compile_core(COUNTER_C.replace("VARIANT", str(variant)), f"counter{variant}"))
+    obj.write_bytes(compile_core(SYSCALL_COUNTER.replace("VARIANT", str(variant)), f"counter{variant}"))
     return obj
 
 

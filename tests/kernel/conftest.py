@@ -8,7 +8,6 @@ namespaces, interfaces, cgroups and pins are removed whatever the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import random
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from support import BPFFS_TEST_ROOT
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.capabilities import find_mount
@@ -42,14 +40,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for item in items:
             if "kernel" in item.keywords:
                 item.add_marker(skip)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _bpffs_test_root() -> Iterator[None]:
-    """Each test removes its own pins; the shared root directory goes after each module that left it empty."""
-    yield
-    with contextlib.suppress(OSError):
-        BPFFS_TEST_ROOT.rmdir()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from core_objects import CORE_HEADERS, compile_core
+from core_objects import SYSCALL_COUNTER, compile_core
 from registry_rig import OciRig, Registry
 from support import READER_RULES, Cluster, check_exposition, service_account_token, wait_for
 
@@ -28,31 +28,6 @@ from beekeeper.devenv.realnode import NODE_IP, RealNode
 CA_CONFIGMAP = "registry-ca"
 REPOSITORY = "bpf/realnode-counter"
 TRACEPOINT = "raw_syscalls:sys_enter"
-CORE_COUNTER = (
-    CORE_HEADERS
-    + """
-struct {
-    __uint(type, BPF_MAP_TYPE_HASH);
-    __uint(max_entries, 4);
-    __type(key, __u32);
-    __type(value, __u64);
-} counts SEC(".maps");
-
-SEC("tracepoint/raw_syscalls/sys_enter")
-int count_syscalls(void *ctx)
-{
-    __u32 key = 7;
-    __u64 one = 1, *value = bpf_map_lookup_elem(&counts, &key);
-    if (value)
-        __sync_fetch_and_add(value, 1);
-    else
-        bpf_map_update_elem(&counts, &key, &one, BPF_NOEXIST);
-    return 0;
-}
-
-char LICENSE[] SEC("license") = "GPL";
-"""
-)
 BCC_COUNTER = """
 BPF_HASH(counts, u32, u64, 4);
 
@@ -85,7 +60,7 @@ def _program(name: str, code: dict, metric: str) -> dict:
 def image(tmp_path_factory: pytest.TempPathFactory, oci_registry: OciRig, node_registry: Registry) -> str:
     """The counter as a bytecode image, referenced by digest on the address the node reaches."""
     obj = tmp_path_factory.mktemp("realnode-image") / "counter.o"
-    obj.write_bytes(compile_core(CORE_COUNTER, "realnode_counter"))
+    obj.write_bytes(compile_core(SYSCALL_COUNTER.replace("VARIANT", "7"), "realnode_counter"))
     digest = oci_registry.builder.build_and_push(
         REPOSITORY, "v1", obj, {"count_syscalls": "tracepoint"}, {"counts": "hash"}
     )
