@@ -37,6 +37,7 @@ from beekeeper.crds.common import (
     validations,
 )
 from beekeeper.crds.names import BPF_PROGRAM
+from beekeeper.crds.program_types import BYTECODE_ONLY_TYPES, ProgramType
 
 MAX_PROGRAMS = 64
 MAX_METRICS = 64
@@ -171,28 +172,6 @@ GlobalData = Annotated[
 # --------------------------------------------------------------------------------------
 # Programs and attach points
 # --------------------------------------------------------------------------------------
-
-
-class ProgramType(StrEnum):
-    """The kernel hook a function attaches to; it decides which attach fields apply."""
-
-    XDP = "xdp"
-    TC = "tc"
-    TRACEPOINT = "tracepoint"
-    RAW_TRACEPOINT = "raw_tracepoint"
-    UPROBE = "uprobe"
-    URETPROBE = "uretprobe"
-    KPROBE = "kprobe"
-    KRETPROBE = "kretprobe"
-    CGROUP_SKB = "cgroup_skb"
-    CGROUP_SOCK_ADDR = "cgroup_sock_addr"
-    FENTRY = "fentry"
-    FEXIT = "fexit"
-    LSM = "lsm"
-
-
-BYTECODE_ONLY_TYPES = (ProgramType.FENTRY, ProgramType.FEXIT, ProgramType.LSM)
-"""Types attached through the kernel's BTF: prebuilt objects only (bcc source cannot name them)."""
 
 
 class Direction(StrEnum):

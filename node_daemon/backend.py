@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
-from beekeeper.crds.bpfprogram import ProgramType  # the API's hook names are the backend's too
+from beekeeper.crds.program_types import ProgramType  # the API's hook names are the backend's too
 from beekeeper.node_daemon.map_codec import Field, Layout
 
 __all__ = [

@@ -13,7 +13,9 @@ CompileTimeout carrying what the compiler printed (its stderr is a file the daem
 
 Each worker builds one unit and exits, so nothing accumulates between builds; after each
 build the next worker is started ahead (importing bcc costs a few hundred milliseconds)
-while the daemon pins and attaches, so only a daemon's first build waits for one. Workers
+while the daemon pins and attaches, so only a daemon's first build waits for one. A worker
+imports bcc only to compile source (it must, before the sandbox closes): the spare is
+started for the kind of job that came last, and a CO-RE object load never pays for bcc. Workers
 die with the daemon (PR_SET_PDEATHSIG); what a worker loaded but never handed over is
 freed by the kernel when its fds close.
 """
@@ -133,18 +135,19 @@ class CompileWorkers:
         return self._run(job)
 
     def _run(self, job: dict[str, Any]) -> Built:
+        compiles = "source" in job
         worker, self._spare = self._spare, None
-        if worker is None or not worker.alive():
+        if worker is None or not worker.alive() or worker.compiles != compiles:
             if worker is not None:
                 worker.close()
-            worker = _Worker(self._config)
+            worker = _Worker(self._config, compiles)
         started = time.monotonic()
         try:
             return worker.run(job, self.limits)
         finally:
             worker.close()
             log.debug("build in worker %d took %.3fs", worker.proc.pid, time.monotonic() - started)
-            self._spare = _Worker(self._config)
+            self._spare = _Worker(self._config, compiles)
 
     def close(self) -> None:
         if self._spare is not None:
@@ -155,7 +158,9 @@ class CompileWorkers:
 class _Worker:
     """One worker process and the daemon's end of its socket."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], compiles: bool) -> None:
+        self.compiles = compiles  # C source with bcc (imported ahead), else CO-RE objects only
+        config = {**config, "compiles": compiles}
         self.sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stderr = tempfile.TemporaryFile(prefix="beekeeper-compile-")  # noqa: SIM115 (closed in close())
         with child:
@@ -362,10 +367,12 @@ def _load_object(job: dict[str, Any]) -> tuple[dict[str, Any], LoadedObject | No
 
 
 def _serve(fd: int, config: dict[str, Any]) -> None:
-    # Imported here, in the worker process and before its job arrives (a spare pays it ahead).
-    from beekeeper.node_daemon import bcc_compile
+    if config["compiles"]:
+        # Imported here, in the worker process, before its job arrives (a spare pays it ahead)
+        # and before the sandbox closes (bcc's modules and libbcc are files outside it).
+        from beekeeper.node_daemon import bcc_compile
 
-    bcc_compile.capture_stderr_in_place()
+        bcc_compile.capture_stderr_in_place()
     refusal = _confine(config)
     with socket.socket(fileno=fd) as sock:
         try:
@@ -375,7 +382,7 @@ def _serve(fd: int, config: dict[str, Any]) -> None:
         module: CompiledModule | LoadedObject | None = None
         programs: dict[str, OwnedFd] = {}
         if refusal is None:
-            header, module, programs = (_load_object if "object" in job else _build)(job)
+            header, module, programs = (_build if config["compiles"] else _load_object)(job)
         else:
             header = {"compile_failure": {"reason": Reason.UNSUPPORTED_ON_NODE, "message": refusal}}
         maps = module.maps() if module is not None else {}

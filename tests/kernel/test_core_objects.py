@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from core_objects import EXE_INODES, compile_core
+from support import wait_for
 
 from beekeeper.node_daemon.backend import AttachSpec, Phase, ProgramUnit
 from beekeeper.node_daemon.kernel_backend import KernelBackend
@@ -163,3 +164,30 @@ def test_fentry_fexit_lsm_follow_the_kernels_answer(backend):
     (report,) = backend.apply(ProgramUnit("core-btf", bytecode=b"unused", programs=[spec]))
     assert (report.phase, report.reason) == (Phase.FAILED, "UnsupportedOnNode")
     assert report.message.endswith(refused[spec.type].reason)
+
+
+def _waiting_for_a_job(pid: int) -> str:
+    """The worker's mapped files once it blocks in recvfrom (its imports are done by then)."""
+    recvfrom = "45"  # x86_64
+    syscall = Path(f"/proc/{pid}/syscall")
+    wait_for(lambda: syscall.read_text().split()[0] == recvfrom, 20, f"worker {pid} ready")
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_object_loads_run_in_workers_without_bcc_and_source_builds_still_follow(backend, exe_counts):
+    """A spare worker is started for the kind of job that came last: an object load neither
+    imports bcc nor waits for it, and a source build after it still compiles."""
+    source = ProgramUnit(
+        "source-after-object",
+        "int healthy(void *ctx) { return 0; }\n",
+        programs=[AttachSpec("healthy", "tracepoint", tracepoint="syscalls:sys_enter_getppid")],
+    )
+    try:
+        for unit in (_unit(exe_counts, 1), source, _unit(exe_counts, 2)):
+            (report,) = backend.apply(unit)
+            assert report.phase == Phase.ATTACHED, report
+            spare = backend._workers._spare
+            assert spare is not None
+            assert ("libbcc" in _waiting_for_a_job(spare.proc.pid)) == (unit is source), unit.key
+    finally:
+        backend.remove("source-after-object")
