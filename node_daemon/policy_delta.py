@@ -1,0 +1,200 @@
+"""The synced maps' desired content kept up to date per change, so a change costs the entries it touches (pure).
+
+translate() + encode() compute the whole content from the node spec and every slice: at
+10k peers that is ~150 ms to end in two map writes. PolicyMaps instead keeps each source's
+encoded entries (the node spec's own part, and every slice by name, encoded once per
+version with encode() itself) and, per key, what each source says. Replacing one source
+re-resolves only the keys it adds, drops or changes, and records them as touched: those
+are the only entries to compare with the kernel's. Resolution is the from-scratch one (a
+unit test checks they agree over random change sequences): a policy key holds the lowest
+policy index naming it, a prefix the node's own identity, else the first slice's by name
+(a conflict is reported, not fatal), an endpoint is keyed by its interface.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy
+from beekeeper.crds.policyslice import BpfPolicySliceSpec
+from beekeeper.node_daemon import policy_maps as pm
+from beekeeper.node_daemon.policy_state import FlatRule, Translation, map_rules, place_endpoints, slice_rules
+from beekeeper.node_daemon.routes import PodInterface, Unresolved
+
+NODE_SOURCE = ""
+"""The node spec's own entries: sorts before every slice name, so its prefixes win."""
+
+PREFIX_MAPS = {pm.IPCACHE.name: "ipcache", pm.CIDR_IDS.name: "cidr identity"}
+POLICY_MAPS = (pm.POLICY_ALLOW.name, pm.POLICY_DENY.name)
+SYNCED = tuple(spec.name for spec in pm.SYNCED_MAPS)
+
+Entries = dict[str, dict[bytes, bytes]]
+"""map name -> key -> value, as encode() gives them."""
+
+
+def _prefixes(entries: Iterable[IpcacheEntry]) -> list[pm.PrefixIdentity]:
+    return [pm.PrefixIdentity(e.cidr, e.identity) for e in entries]
+
+
+def source_entries(
+    rules: Iterable[FlatRule],
+    ipcache: Iterable[IpcacheEntry],
+    cidr_ids: Iterable[IpcacheEntry],
+    policy_indexes: Mapping[str, int],
+) -> Entries:
+    """One source's entries of the policy and prefix maps; raises ValueError like encode()."""
+    state = pm.DatapathState(
+        ipcache=_prefixes(ipcache), cidr_ids=_prefixes(cidr_ids), rules=map_rules(rules, policy_indexes)
+    )
+    encoded = pm.encode(state, lambda interface: None)
+    return {name: entries for name, entries in encoded.maps.items() if name != pm.ENDPOINTS.name}
+
+
+def slice_entries(piece: BpfPolicySliceSpec, index: int) -> Entries:
+    """A slice's entries, its policy at `index`."""
+    return source_entries(slice_rules(piece), piece.ipcache or [], piece.cidr_identities or [], {piece.policy: index})
+
+
+def slice_rule_count(piece: BpfPolicySliceSpec) -> int:
+    """The entries a slice expands to (peers x ports per rule), as status.networkPolicy.rules counts them."""
+    return sum(len(rule.peers) * len(rule.ports) for rule in piece.rules or [])
+
+
+def node_entries(spec: NodeNetworkPolicy, policy_indexes: Mapping[str, int]) -> Entries:
+    """The node spec's own entries: its addresses and any inline rules."""
+    rules = (
+        FlatRule(
+            r.policy, r.local_identity, r.direction, r.peer_identity, r.protocol, r.port_start, r.port_end, r.action
+        )
+        for r in spec.rules or []
+    )
+    return source_entries(rules, spec.ipcache or [], spec.cidr_identities or [], policy_indexes)
+
+
+def _policy_index(value: bytes) -> int:
+    index: int = pm.POLICY_VALUE.unpack(value)[0]
+    return index
+
+
+def _cidr(key: bytes) -> str:
+    prefixlen, address = pm.LPM_V4_KEY.unpack(key)
+    return f"{ipaddress.IPv4Address(address)}/{prefixlen}"
+
+
+def _identity(value: bytes) -> int:
+    identity: int = pm.IDENTITY_VALUE.unpack(value)[0]
+    return identity
+
+
+@dataclass
+class PolicyMaps:
+    """The synced maps' desired content, maintained source by source."""
+
+    maps: Entries = field(default_factory=lambda: {name: {} for name in SYNCED})
+    """Desired content of every synced map (complete: a full diff after a restart uses it)."""
+    touched: dict[str, set[bytes]] = field(default_factory=lambda: {name: set() for name in SYNCED})
+    """Keys whose desired value may have changed since take_touched()."""
+    _sources: dict[str, Entries] = field(default_factory=dict)
+    _candidates: dict[str, dict[bytes, dict[str, bytes]]] = field(
+        default_factory=lambda: {name: {} for name in SYNCED if name != pm.ENDPOINTS.name}
+    )
+    _conflicts: dict[str, set[bytes]] = field(default_factory=lambda: {name: set() for name in PREFIX_MAPS})
+
+    def set_source(self, name: str, entries: Entries | None) -> None:
+        """Replace what source `name` contributes (None: it is gone); the same object again costs nothing."""
+        old = self._sources.get(name)
+        if old is entries:
+            return
+        if entries is None:
+            del self._sources[name]
+        else:
+            self._sources[name] = entries
+        for map_name, candidates in self._candidates.items():
+            before = old[map_name] if old else {}
+            after = entries[map_name] if entries else {}
+            if before is after:
+                continue
+            dirty = set(before.keys() - after.keys())
+            for key in dirty:
+                per_source = candidates[key]
+                del per_source[name]
+                if not per_source:
+                    del candidates[key]
+            for key, value in after.items() - before.items():
+                candidates.setdefault(key, {})[name] = value
+                dirty.add(key)
+            self._resolve(map_name, dirty)
+
+    def sources(self) -> set[str]:
+        return set(self._sources)
+
+    def _resolve(self, map_name: str, keys: Iterable[bytes]) -> None:
+        candidates, desired, touched = self._candidates[map_name], self.maps[map_name], self.touched[map_name]
+        conflicts = self._conflicts.get(map_name)
+        for key in keys:
+            per_source = candidates.get(key)
+            if not per_source:
+                value = None
+            elif len(per_source) == 1:
+                (value,) = per_source.values()
+            elif conflicts is None:
+                value = min(per_source.values(), key=_policy_index)
+            else:
+                value = per_source[min(per_source)]
+            if conflicts is not None:
+                if per_source and len(set(per_source.values())) > 1:
+                    conflicts.add(key)
+                else:
+                    conflicts.discard(key)
+            if value is None:
+                if desired.pop(key, None) is not None:
+                    touched.add(key)
+            elif desired.get(key) != value:
+                desired[key] = value
+                touched.add(key)
+
+    def set_endpoints(self, entries: Mapping[bytes, bytes]) -> None:
+        """The endpoints map's content (small: recomputed whole when endpoints or their interfaces change)."""
+        desired = self.maps[pm.ENDPOINTS.name]
+        changed = {k for k in desired.keys() - entries.keys()} | {k for k, v in entries.items() if desired.get(k) != v}
+        for key in changed:
+            if key in entries:
+                desired[key] = entries[key]
+            else:
+                del desired[key]
+        self.touched[pm.ENDPOINTS.name] |= changed
+
+    def take_touched(self) -> dict[str, set[bytes]]:
+        """The keys touched since the last call (and forget them)."""
+        touched, self.touched = self.touched, {name: set() for name in SYNCED}
+        return touched
+
+    def problems(self) -> list[str]:
+        """Prefixes two slices give different identities (the node's own entries win silently, as in translate)."""
+        out = []
+        for map_name, what in PREFIX_MAPS.items():
+            candidates = self._candidates[map_name]
+            for key in self._conflicts[map_name]:
+                per_source = candidates[key]
+                kept = min(per_source)
+                if kept == NODE_SOURCE:
+                    continue
+                for source in sorted(per_source):
+                    if per_source[source] != per_source[kept]:
+                        out.append(
+                            f"slice {source}: {what} {_cidr(key)} is {_identity(per_source[source])} but "
+                            f"{_identity(per_source[kept])} in slice {kept}, which is kept"
+                        )
+        return sorted(out)
+
+
+def endpoint_translation(
+    spec: NodeNetworkPolicy, interfaces: Mapping[str, PodInterface | Unresolved], policy_indexes: Mapping[str, int]
+) -> tuple[Translation, dict[bytes, bytes]]:
+    """The endpoints as translate() places them, and their endpoints-map entries."""
+    out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
+    place_endpoints(spec.endpoints or [], interfaces, out)
+    encoded = pm.encode(pm.DatapathState(endpoints=out.state.endpoints), lambda interface: int(interface))
+    return out, encoded.maps[pm.ENDPOINTS.name]
