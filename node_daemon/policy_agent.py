@@ -24,7 +24,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeNetworkPolicy
-from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_delta as pd
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.drops import DropLog, DropRecorder
@@ -73,11 +72,7 @@ class PolicyAgent:
         self._restored = False
         self._rules = 0
         self._spec: tuple[dict[str, Any], NodeNetworkPolicy | str] | None = None
-        self._node: tuple[object, pd.Entries] | None = None
-        self._encoded: dict[str, tuple[BpfPolicySliceSpec, int, pd.Entries | str]] = {}
-        """slice name -> (the model it was encoded from, its policy's index, its entries or why it has none)."""
-        self._rule_counts: dict[str, int] = {}
-        self._desired = pd.PolicyMaps()
+        self._maps = pd.NodeMaps()
         self._interfaces: dict[str, PodInterface | Unresolved] = {}
         self._linked: tuple[frozenset[int], tuple[tuple[str, int], ...]] | None = None
         """The interfaces and programs the links were last made for (None: look at the links)."""
@@ -144,14 +139,11 @@ class PolicyAgent:
         names = {r.policy for r in spec.rules or []} | {p.policy for p in listed.values()}
         indexes = self._indexes.assign(names)
         try:
-            plan, endpoints = pd.endpoint_translation(spec, self._lookup(spec, rescan), indexes)
-            node = self._node_entries(spec, indexes)
+            plan = self._maps.update(spec, listed, indexes, self._lookup(spec, rescan))
         except ValueError as exc:
-            return self._status(spec, None, len(self._linked or ()), f"maps not synced: {exc}")
+            return self._status(spec, None, len(self._attached), f"maps not synced: {exc}")
         plan.problems.extend(unreadable)
-        plan.problems.extend(self._update_sources(node, listed, indexes))
-        self._desired.set_endpoints(endpoints)
-        rules = sum(self._rule_counts.values())
+        rules = self._maps.rules
         with self._lock:
             synced, attached, problems = self._converge(datapath, plan, generation, rescan)
         if synced:
@@ -172,43 +164,6 @@ class PolicyAgent:
             spec = f"spec.networkPolicy not understood by this daemon: {where}: {first['msg']}"
         self._spec = (copy.deepcopy(dict(raw)), spec)
         return spec
-
-    def _node_entries(self, spec: NodeNetworkPolicy, indexes: Mapping[str, int]) -> pd.Entries:
-        """The node spec's own entries, encoded again only when they or their policies' indexes change."""
-        inline = {r.policy: indexes[r.policy] for r in spec.rules or []}
-        key = (spec.ipcache, spec.cidr_identities, spec.rules, inline)
-        if self._node is None or self._node[0] != key:
-            self._node = (key, pd.node_entries(spec, indexes))
-            self._rule_counts[pd.NODE_SOURCE] = len(spec.rules or [])
-        return self._node[1]
-
-    def _update_sources(
-        self, node: pd.Entries, listed: Mapping[str, BpfPolicySliceSpec], indexes: Mapping[str, int]
-    ) -> list[str]:
-        """Hand the node's and every listed slice's entries to the desired maps; encode only what changed."""
-        problems = []
-        self._desired.set_source(pd.NODE_SOURCE, node)
-        for name in self._desired.sources() - listed.keys() - {pd.NODE_SOURCE}:
-            self._desired.set_source(name, None)
-        for name in self._encoded.keys() - listed.keys():
-            del self._encoded[name]
-            self._rule_counts.pop(name, None)
-        for name, piece in listed.items():
-            index = indexes[piece.policy]
-            cached = self._encoded.get(name)
-            if cached is None or cached[0] is not piece or cached[1] != index:
-                try:
-                    entries: pd.Entries | str = pd.slice_entries(piece, index)
-                except ValueError as exc:
-                    entries = f"slice {name} not understood by this daemon: {exc}"
-                cached = self._encoded[name] = (piece, index, entries)
-                self._rule_counts[name] = 0 if isinstance(entries, str) else pd.slice_rule_count(piece)
-            if isinstance(cached[2], str):
-                problems.append(cached[2])
-                self._desired.set_source(name, None)
-            else:
-                self._desired.set_source(name, cached[2])
-        return problems + self._desired.problems()
 
     def _lookup(self, spec: NodeNetworkPolicy, rescan: bool) -> dict[str, PodInterface | Unresolved]:
         """Each endpoint IP's interface: all looked up on a rescan, else only those not found yet."""
@@ -237,11 +192,12 @@ class PolicyAgent:
         live = (set(plan.state.policy_names), {ep.identity for ep in plan.state.endpoints})
         stale = self._live is None or not (self._live[0] <= live[0] and self._live[1] <= live[1])
         try:
+            desired = self._maps.desired
             result = datapath.apply(
-                self._desired.maps, self._desired.take_touched(), plan.state.policy_names, live if stale else None
+                desired.maps, desired.take_touched(), plan.state.policy_names, live if stale else None
             )
         except PolicyDatapathError as exc:
-            return False, len(self._linked or ()), [f"maps not synced: {exc}"]
+            return False, len(self._attached), [f"maps not synced: {exc}"]
         self._live = live
         self.map_writes["update"] += result.updates
         self.map_writes["delete"] += result.deletes
@@ -351,7 +307,7 @@ class PolicyAgent:
             datapath.remove()
             self._counts, self._unresolved, self._synced_generation = (0, 0, 0), {}, None
             self._synced_revision = None
-            self._desired, self._encoded, self._node, self._rule_counts = pd.PolicyMaps(), {}, None, {}
+            self._maps = pd.NodeMaps()
             log.info("policy datapath removed", extra={"node": self.node})
 
     def close(self) -> None:

@@ -41,6 +41,7 @@ from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.capabilities import fstype_of
 from beekeeper.node_daemon.libbpf import BpfObject, ObjectLoadFailed, ObjectOpenFailed
+from beekeeper.node_daemon.policy_delta import plan_writes
 from beekeeper.node_daemon.policy_syscalls import (
     RingBufferReader,
     map_delete,
@@ -362,19 +363,7 @@ class PolicyDatapath:
                     for spec in pm.SYNCED_MAPS
                 }
                 touched = None
-            plan = []
-            for spec in pm.SYNCED_MAPS:
-                current, wanted = self._written[spec.name], desired[spec.name]
-                keys: Iterable[bytes] = current.keys() | wanted.keys() if touched is None else touched[spec.name]
-                upserts, removals = {}, []
-                for key in keys:
-                    value = wanted.get(key)
-                    if value is None:
-                        if key in current:
-                            removals.append(key)
-                    elif current.get(key) != value:
-                        upserts[key] = value
-                plan.append((spec, upserts, removals))
+            plan = plan_writes(self._written, desired, touched)
             updates = deletes = 0
             try:
                 for spec, upserts, _ in plan:

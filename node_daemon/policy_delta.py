@@ -198,3 +198,84 @@ def endpoint_translation(
     place_endpoints(spec.endpoints or [], interfaces, out)
     encoded = pm.encode(pm.DatapathState(endpoints=out.state.endpoints), lambda interface: int(interface))
     return out, encoded.maps[pm.ENDPOINTS.name]
+
+
+class NodeMaps:
+    """One node's desired maps, updated from its spec and slices: only new or changed sources are encoded."""
+
+    def __init__(self) -> None:
+        self.desired = PolicyMaps()
+        self._node: tuple[object, Entries] | None = None
+        self._encoded: dict[str, tuple[BpfPolicySliceSpec, int, Entries | str]] = {}
+        """slice name -> (the model it was encoded from, its policy's index, its entries or why it has none)."""
+        self._rule_counts: dict[str, int] = {}
+
+    @property
+    def rules(self) -> int:
+        """Expanded rules of the node spec and every applied slice."""
+        return sum(self._rule_counts.values())
+
+    def update(
+        self,
+        spec: NodeNetworkPolicy,
+        slices: Mapping[str, BpfPolicySliceSpec],
+        policy_indexes: Mapping[str, int],
+        interfaces: Mapping[str, PodInterface | Unresolved],
+    ) -> Translation:
+        """Take spec and its slices (the same model objects again cost nothing); returns the endpoints'
+        placement (state.endpoints, interfaces, unresolved) and every problem, translate()'s and unreadable
+        slices'. Raises ValueError, leaving the desired maps as they were, when the node's own part is invalid.
+        """
+        plan, endpoints = endpoint_translation(spec, interfaces, policy_indexes)
+        inline = {r.policy: policy_indexes[r.policy] for r in spec.rules or []}
+        key = (spec.ipcache, spec.cidr_identities, spec.rules, inline)
+        if self._node is None or self._node[0] != key:
+            self._node = (key, node_entries(spec, policy_indexes))
+            self._rule_counts[NODE_SOURCE] = len(spec.rules or [])
+        self.desired.set_endpoints(endpoints)
+        self.desired.set_source(NODE_SOURCE, self._node[1])
+        for name in self.desired.sources() - slices.keys() - {NODE_SOURCE}:
+            self.desired.set_source(name, None)
+        for name in self._encoded.keys() - slices.keys():
+            del self._encoded[name]
+            self._rule_counts.pop(name, None)
+        for name, piece in slices.items():
+            index = policy_indexes[piece.policy]
+            cached = self._encoded.get(name)
+            if cached is None or cached[0] is not piece or cached[1] != index:
+                try:
+                    entries: Entries | str = slice_entries(piece, index)
+                except ValueError as exc:
+                    entries = f"slice {name} not understood by this daemon: {exc}"
+                cached = self._encoded[name] = (piece, index, entries)
+                self._rule_counts[name] = 0 if isinstance(entries, str) else slice_rule_count(piece)
+            if isinstance(cached[2], str):
+                plan.problems.append(cached[2])
+                self.desired.set_source(name, None)
+            else:
+                self.desired.set_source(name, cached[2])
+        plan.problems.extend(self.desired.problems())
+        return plan
+
+
+def plan_writes(
+    written: Mapping[str, Mapping[bytes, bytes]],
+    desired: Mapping[str, Mapping[bytes, bytes]],
+    touched: Mapping[str, Iterable[bytes]] | None,
+) -> list[tuple[pm.MapSpec, dict[bytes, bytes], list[bytes]]]:
+    """Per synced map (in SYNCED_MAPS order): the entries to write and the keys to delete so that a map
+    holding `written` holds `desired`, looking only at the touched keys (None: at every key)."""
+    plan = []
+    for spec in pm.SYNCED_MAPS:
+        current, wanted = written[spec.name], desired[spec.name]
+        keys: Iterable[bytes] = current.keys() | wanted.keys() if touched is None else touched[spec.name]
+        upserts, removals = {}, []
+        for key in keys:
+            value = wanted.get(key)
+            if value is None:
+                if key in current:
+                    removals.append(key)
+            elif current.get(key) != value:
+                upserts[key] = value
+        plan.append((spec, upserts, removals))
+    return plan
