@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
-from beekeeper.node_daemon.policy_state import FlatRule, Translation, map_rules, place_endpoints, slice_rules
+from beekeeper.node_daemon.policy_state import (
+    ACTIONS,
+    DIRECTIONS,
+    PROTOCOLS,
+    FlatRule,
+    Translation,
+    map_rules,
+    place_endpoints,
+)
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
 
 NODE_SOURCE = ""
@@ -52,9 +60,73 @@ def source_entries(
     return {name: entries for name, entries in encoded.maps.items() if name != pm.ENDPOINTS.name}
 
 
-def slice_entries(piece: BpfPolicySliceSpec, index: int) -> Entries:
-    """A slice's entries, its policy at `index`."""
-    return source_entries(slice_rules(piece), piece.ipcache or [], piece.cidr_identities or [], {piece.policy: index})
+@dataclass
+class SliceKeys:
+    """A slice's encoded keys per entry, handed to the encoding of its next version: most entries carry over,
+    and only new ones are encoded (a peer among thousands costs its own keys, not the slice's)."""
+
+    rules: dict[tuple[int, str, str, int, int, int], dict[int, list[bytes]]] = field(default_factory=dict)
+    """(local identity, direction, action, protocol, first port, last port) -> peer -> policy keys."""
+    prefixes: dict[tuple[str, str, int], tuple[bytes, bytes] | None] = field(default_factory=dict)
+    """(map, cidr, identity) -> (key, value); None for IPv6, which the datapath does not look up."""
+
+
+def slice_entries(
+    piece: BpfPolicySliceSpec, index: int, previous: SliceKeys | None = None
+) -> tuple[Entries, SliceKeys]:
+    """A slice's entries, its policy at `index`, and its keys for the next version; raises ValueError like
+    encode(), whose result this equals (pm.policy_keys and pm.lpm_v4_key make every key)."""
+    if index == pm.NO_POLICY or not 0 <= index <= pm.NO_POLICY:
+        raise ValueError(f"policy index {index} is reserved or out of range")
+    value = pm.POLICY_VALUE.pack(index)
+    old = previous or SliceKeys()
+    keys = SliceKeys()
+    out: Entries = {name: {} for name in SYNCED if name != pm.ENDPOINTS.name}
+    for rule in piece.rules or []:
+        action = ACTIONS[rule.action]
+        target = out[pm.POLICY_ALLOW.name if action is pm.Action.ALLOW else pm.POLICY_DENY.name]
+        direction = DIRECTIONS[rule.direction]
+        for port in rule.ports:
+            protocol = PROTOCOLS[port.protocol]
+            header = (rule.local_identity, direction.value, action.value, protocol, port.port_start, port.port_end)
+            known = old.rules.get(header, {})
+            by_peer = keys.rules.setdefault(header, {})
+            for peer in rule.peers:
+                made = by_peer.get(peer) or known.get(peer)
+                if made is None:
+                    made = pm.policy_keys(
+                        pm.Rule(
+                            rule.local_identity,
+                            direction,
+                            peer,
+                            protocol,
+                            port.port_start,
+                            port.port_end,
+                            action,
+                            index,
+                        )
+                    )
+                by_peer[peer] = made
+                for key in made:
+                    target[key] = value
+    for map_name, entries in ((pm.IPCACHE.name, piece.ipcache), (pm.CIDR_IDS.name, piece.cidr_identities)):
+        what = PREFIX_MAPS[map_name]
+        target = out[map_name]
+        for entry in entries or []:
+            cache_key = (map_name, entry.cidr, entry.identity)
+            if cache_key in old.prefixes:
+                encoded = old.prefixes[cache_key]
+            else:
+                network = ipaddress.ip_network(entry.cidr, strict=False)
+                encoded = None
+                if isinstance(network, ipaddress.IPv4Network):
+                    if not 0 <= entry.identity <= pm.NO_POLICY:
+                        raise ValueError(f"{what} identity {entry.identity} is not a 32-bit unsigned integer")
+                    encoded = (pm.lpm_v4_key(network), pm.IDENTITY_VALUE.pack(entry.identity))
+            keys.prefixes[cache_key] = encoded
+            if encoded is not None:
+                target[encoded[0]] = encoded[1]
+    return out, keys
 
 
 def slice_rule_count(piece: BpfPolicySliceSpec) -> int:
@@ -208,6 +280,8 @@ class NodeMaps:
         self._node: tuple[object, Entries] | None = None
         self._encoded: dict[str, tuple[BpfPolicySliceSpec, int, Entries | str]] = {}
         """slice name -> (the model it was encoded from, its policy's index, its entries or why it has none)."""
+        self._keys: dict[str, SliceKeys] = {}
+        """slice name -> its last readable version's keys per entry."""
         self._rule_counts: dict[str, int] = {}
 
     @property
@@ -238,13 +312,15 @@ class NodeMaps:
             self.desired.set_source(name, None)
         for name in self._encoded.keys() - slices.keys():
             del self._encoded[name]
+            self._keys.pop(name, None)
             self._rule_counts.pop(name, None)
         for name, piece in slices.items():
             index = policy_indexes[piece.policy]
             cached = self._encoded.get(name)
             if cached is None or cached[0] is not piece or cached[1] != index:
                 try:
-                    entries: Entries | str = slice_entries(piece, index)
+                    entries: Entries | str
+                    entries, self._keys[name] = slice_entries(piece, index, self._keys.get(name))
                 except ValueError as exc:
                     entries = f"slice {name} not understood by this daemon: {exc}"
                 cached = self._encoded[name] = (piece, index, entries)

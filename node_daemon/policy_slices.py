@@ -17,7 +17,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL
-from beekeeper.crds.nodestate import SliceRef
+from beekeeper.crds.nodestate import KNOWN_PREFIXES, SliceRef
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon.list_watch import list_watch
 
@@ -74,8 +74,14 @@ class SliceReader:
         cached = self._parsed.get(name)
         if cached is not None and cached[0] == version and version != (None, None):
             return cached[1]
+        # The prefixes of the version before were checked then: only new ones are parsed (most carry over).
+        known = set()
+        if cached is not None and not isinstance(cached[1], str):
+            known = {e.cidr for e in [*(cached[1].ipcache or []), *(cached[1].cidr_identities or [])]}
         try:
-            parsed: BpfPolicySliceSpec | str = BpfPolicySliceSpec.model_validate(obj.get("spec") or {})
+            parsed: BpfPolicySliceSpec | str = BpfPolicySliceSpec.model_validate(
+                obj.get("spec") or {}, context={KNOWN_PREFIXES: known}
+            )
         except ValidationError as exc:
             first = exc.errors()[0]
             parsed = f"slice {name} not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
