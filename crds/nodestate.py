@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
 from beekeeper.crds.bpfprogram import (
     MAX_GLOBAL_DATA,
@@ -187,16 +187,8 @@ def _check_ip(value: str) -> str:
     return value
 
 
-KNOWN_PREFIXES = "knownPrefixes"
-"""Validation context key: a set of prefixes the caller has checked before (the node daemon re-reading a new
-version of a slice), which are not parsed again; the other checks all run."""
-
-
-def _check_prefix(value: str, info: ValidationInfo) -> str:
+def _check_prefix(value: str) -> str:
     """A prefix in canonical form (network address, shortest text): one spelling per prefix, so list keys are unique."""
-    known = (info.context or {}).get(KNOWN_PREFIXES)
-    if known is not None and value in known:
-        return value
     network = parse_cidr(value)
     if str(network) != value:
         raise ValueError(f"{value!r} is not a canonical prefix: write {network}")

@@ -17,7 +17,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL
-from beekeeper.crds.nodestate import KNOWN_PREFIXES, SliceRef
+from beekeeper.crds.nodestate import IpcacheEntry, SliceRef
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon.list_watch import list_watch
 
@@ -61,6 +61,20 @@ def watch_slices(
     list_watch(api, BPF_POLICY_SLICE_PLURAL, f"spec.nodeName={node}", listed, observed, stop, "slice watch", node)
 
 
+def reuse_entries(items: list[Any], previous: Sequence[IpcacheEntry]) -> list[Any]:
+    """items, with every one equal to an entry of the version before handed over as that (validated) model:
+    pydantic takes model instances as they are, so only new entries are validated again; the list's own
+    checks (length, unique prefixes) still run over all of them."""
+    known: dict[tuple[object, object], IpcacheEntry] = {(e.cidr, e.identity): e for e in previous}
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, dict) and len(item) == 2 and type(item.get("identity")) is int:
+            out.append(known.get((item.get("cidr"), item["identity"]), item))
+        else:
+            out.append(item)
+    return out
+
+
 class SliceReader:
     """The listed slices as models; parsed once per version (the same model object until it changes)."""
 
@@ -74,14 +88,13 @@ class SliceReader:
         cached = self._parsed.get(name)
         if cached is not None and cached[0] == version and version != (None, None):
             return cached[1]
-        # The prefixes of the version before were checked then: only new ones are parsed (most carry over).
-        known = set()
-        if cached is not None and not isinstance(cached[1], str):
-            known = {e.cidr for e in [*(cached[1].ipcache or []), *(cached[1].cidr_identities or [])]}
+        spec = dict(obj.get("spec") or {})
+        if cached is not None and not isinstance(cached[1], str):  # most entries carry over from the version before
+            for field, previous in (("ipcache", cached[1].ipcache), ("cidrIdentities", cached[1].cidr_identities)):
+                if isinstance(spec.get(field), list) and previous:
+                    spec[field] = reuse_entries(spec[field], previous)
         try:
-            parsed: BpfPolicySliceSpec | str = BpfPolicySliceSpec.model_validate(
-                obj.get("spec") or {}, context={KNOWN_PREFIXES: known}
-            )
+            parsed: BpfPolicySliceSpec | str = BpfPolicySliceSpec.model_validate(spec)
         except ValidationError as exc:
             first = exc.errors()[0]
             parsed = f"slice {name} not understood by this daemon: {'.'.join(map(str, first['loc']))}: {first['msg']}"
