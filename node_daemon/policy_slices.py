@@ -112,6 +112,16 @@ class SliceReader:
             obj = objects.get(ref.name)
             declared = ((obj or {}).get("spec") or {}).get("contentHash")
             if obj is None or declared != ref.content_hash:
+                cached = self._parsed.get(ref.name)
+                if obj is not None and cached is not None and cached[0][1] == ref.content_hash:
+                    # Already past the listed version, which was read before: the operator writes slices
+                    # before the node state that lists them, so the new listing follows; until then the
+                    # listed version stays what the maps hold (no "waiting" report, no status write).
+                    if isinstance(cached[1], str):
+                        problems.append(cached[1])
+                    else:
+                        found[ref.name] = cached[1]
+                    continue
                 waiting.append(ref.name)
                 continue
             parsed = self._parse(ref.name, obj)
