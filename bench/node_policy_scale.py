@@ -378,7 +378,9 @@ def daemon_delta(peers: list[int], rounds: int) -> list[dict[str, Any]]:
                     ps.map_update(fd.fd, key, pm.POLICY_VALUE.pack(0))
                     raw_write.append(time.perf_counter() - started)
                 ps.map_delete(fd.fd, key)
-            rows.append({"peers": n, "change": "raw map write", "delta p50 ms": statistics.median(raw_write) * 1e3})
+            rows.append(
+                {"peers": n, "change": "raw map write", "delta p50 ms": round(statistics.median(raw_write) * 1e3, 4)}
+            )
             scratch.close()
             agent.remove()
             agent.close()
