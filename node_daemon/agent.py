@@ -81,19 +81,21 @@ class NodeAgent:
         self.runtime = runtime
         self._runtime_status: dict[str, Any] | None = None
 
-    def reconcile(self, obj: Mapping[str, Any], resync: bool = False) -> None:
-        """Make the kernel match obj.spec and report obj.status.
+    def reconcile(self, obj: Mapping[str, Any], resync: bool = False, rescan: bool = False) -> bool:
+        """Make the kernel match obj.spec and report obj.status; False when there was nothing to do.
 
         Events that only carry our own status writes (same generation) are skipped, or the
         daemon would rebuild failing programs in a loop; the periodic resync retries them.
+        A resync (or rescan: the host changed) also looks up every policy endpoint's interface again.
         """
         generation = obj["metadata"].get("generation")
         if not resync and generation == self._generation:
-            return
+            return False
         with self.metrics.sync("full"):
-            self._reconcile(obj, generation)
+            self._reconcile(obj, generation, resync or rescan)
+        return True
 
-    def _reconcile(self, obj: Mapping[str, Any], generation: int | None) -> None:
+    def _reconcile(self, obj: Mapping[str, Any], generation: int | None, rescan: bool) -> None:
         self._generation = generation
         spec = obj.get("spec") or {}
         old_status = obj.get("status") or {}
@@ -142,20 +144,21 @@ class NodeAgent:
         if self.images is not None:
             self.images.forget({e.bytecode.image for e in entries if e.bytecode is not None and e.bytecode.image})
         _add_warnings(statuses, self.collector.set_programs(entries))
-        self._reconcile_policy(spec, generation)
+        self._reconcile_policy(spec, generation, rescan)
         self._reconcile_runtime(spec)
         self._write_status(generation, statuses + broken)
 
-    def reconcile_policy(self, obj: Mapping[str, Any]) -> None:
-        """Only the policy and runtime datapaths, e.g. after pod interfaces or routes changed on the host,
-        or while selected containers are not found yet."""
+    def reconcile_policy(self, obj: Mapping[str, Any], rescan: bool = True) -> None:
+        """Only the policy and runtime datapaths, e.g. after pod interfaces or routes changed on the host
+        (rescan: look every endpoint's interface up again), a policy slice changed, or while selected
+        containers are not found yet."""
         if self.policy is None and self.runtime is None:
             return
         if self._written is None or self._generation != obj["metadata"].get("generation"):
-            self.reconcile(obj)
+            self.reconcile(obj, rescan=rescan)
             return
         if self.policy is not None:
-            self._reconcile_policy(obj.get("spec") or {}, self._generation)
+            self._reconcile_policy(obj.get("spec") or {}, self._generation, rescan)
         if self.runtime is not None:
             self._reconcile_runtime(obj.get("spec") or {})
         self._write_status(self._generation, list(self._written.get("programs") or []))
@@ -166,7 +169,7 @@ class NodeAgent:
             return True
         return self.policy is not None and self.policy.unresolved > 0
 
-    def _reconcile_policy(self, spec: Mapping[str, Any], generation: int | None) -> None:
+    def _reconcile_policy(self, spec: Mapping[str, Any], generation: int | None, rescan: bool) -> None:
         if self.policy is None:
             raw = spec.get("networkPolicy")
             self._policy_status = (
@@ -181,7 +184,7 @@ class NodeAgent:
         try:
             with self.metrics.sync("policy"):
                 self._policy_status = self.policy.reconcile(
-                    spec.get("networkPolicy"), generation, previous, self.policy_slices()
+                    spec.get("networkPolicy"), generation, previous, self.policy_slices(), rescan
                 )
         except Exception as exc:  # keep reporting the programs; the next event or resync retries
             log.exception("policy reconcile failed", extra={"node": self.node})

@@ -6,7 +6,8 @@ with the cluster. Events are coalesced: only the newest
 object matters. A periodic resync re-applies it, which picks up interfaces that appeared
 since (interface patterns) and repairs anything detached behind our back. Link and route
 changes on the host and slice changes re-run only the policy part at once (a pod's veth appeared or was
-recreated), and while some endpoint has no interface yet it is looked for every few seconds.
+recreated; a slice change costs the map entries it touches, a host change looks every endpoint's interface
+up again), and while some endpoint has no interface yet it is looked for every few seconds.
 
 bpffs layout under --bpffs-root: programs/ (BpfPrograms, one directory per unit) and
 policy/ (the NetworkIdentityPolicy datapath); kept apart so no BpfProgram name can
@@ -60,7 +61,11 @@ RESYNC_SECONDS = 30.0
 POLICY_RETRY_SECONDS = 2.0
 DELETED = object()
 HOST_CHANGED = object()
-"""Queued by the route watcher (links or routes changed on the host) and the slice watch: re-run the policy part."""
+"""Queued by the route watcher (links or routes changed on the host): re-run the policy part, looking up every
+endpoint's interface again."""
+SLICES_CHANGED = object()
+"""Queued by the slice watch: re-run the policy part (only changed slices are read, only touched entries written)."""
+POLICY_EVENTS = (HOST_CHANGED, SLICES_CHANGED)
 
 
 def _watch(api: client.CustomObjectsApi, node: str, events: queue.Queue, stop: threading.Event) -> None:
@@ -230,7 +235,7 @@ def run(
     if policy is not None:
         threading.Thread(
             target=watch_slices,
-            args=(client.CustomObjectsApi(api), node_name, slices, lambda: events.put(HOST_CHANGED), stop),
+            args=(client.CustomObjectsApi(api), node_name, slices, lambda: events.put(SLICES_CHANGED), stop),
             daemon=True,
             name="watch-slices",
         ).start()
@@ -268,14 +273,18 @@ def run(
             pass
         if stop.is_set():
             break
-        objects = [item for item in batch if item is not HOST_CHANGED]
+        objects = [item for item in batch if all(item is not e for e in POLICY_EVENTS)]
+        host_changed = any(item is HOST_CHANGED for item in batch)
         try:
             if objects and objects[-1] is DELETED:
                 current = None
                 agent.remove_all()
             elif objects:
                 current = objects[-1]
-                agent.reconcile(current)
+                # our own status write (same generation) is skipped: a slice or host change in the same
+                # batch still needs the policy part
+                if not agent.reconcile(current, rescan=host_changed) and len(objects) < len(batch):
+                    agent.reconcile_policy(current, rescan=host_changed)
             if current is None:
                 resync_at = time.monotonic() + RESYNC_SECONDS
             elif time.monotonic() >= resync_at:
@@ -283,8 +292,8 @@ def run(
                 agent.reconcile(current, resync=True)
             elif not objects and pull_retry is not None and (images.retry_in() or 0.0) <= 0.05:
                 agent.reconcile(current, resync=True)  # a failed image pull is due again
-            elif len(objects) < len(batch) or (not batch and agent.policy_retry_due()):
-                agent.reconcile_policy(current)
+            elif not objects and (len(objects) < len(batch) or (not batch and agent.policy_retry_due())):
+                agent.reconcile_policy(current, rescan=host_changed)
         except Exception:
             log.exception("reconcile failed; will retry at the next event or resync", extra={"node": node_name})
     if routes is not None:

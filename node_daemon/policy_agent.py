@@ -12,6 +12,7 @@ run on other threads, so the datapath handle is swapped and used under a lock.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import threading
@@ -23,12 +24,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeNetworkPolicy
+from beekeeper.node_daemon import policy_delta as pd
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.drops import DropLog, DropRecorder
 from beekeeper.node_daemon.policy_datapath import PolicyDatapath, PolicyDatapathError
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
-from beekeeper.node_daemon.policy_state import Translation, pod_name, translate
+from beekeeper.node_daemon.policy_state import Translation, pod_name
 from beekeeper.node_daemon.routes import PodInterface, RouteTable, Unresolved
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,14 @@ class PolicyAgent:
         self._last_sync: dt.datetime | None = None
         self._restored = False
         self._rules = 0
+        self._spec: tuple[dict[str, Any], NodeNetworkPolicy | str] | None = None
+        self._maps = pd.NodeMaps()
+        self._interfaces: dict[str, PodInterface | Unresolved] = {}
+        self._linked: tuple[frozenset[int], tuple[tuple[str, int], ...]] | None = None
+        """The interfaces and programs the links were last made for (None: look at the links)."""
+        self._attached: set[int] = set()
+        self._link_problems: list[str] = []
+        self._live: tuple[set[int], set[int]] | None = None
         self.map_writes = {"update": 0, "delete": 0}
         """Policy map entries written and deleted by syncs since the daemon started (for /metrics)."""
 
@@ -88,6 +98,7 @@ class PolicyAgent:
         generation: int | None,
         previous: Mapping[str, Any] | None = None,
         slices: Mapping[str, Mapping[str, Any]] | None = None,
+        rescan: bool = True,
     ) -> dict[str, Any] | None:
         """Converge to spec.networkPolicy (raw) and the BpfPolicySlices it lists (slices: name -> object, this
         node's as watched); returns status.networkPolicy, None when there is no policy.
@@ -96,7 +107,10 @@ class PolicyAgent:
         keeps lastSyncTime and observedGeneration). No spec removes the datapath. Until every
         listed slice has arrived with the listed content hash the maps stay as they are (a
         partial set could isolate a pod before its allows arrive); a slice this daemon cannot
-        read is left out and reported, and the rest is applied.
+        read is left out and reported, and the rest is applied. The work follows the change:
+        only new or changed slices are validated and encoded, only the map entries they
+        touch are compared and written. rescan looks every endpoint's interface up again and
+        checks every link (host changes, resyncs); without it only endpoints not placed yet are.
         """
         if not self._restored:
             self._restored = True
@@ -107,13 +121,9 @@ class PolicyAgent:
         if raw is None:
             self.remove()
             return None
-        try:
-            spec = NodeNetworkPolicy.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(map(str, first["loc"]))
-            problem = f"spec.networkPolicy not understood by this daemon: {where}: {first['msg']}"
-            return self._status(None, None, 0, problem)
+        spec = self._validate(raw)
+        if isinstance(spec, str):
+            return self._status(None, None, 0, spec)
         listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
         if waiting:
             shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
@@ -127,56 +137,99 @@ class PolicyAgent:
         except PolicyDatapathError as exc:
             return self._status(spec, None, 0, str(exc))
         names = {r.policy for r in spec.rules or []} | {p.policy for p in listed.values()}
-        plan = translate(spec, self._lookup(spec), self._indexes.assign(names), listed)
+        indexes = self._indexes.assign(names)
+        try:
+            plan = self._maps.update(spec, listed, indexes, self._lookup(spec, rescan))
+        except ValueError as exc:
+            return self._status(spec, None, len(self._attached), f"maps not synced: {exc}")
         plan.problems.extend(unreadable)
+        rules = self._maps.rules
         with self._lock:
-            synced, attached, problems = self._converge(datapath, plan, generation)
+            synced, attached, problems = self._converge(datapath, plan, generation, rescan)
         if synced:
             self._synced_generation, self._synced_revision = generation, spec.revision
-            self._rules = len(plan.state.rules)
+            self._rules = rules
         self._report_unresolved(plan.unresolved)
-        return self._status(spec, plan, attached, "; ".join(problems) or None)
+        return self._status(spec, plan, attached, "; ".join(problems) or None, rules=rules)
 
-    def _lookup(self, spec: NodeNetworkPolicy) -> dict[str, PodInterface | Unresolved]:
+    def _validate(self, raw: Mapping[str, Any]) -> NodeNetworkPolicy | str:
+        """spec.networkPolicy as a model (the last one again while raw is unchanged), or what is wrong with it."""
+        if self._spec is not None and self._spec[0] == raw:
+            return self._spec[1]
+        try:
+            spec: NodeNetworkPolicy | str = NodeNetworkPolicy.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            spec = f"spec.networkPolicy not understood by this daemon: {where}: {first['msg']}"
+        self._spec = (copy.deepcopy(dict(raw)), spec)
+        return spec
+
+    def _lookup(self, spec: NodeNetworkPolicy, rescan: bool) -> dict[str, PodInterface | Unresolved]:
+        """Each endpoint IP's interface: all looked up on a rescan, else only those not found yet."""
         found: dict[str, PodInterface | Unresolved] = {}
         for ep in spec.endpoints or []:
+            known = None if rescan else self._interfaces.get(ep.ip)
+            if isinstance(known, PodInterface):
+                found[ep.ip] = known
+                continue
             try:
                 found[ep.ip] = self._routes.pod_interface(ep.ip)
             except OSError as exc:
                 found[ep.ip] = Unresolved(f"route lookup failed: {exc.strerror}")
+        self._interfaces = found
         return found
 
     def _converge(
-        self, datapath: PolicyDatapath, plan: Translation, generation: int | None
+        self, datapath: PolicyDatapath, plan: Translation, generation: int | None, rescan: bool
     ) -> tuple[bool, int, list[str]]:
         """Maps first (a new pod's entry is in place when its programs start), then links.
 
         Returns whether the maps hold this generation, how many endpoints are attached, and
-        what keeps the node from enforcing all of it.
+        what keeps the node from enforcing all of it. The links are looked at only when the
+        endpoints' interfaces or the programs changed, or on a rescan.
         """
-        before = {a.ifindex: a.prog_ids for a in datapath.attached().values()}
+        live = (set(plan.state.policy_names), {ep.identity for ep in plan.state.endpoints})
+        stale = self._live is None or not (self._live[0] <= live[0] and self._live[1] <= live[1])
         try:
-            result = datapath.sync(plan.state)
-        except (ValueError, PolicyDatapathError) as exc:
-            return False, len(before), [f"maps not synced: {exc}"]
+            desired = self._maps.desired
+            result = datapath.apply(
+                desired.maps, desired.take_touched(), plan.state.policy_names, live if stale else None
+            )
+        except PolicyDatapathError as exc:
+            return False, len(self._attached), [f"maps not synced: {exc}"]
+        self._live = live
         self.map_writes["update"] += result.updates
         self.map_writes["delete"] += result.deletes
         problems = list(plan.problems)
-        for ifindex, ep in plan.interfaces.items():
-            if before.get(ifindex) != datapath.prog_ids:
-                try:
-                    datapath.attach(ifindex)
-                except PolicyDatapathError as exc:
-                    problems.append(f"{pod_name(ep)}: {exc}")
-        for ifindex in before.keys() - plan.interfaces.keys():
-            datapath.detach(ifindex)
-        pruned = datapath.prune()
-        after = {a.ifindex for a in datapath.attached().values()}
+        linked = (frozenset(plan.interfaces), tuple(sorted(datapath.prog_ids.items())))
+        detached = pruned = 0
+        if rescan or linked != self._linked:
+            before = {a.ifindex: a.prog_ids for a in datapath.attached().values()}
+            failed = []
+            for ifindex, ep in plan.interfaces.items():
+                if before.get(ifindex) != datapath.prog_ids:
+                    try:
+                        datapath.attach(ifindex)
+                    except PolicyDatapathError as exc:
+                        failed.append(f"{pod_name(ep)}: {exc}")
+            for ifindex in before.keys() - plan.interfaces.keys():
+                datapath.detach(ifindex)
+            pruned = datapath.prune()
+            after = {a.ifindex for a in datapath.attached().values()}
+            detached = len(before.keys() - after)
+            self._attached = after & plan.interfaces.keys()
+            self._link_problems = failed
+            self._linked = None if failed else linked  # a failed attach is retried at the next reconcile
+            relinked = after != before.keys() or bool(pruned)
+        else:
+            relinked = False
+        problems += self._link_problems
         self._endpoint_names = {i: pod_name(ep) for i, ep in plan.interfaces.items()}
-        attached = len(after & plan.interfaces.keys())
+        attached = len(self._attached)
         endpoints = len(plan.state.endpoints) + len(plan.unresolved) + len(plan.problems)
         self._counts = (endpoints, attached, len(plan.unresolved))
-        if result.updates or result.deletes or after != before.keys() or pruned:
+        if result.updates or result.deletes or relinked:
             self._last_sync = dt.datetime.now(dt.UTC).replace(microsecond=0)
             log.info(
                 "policy datapath synced",
@@ -187,7 +240,7 @@ class PolicyAgent:
                     "deletes": result.deletes,
                     "epoch": result.epoch,
                     "attached": attached,
-                    "detached": len(before.keys() - after),
+                    "detached": detached,
                     "unresolved": len(plan.unresolved),
                 },
             )
@@ -207,6 +260,7 @@ class PolicyAgent:
         attached: int,
         problem: str | None,
         enforcing: bool | None = None,
+        rules: int | None = None,
     ) -> dict[str, Any]:
         missing = sorted(plan.unresolved) if plan else []
         return NetworkPolicyStatus(
@@ -214,7 +268,7 @@ class PolicyAgent:
             endpoints=len(spec.endpoints or []) if spec else 0,
             attached=attached,
             missing=missing[:MAX_MISSING] or None,
-            rules=len(plan.state.rules) if plan else (self._rules if spec else 0),
+            rules=rules if rules is not None else (self._rules if spec else 0),
             observed_generation=self._synced_generation,
             observed_revision=self._synced_revision,
             last_sync_time=self._last_sync,
@@ -253,6 +307,7 @@ class PolicyAgent:
             datapath.remove()
             self._counts, self._unresolved, self._synced_generation = (0, 0, 0), {}, None
             self._synced_revision = None
+            self._maps = pd.NodeMaps()
             log.info("policy datapath removed", extra={"node": self.node})
 
     def close(self) -> None:
@@ -268,4 +323,5 @@ class PolicyAgent:
             self._recorder = None
         with self._lock:
             datapath, self._datapath = self._datapath, None
+        self._linked, self._live, self._attached, self._link_problems = None, None, set(), []
         return datapath

@@ -32,7 +32,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.capabilities import fstype_of
 from beekeeper.node_daemon.libbpf import BpfObject, ObjectLoadFailed, ObjectOpenFailed
+from beekeeper.node_daemon.policy_delta import plan_writes
 from beekeeper.node_daemon.policy_syscalls import (
     RingBufferReader,
     map_delete,
@@ -323,49 +324,70 @@ class PolicyDatapath:
     # --- maps ------------------------------------------------------------------------------
 
     def sync(self, state: pm.DatapathState) -> SyncResult:
-        """Make the maps hold exactly `state`, writing only what differs.
+        """Make the maps hold exactly `state`, writing only what differs (see apply()).
 
-        The maps are read once (the first sync after loading or adopting them, or after a
-        failed sync); later syncs diff against what this object last wrote, so a change
-        costs its own map writes, not a scan of every map. All input is validated before
-        the first write. Additions go first and removals last (see SYNCED_MAPS); then the
-        policy epoch moves, so established flows are judged against the final state on
-        their next packet, and one it denies is revoked.
+        All input is validated before the first write.
         """
         encoded = pm.encode(state, _ifindex_of)
+        indexes = set(state.policy_names) | {r.policy_index for r in state.rules}
+        live = (indexes, {ep.identity for ep in state.endpoints})
+        result = self.apply(encoded.maps, None, state.policy_names, live)
+        if encoded.missing_interfaces:
+            log.info("endpoints without an interface yet: %s", encoded.missing_interfaces)
+        return SyncResult(
+            result.updates, result.deletes, result.epoch, encoded.missing_interfaces, encoded.ignored_ipv6
+        )
+
+    def apply(
+        self,
+        desired: Mapping[str, Mapping[bytes, bytes]],
+        touched: Mapping[str, Iterable[bytes]] | None,
+        policy_names: Mapping[int, str],
+        live: tuple[set[int], set[int]] | None,
+    ) -> SyncResult:
+        """Make the synced maps hold `desired` (map name -> key -> value), writing only what differs.
+
+        touched names the keys that may differ from the last apply; None compares every key.
+        The maps are read once (the first apply after loading or adopting them, or after a
+        failed one, whatever touched says); later applies diff against what this object last
+        wrote, so a change costs its own map writes, not a scan of every map. Additions go
+        first and removals last (see SYNCED_MAPS); then the policy epoch moves, so
+        established flows are judged against the final state on their next packet, and one
+        it denies is revoked. live: the policy indexes and endpoint identities in use, whose
+        counters stay (None: no counter can be stale, none is looked at).
+        """
         with self._lock:
             if self._written is None:
                 self._written = {
                     spec.name: dict(bpf.map_items(self._maps[spec.name].fd, spec.key_size, spec.value_size))
                     for spec in pm.SYNCED_MAPS
                 }
-            plan = []
-            for spec in pm.SYNCED_MAPS:
-                current, desired = self._written[spec.name], encoded.maps[spec.name]
-                upserts = {k: v for k, v in desired.items() if current.get(k) != v}
-                plan.append((spec, upserts, [k for k in current if k not in desired]))
+                touched = None
+            plan = plan_writes(self._written, desired, touched)
             updates = deletes = 0
             try:
                 for spec, upserts, _ in plan:
+                    written = self._written[spec.name]
                     for key, value in upserts.items():
                         self._write(spec, map_update, key, value)
+                        written[key] = value
                         updates += 1
                 for spec, _, removals in reversed(plan):
+                    written = self._written[spec.name]
                     for key in removals:
                         self._write(spec, map_delete, key)
+                        del written[key]
                         deletes += 1
-                self._written = encoded.maps
             except BaseException:
                 self._written = None  # partly written: read the kernel's maps again next time
                 raise
             finally:  # even a partial sync must reach the established flows
                 epoch = self._bump_epoch() if updates or deletes else self.epoch
-            self._policy_names = dict(state.policy_names)
-            self._drop_stale_counters(state)
-        if encoded.missing_interfaces:
-            log.info("endpoints without an interface yet: %s", encoded.missing_interfaces)
+            self._policy_names = dict(policy_names)
+            if live is not None:
+                self._drop_stale_counters(*live)
         log.debug("policy sync: %d updates, %d deletes, epoch %d", updates, deletes, epoch)
-        return SyncResult(updates, deletes, epoch, encoded.missing_interfaces, encoded.ignored_ipv6)
+        return SyncResult(updates, deletes, epoch)
 
     def _write(self, spec: pm.MapSpec, op: Callable[..., object], *args: bytes) -> None:
         try:
@@ -384,11 +406,10 @@ class PolicyDatapath:
         map_update(self._maps[pm.POLICY_EPOCH.name].fd, pm.EPOCH_KEY.pack(0), struct.pack("<I", epoch))
         return epoch
 
-    def _drop_stale_counters(self, state: pm.DatapathState) -> None:
+    def _drop_stale_counters(self, indexes: set[int], identities: set[int]) -> None:
         fd = self._maps[pm.COUNTERS.name].fd
         keys = [k for k, _ in bpf.map_items(fd, pm.COUNTER_KEY.size, pm.COUNTER_VALUE.size * self._cpus)]
-        indexes = set(state.policy_names) | {r.policy_index for r in state.rules}
-        for key in pm.stale_counter_keys(keys, indexes, {ep.identity for ep in state.endpoints}):
+        for key in pm.stale_counter_keys(keys, indexes, identities):
             map_delete(fd, key)
 
     # --- observation -----------------------------------------------------------------------

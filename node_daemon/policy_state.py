@@ -60,6 +60,23 @@ class FlatRule:
     action: PolicyAction
 
 
+def slice_rules(piece: BpfPolicySliceSpec) -> Iterable[FlatRule]:
+    """One slice's product of peers and ports."""
+    for rule in piece.rules or []:
+        for port in rule.ports:
+            for peer in rule.peers:
+                yield FlatRule(
+                    piece.policy,
+                    rule.local_identity,
+                    rule.direction,
+                    peer,
+                    port.protocol,
+                    port.port_start,
+                    port.port_end,
+                    rule.action,
+                )
+
+
 def flat_rules(spec: NodeNetworkPolicy, slices: Sequence[BpfPolicySliceSpec]) -> Iterable[FlatRule]:
     """The node's inline rules and every slice's product of peers and ports."""
     for r in spec.rules or []:
@@ -67,19 +84,24 @@ def flat_rules(spec: NodeNetworkPolicy, slices: Sequence[BpfPolicySliceSpec]) ->
             r.policy, r.local_identity, r.direction, r.peer_identity, r.protocol, r.port_start, r.port_end, r.action
         )
     for piece in slices:
-        for rule in piece.rules or []:
-            for port in rule.ports:
-                for peer in rule.peers:
-                    yield FlatRule(
-                        piece.policy,
-                        rule.local_identity,
-                        rule.direction,
-                        peer,
-                        port.protocol,
-                        port.port_start,
-                        port.port_end,
-                        rule.action,
-                    )
+        yield from slice_rules(piece)
+
+
+def map_rules(rules: Iterable[FlatRule], policy_indexes: Mapping[str, int]) -> list[pm.Rule]:
+    """Expanded entries as the maps take them (policy by index)."""
+    return [
+        pm.Rule(
+            local_identity=r.local_identity,
+            direction=DIRECTIONS[r.direction],
+            peer_identity=r.peer_identity,
+            protocol=PROTOCOLS[r.protocol],
+            port_start=r.port_start,
+            port_end=r.port_end,
+            action=ACTIONS[r.action],
+            policy_index=policy_indexes[r.policy],
+        )
+        for r in rules
+    ]
 
 
 def union_prefixes(
@@ -103,17 +125,11 @@ def union_prefixes(
     return [pm.PrefixIdentity(cidr, identity) for cidr, identity in chosen.items()], problems
 
 
-def translate(
-    spec: NodeNetworkPolicy,
-    interfaces: Mapping[str, PodInterface | Unresolved],
-    policy_indexes: Mapping[str, int],
-    slices: Mapping[str, BpfPolicySliceSpec] | None = None,
-) -> Translation:
-    """The DatapathState for spec plus its slices (by name), given each endpoint IP's interface and each
-    policy's index."""
-    pieces = sorted((slices or {}).items())
-    out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
-    for ep in spec.endpoints or []:
+def place_endpoints(
+    endpoints: Iterable[SpecEndpoint], interfaces: Mapping[str, PodInterface | Unresolved], out: Translation
+) -> None:
+    """Each endpoint on the interface found for its IP (into out: state.endpoints, interfaces, unresolved, problems)."""
+    for ep in endpoints:
         if ipaddress.ip_address(ep.ip).version != 4:
             out.problems.append(f"{pod_name(ep)}: {ep.ip} is IPv6; the datapath enforces IPv4 only")
             continue
@@ -129,6 +145,19 @@ def translate(
         out.state.endpoints.append(
             pm.Endpoint(found.ifindex, ep.ip, ep.identity, ep.ingress_enforced, ep.egress_enforced)
         )
+
+
+def translate(
+    spec: NodeNetworkPolicy,
+    interfaces: Mapping[str, PodInterface | Unresolved],
+    policy_indexes: Mapping[str, int],
+    slices: Mapping[str, BpfPolicySliceSpec] | None = None,
+) -> Translation:
+    """The DatapathState for spec plus its slices (by name), given each endpoint IP's interface and each
+    policy's index (from scratch; node_daemon/policy_delta.py keeps the same result up to date per change)."""
+    pieces = sorted((slices or {}).items())
+    out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
+    place_endpoints(spec.endpoints or [], interfaces, out)
     out.state.ipcache, problems = union_prefixes(
         spec.ipcache or [], ((n, p.ipcache or []) for n, p in pieces), "ipcache"
     )
@@ -136,17 +165,5 @@ def translate(
         spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "cidr identity"
     )
     out.problems += problems + more
-    out.state.rules = [
-        pm.Rule(
-            local_identity=r.local_identity,
-            direction=DIRECTIONS[r.direction],
-            peer_identity=r.peer_identity,
-            protocol=PROTOCOLS[r.protocol],
-            port_start=r.port_start,
-            port_end=r.port_end,
-            action=ACTIONS[r.action],
-            policy_index=policy_indexes[r.policy],
-        )
-        for r in flat_rules(spec, [p for _, p in pieces])
-    ]
+    out.state.rules = map_rules(flat_rules(spec, [p for _, p in pieces]), policy_indexes)
     return out

@@ -84,7 +84,9 @@ class FakePolicy:
         self.unresolved = 0
         self.removed = False
 
-    def reconcile(self, raw: Any, generation: int | None, previous: Any, slices: Any = None) -> dict[str, Any] | None:
+    def reconcile(
+        self, raw: Any, generation: int | None, previous: Any, slices: Any = None, rescan: bool = True
+    ) -> dict[str, Any] | None:
         self.calls.append((raw, generation, previous))
         return self.status
 

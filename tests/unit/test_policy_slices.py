@@ -171,8 +171,10 @@ def test_reader_waits_for_listed_hashes_and_skips_what_it_cannot_read() -> None:
     refs = [SliceRef(name="s1", content_hash=good["contentHash"]), SliceRef(name="s2", content_hash="c" * 64)]
     found, waiting, problems = reader.resolve(refs, {"s1": slice_object("s1", good)})
     assert (set(found), waiting, problems) == ({"s1"}, ["s2"], [])
-    stale = {**good, "contentHash": "d" * 64}
-    assert reader.resolve(refs[:1], {"s1": slice_object("s1", stale, "2")})[1] == ["s1"]
+    ahead = {**good, "contentHash": "d" * 64}
+    assert SliceReader().resolve(refs[:1], {"s1": slice_object("s1", ahead, "2")})[1] == ["s1"]
+    # Read at the listed hash before: that version stays applied while the node state has yet to list the new one.
+    assert reader.resolve(refs[:1], {"s1": slice_object("s1", ahead, "2")})[:2] == (found, [])
     found, waiting, problems = reader.resolve(refs, {"s1": slice_object("s1", good), "s2": slice_object("s2", bad)})
     assert set(found) == {"s1"} and not waiting and len(problems) == 1 and "slice s2 not understood" in problems[0]
 
