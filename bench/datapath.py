@@ -418,6 +418,8 @@ def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Pat
         for r in range(rounds):
             order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
             for contender in (c for c in order if c.name not in unloadable):
+                if r == 0:
+                    time.sleep(1)  # the kernel frees the previous contender's maps and rules with a delay
                 memory_before = kernel_memory_kib()
                 try:
                     contender.install()
