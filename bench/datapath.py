@@ -27,7 +27,9 @@ namespace (an intruder no policy allows) must fail to connect to the server, exc
 policy (and beekeeper-open), where it must succeed. A contender that cannot load a size is
 left out of it (n/a). Ratios are taken within a round, then the median over rounds. Per
 size it also measures, on the beekeeper programs (BPF_PROG_TEST_RUN at the server's
-veth): ns per packet for an established packet, a new allowed SYN and a denied SYN; the
+veth): ns per packet for an established packet, a new allowed SYN and a denied SYN (and
+how many of those denied SYNs, one flow flooding, got a drop event, were suppressed by the
+per-flow limit, or lost for want of ring buffer room); the
 memlock of the loaded maps; the kernel memory each contender's loaded state takes
 (Slab + VmallocUsed + Percpu of /proc/meminfo, after minus before install: approximate on a
 shared machine, exact enough at large N); and the time to change one rule among N: `iptables -I`, one nft
@@ -291,6 +293,8 @@ class Beekeeper(Contender):
         started = time.perf_counter()
         self.compiled = world.compile(isolating=isolating)
         self.compile_seconds = time.perf_counter() - started
+        self.flood: dict[str, int] = {}
+        """Drop events of the denied packets' BPF_PROG_TEST_RUN (one flow, `repeat` times): sent, suppressed, lost."""
         self._generation = 0
 
     def _reconcile(self, compiled: CompiledPolicies) -> dict[str, Any] | None:
@@ -363,11 +367,23 @@ class Beekeeper(Contender):
         result = {}
         with bpf.obj_get(str(prog)) as fd:
             for kind, (data, passes) in packets.items():  # the SYN first: it opens the established flow
+                before = self.event_counts()
                 verdict, ns = prog_test_run(fd.fd, data, ifindex, repeat)
                 if (verdict == TC_ACT_UNSPEC) != passes:
                     raise SystemExit(f"{kind} packet: verdict {verdict:#x}, expected {'pass' if passes else 'drop'}")
                 result[kind] = ns
+        lost, suppressed = (b - a for a, b in zip(before, self.event_counts(), strict=True))
+        self.flood = {"lost": lost, "suppressed": suppressed, "sent": repeat - lost - suppressed}
         return result
+
+    def event_counts(self) -> tuple[int, int]:
+        """Drop events lost (ring buffer full) and suppressed (per-flow limit) so far."""
+        seen = self.agent.observe()
+        counters = seen.counters if seen else []
+        return (
+            sum(c.packets for c in counters if c.kind is pm.CounterKind.EVENTS_LOST),
+            sum(c.packets for c in counters if c.kind is pm.CounterKind.EVENTS_SUPPRESSED),
+        )
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -445,6 +461,8 @@ def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Pat
                             extra["beekeeper raw map write, us"] = bee.map_write() * 1e6
                             extra["beekeeper memlock, KiB"] = bee.memlock_bytes() / 1024
                             extra["ns/packet"] = bee.ns_per_packet()
+                            for outcome, events in bee.flood.items():
+                                extra[f"denied flood: events {outcome}"] = events
                         if isinstance(contender, Iptables):
                             extra["iptables-restore s"] = contender.load_seconds
                 finally:
