@@ -22,19 +22,21 @@ server on TCP/80, plus one policy allowing the client. The contenders:
 
 Every round runs each contender in turn, the order rotated by one per round; the client runs
 --conns connect/close (SO_LINGER 0, so no TIME_WAIT) to the server and reports the rate and
-the connect latency. In the first round each contender is also checked to enforce: a third
-namespace (an intruder no policy allows) must fail to connect to the server, except with no
-policy (and beekeeper-open), where it must succeed. A contender that cannot load a size is
-left out of it (n/a). Ratios are taken within a round, then the median over rounds. Per
-size it also measures, on the beekeeper programs (BPF_PROG_TEST_RUN at the server's
-veth): ns per packet for an established packet, a new allowed SYN and a denied SYN (and
-how many of those denied SYNs, one flow flooding, got a drop event, were suppressed by the
-per-flow limit, or lost for want of ring buffer room); the
-memlock of the loaded maps; the kernel memory each contender's loaded state takes
-(Slab + VmallocUsed + Percpu of /proc/meminfo, after minus before install: approximate on a
-shared machine, exact enough at large N); and the time to change one rule among N: `iptables -I`, one nft
-set element, a raw write of one policy_allow entry, and compile_policies + PolicyAgent.reconcile
-for a policy that gains one peer (the daemon's whole path minus the API round trips).
+the connect latency. Both ends are bench/conn_loop.c (built with gcc at start), so that the
+loop's own cost per connection is a few microseconds and the datapath's share shows. In the
+first round each contender is also checked to enforce: a third namespace (an intruder no
+policy allows) must fail to connect to the server, except with no policy (and beekeeper-
+open), where it must succeed. A contender that cannot load a size is left out of it (n/a).
+Ratios are taken within a round, then the median over rounds. Per size it also measures, on
+the beekeeper programs (BPF_PROG_TEST_RUN at the server's veth): ns per packet for an
+established packet, a new allowed SYN and a denied SYN (and how many of those denied SYNs,
+one flow flooding, got a drop event, were suppressed by the per-flow limit, or lost for want
+of ring buffer room); the memlock of the loaded maps; the kernel memory each contender's
+loaded state takes (Slab + VmallocUsed + Percpu of /proc/meminfo, after minus before
+install: approximate on a shared machine, exact enough at large N); and the time to change
+one rule among N: `iptables -I`, one nft set element, a raw write of one policy_allow entry,
+and compile_policies + PolicyAgent.reconcile for a policy that gains one peer (the daemon's
+whole path minus the API round trips).
 
 Output: a table on stdout, datapath.csv (and datapath.png if matplotlib is importable) in
 --out. Everything it creates (namespaces, links, the iptables chain, the nft table, the bpffs
@@ -82,34 +84,13 @@ NAMESPACE, NODE, ELSEWHERE = "bench", "bench", "elsewhere"
 PEERS = ipaddress.IPv4Address("10.64.0.0")  # peer i is PEERS + i + 1 (up to a /10: 4M peers)
 GROUP = 4000
 """Peers per policy: below the default expansion budget (8192 entries per policy on a node)."""
-PORT = 80
+PORT = 8080
+"""The port of the C server (bench/conn_loop.c); the rig's own Python servers hold 80 and 81."""
+CONN_LOOP = Path(__file__).resolve().parent / "conn_loop.c"
 CONTENDERS = ("none", "iptables", "nft", "beekeeper", "beekeeper-open")
 BPFFS = Path("/sys/fs/bpf/beekeeper-bench")
 CHAIN, NFT_TABLE = "BKDPBENCH", "bkdpbench"
 _START = time.monotonic()
-
-CLIENT = r"""
-import json, socket, struct, sys, time
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-linger = struct.pack("ii", 1, 0)
-latencies, failed = [], 0
-started = time.perf_counter()
-for _ in range(n):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    s.settimeout(2)
-    t = time.perf_counter()
-    try:
-        s.connect((dst, port))
-        latencies.append(time.perf_counter() - t)
-    except OSError:
-        failed += 1
-    s.close()
-elapsed = time.perf_counter() - started
-latencies.sort() or latencies.append(0.0)
-print(json.dumps({"rate": (n - failed) / elapsed, "p50": latencies[len(latencies) // 2] * 1e6,
-                  "p99": latencies[int(len(latencies) * 0.99)] * 1e6, "failed": failed}))
-"""
 
 
 def progress(message: str) -> None:
@@ -157,6 +138,8 @@ class World:
     size: int
     client: SimPod
     server: SimPod
+    conn_loop: Path
+    """The built bench/conn_loop.c."""
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
 
@@ -412,8 +395,24 @@ def kernel_memory_kib() -> int:
     return sum(int(fields[name].split()[0]) for name in ("Slab", "VmallocUsed", "Percpu"))
 
 
+def build_conn_loop(state_dir: Path) -> Path:
+    binary = state_dir / "conn_loop"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(CONN_LOOP)], check=True, capture_output=True)
+    return binary
+
+
+def start_server(binary: Path, server: SimPod) -> subprocess.Popen[str]:
+    """The C accept/close loop in the server's namespace, on PORT."""
+    argv = ["ip", "netns", "exec", server.netns, str(binary), "serve", str(PORT)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise SystemExit(f"the C server did not start in {server.netns}")
+    return process
+
+
 def connect_loop(world: World, conns: int) -> dict[str, float]:
-    argv = [sys.executable, "-c", CLIENT, world.server.ip, str(PORT), str(conns)]
+    argv = [str(world.conn_loop), "connect", world.server.ip, str(PORT), str(conns)]
     done = sh(*argv, netns=world.client.netns)
     result = json.loads(done.stdout)
     if result["failed"]:
@@ -422,7 +421,7 @@ def connect_loop(world: World, conns: int) -> dict[str, float]:
 
 
 def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Path) -> dict[str, Any]:
-    world = World(size, rig.pods["b/client"], rig.pods["b/server"])
+    world = World(size, rig.pods["b/client"], rig.pods["b/server"], state_dir / "conn_loop")
     progress(f"N={size}: compiling {len(world.policies())} policies over {len(world.records)} pods")
     bee = Beekeeper(world, state_dir)
     bee_open = Beekeeper(world, state_dir, isolating=False)
@@ -579,15 +578,21 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = Path(tempfile.mkdtemp(prefix="beekeeper-bench-datapath-"))
     rows = []
     rig = None
+    server = None
     try:
+        binary = build_conn_loop(state_dir)
         rig = PodRig(None)
         rig.add("b/client", NAMESPACE, "client", NODE, {"app": "client"})
         rig.add("b/server", NAMESPACE, "server", NODE, {"app": "server"})
         rig.add("b/intruder", NAMESPACE, "intruder", NODE, {"app": "intruder"})  # no pod record: no policy allows it
         rig.wait_servers()
+        server = start_server(binary, rig.pods["b/server"])
         for size in (int(s) for s in args.sizes.split(",")):
             rows.append(summarize(size, measure_size(rig, size, args.rounds, args.conns, state_dir)))
     finally:
+        if server is not None:
+            server.kill()
+            server.wait(timeout=10)
         if rig is not None:
             rig.close()
         shutil.rmtree(state_dir, ignore_errors=True)
