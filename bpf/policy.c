@@ -129,6 +129,7 @@ char LICENSE[] SEC("license") = "GPL";
 #define BK_AF_INET 2
 #define BK_IPPROTO_SCTP 132
 #define BK_IP_OFFSET_MASK 0x1fff
+#define BK_TCP_RST 0x04
 #define BK_TCP_SYN 0x02
 #define BK_TCP_ACK 0x10
 #define BK_ICMP_ECHO_REPLY 0
@@ -521,24 +522,26 @@ static __always_inline struct ct_value *ct_live(struct ct_key *key, u64 now)
     return ct;
 }
 
-/* The live entry of the flow packet f belongs to at ifindex, and the tuple of the flow's
- * first packet in origin. The canonical key first; then the other orientation, where
- * builds before canonical keys stored flows whose first packet was not canonical. */
-static __always_inline struct ct_value *ct_find(u32 ifindex, struct flow *f, u64 now, struct ct_key *origin)
+/* The live entry of the flow packet f belongs to at ifindex, the key it is stored under
+ * in stored, and the tuple of the flow's first packet in origin. The canonical key first;
+ * then the other orientation, where builds before canonical keys stored flows whose first
+ * packet was not canonical. */
+static __always_inline struct ct_value *ct_find(u32 ifindex, struct flow *f, u64 now, struct ct_key *origin,
+                                                struct ct_key *stored)
 {
-    struct ct_key key = {};
     bool reversed = reversed_is_canonical(f);
-    ct_key_of(&key, ifindex, f, reversed);
-    struct ct_value *ct = ct_live(&key, now);
+    ct_key_of(stored, ifindex, f, reversed);
+    struct ct_value *ct = ct_live(stored, now);
     if (ct) {
         if (ct->flags & BK_CT_ORIGIN_REVERSED)
-            ct_reverse(origin, &key);
+            ct_reverse(origin, stored);
         else
-            *origin = key;
+            *origin = *stored;
         return ct;
     }
-    ct_key_of(origin, ifindex, f, !reversed);
-    return ct_live(origin, now);
+    ct_key_of(stored, ifindex, f, !reversed);
+    *origin = *stored;
+    return ct_live(stored, now);
 }
 
 static __always_inline bool enforced_in(struct endpoint *ep, u8 direction)
@@ -650,7 +653,8 @@ static __always_inline int judge(struct __sk_buff *skb, u32 ifindex, struct endp
          * orientation) belongs to it; other errors are judged as plain ICMP. */
         struct flow inner = {};
         if (parse_inner(skb, f->l4_offset + 8, &inner) == BK_PARSE_OK) {
-            struct ct_value *ct = ct_find(ifindex, &inner, now, &origin);
+            struct ct_key stored = {};
+            struct ct_value *ct = ct_find(ifindex, &inner, now, &origin, &stored);
             if (ct && !ct->denied)
                 return pass(skb, ct->policy_index);
         }
@@ -667,8 +671,9 @@ static __always_inline int judge(struct __sk_buff *skb, u32 ifindex, struct endp
     bool syn = f->protocol == IPPROTO_TCP && (f->tcp_flags & (BK_TCP_SYN | BK_TCP_ACK)) == BK_TCP_SYN;
 
     struct ct_value *ct = 0;
+    struct ct_key stored = {};
     if (!syn)
-        ct = ct_find(ifindex, f, now, &origin);
+        ct = ct_find(ifindex, f, now, &origin, &stored);
     if (ct) {
         if (ct->epoch != epoch) {
             /* Policy changed since this flow was judged: judge it again. A revoked flow
@@ -689,7 +694,12 @@ static __always_inline int judge(struct __sk_buff *skb, u32 ifindex, struct endp
             v.cidr_id = 0;
             return drop_flow(skb, ifindex, ep, ct->direction, &origin, &v, BK_EVENT_REVOKED);
         }
-        return pass(skb, ct->policy_index);
+        u32 policy_index = ct->policy_index;
+        /* A reset ends the connection: its entry goes (a revoked one stays, above), so
+         * that closed connections do not crowd the LRU map until their lifetime ends. */
+        if (f->tcp_flags & BK_TCP_RST && f->protocol == IPPROTO_TCP)
+            bpf_map_delete_elem(&conntrack, &stored);
+        return pass(skb, policy_index);
     }
     if (tracked_only)
         return BK_TAKE_STACK;

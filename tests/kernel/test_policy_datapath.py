@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from support import BPFFS_TEST_ROOT, pinned_ids, sockets_in, tcx_chain, wait_for
-from tc_test_run import ACK, DROP, ICMP, PASS, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
+from tc_test_run import ACK, DROP, ICMP, PASS, RST, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
@@ -269,6 +269,28 @@ def test_reply_of_allowed_connection_passes(pod: Pod) -> None:
     assert pod.receives(packet(FRONTEND_IP, POD, sport=5432, dport=41000, flags=SYN)) == DROP
     (flow,) = [f for f in pod.dp.flows() if f.ifindex == pod.ifindex]
     assert (flow.saddr, flow.daddr, flow.dport, flow.direction) == (POD, FRONTEND_IP, 5432, Direction.EGRESS)
+
+
+def test_either_direction_finds_the_flow_and_a_reset_ends_it(pod: Pod) -> None:
+    """A flow whose first packet is not in canonical order (the higher address first) is found
+    by both directions and reported as its first packet was; a reset removes it."""
+    pod.dp.sync(state(pod.endpoint(ingress=True, egress=True), rule(Direction.INGRESS, FRONTEND, TCP, (8080, 8080))))
+    assert pod.receives(packet(FRONTEND_IP, POD, sport=42000, dport=8080, flags=SYN)) == PASS
+    assert (
+        pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=SYN | ACK)) == PASS
+    )  # egress allows nothing
+    assert pod.receives(packet(FRONTEND_IP, POD, sport=42000, dport=8080, flags=ACK)) == PASS
+    (flow,) = [f for f in pod.dp.flows() if f.ifindex == pod.ifindex]
+    assert (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.direction) == (
+        FRONTEND_IP,
+        POD,
+        42000,
+        8080,
+        Direction.INGRESS,
+    )
+    assert pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=RST | ACK)) == PASS
+    assert [f for f in pod.dp.flows() if f.ifindex == pod.ifindex] == []
+    assert pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=ACK)) == DROP  # no reply any more
 
 
 def test_policy_change_is_a_map_update_and_revokes_established_flows(pod: Pod) -> None:
