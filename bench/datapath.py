@@ -16,16 +16,27 @@ server on TCP/80, plus one policy allowing the client. The contenders:
   for the server's address; the set holds the N peers and the client;
 - beekeeper: the operator's compile_policies over N+2 pods and N/4000 + 1 policies, the node's
   spec and slices given to the daemon's own PolicyAgent, which loads bpf/policy.o and attaches
-  its tcx programs to both host-side veths.
+  its tcx programs to both host-side veths;
+- beekeeper-open: the same datapath on both veths, but the only policy selects no local pod,
+  so neither pod is isolated (what every pod that no policy selects pays).
 
 Every round runs each contender in turn, the order rotated by one per round; the client runs
 --conns connect/close (SO_LINGER 0, so no TIME_WAIT) to the server and reports the rate and
-the connect latency. Ratios are taken within a round, then the median over rounds. Per
-size it also measures, on the beekeeper programs (BPF_PROG_TEST_RUN at the server's
-veth): ns per packet for an established packet, a new allowed SYN and a denied SYN; the
-memlock of the loaded maps; and the time to change one rule among N: `iptables -I`, one nft
-set element, a raw write of one policy_allow entry, and compile_policies + PolicyAgent.reconcile
-for a policy that gains one peer (the daemon's whole path minus the API round trips).
+the connect latency. Both ends are bench/conn_loop.c (built with gcc at start), so that the
+loop's own cost per connection is a few microseconds and the datapath's share shows. In the
+first round each contender is also checked to enforce: a third namespace (an intruder no
+policy allows) must fail to connect to the server, except with no policy (and beekeeper-
+open), where it must succeed. A contender that cannot load a size is left out of it (n/a).
+Ratios are taken within a round, then the median over rounds. Per size it also measures, on
+the beekeeper programs (BPF_PROG_TEST_RUN at the server's veth): ns per packet for an
+established packet, a new allowed SYN and a denied SYN (and how many of those denied SYNs,
+one flow flooding, got a drop event, were suppressed by the per-flow limit, or lost for want
+of ring buffer room); the memlock of the loaded maps; the kernel memory each contender's
+loaded state takes (Slab + VmallocUsed + Percpu of /proc/meminfo, after minus before
+install: approximate on a shared machine, exact enough at large N); and the time to change
+one rule among N: `iptables -I`, one nft set element, a raw write of one policy_allow entry,
+and compile_policies + PolicyAgent.reconcile for a policy that gains one peer (the daemon's
+whole path minus the API round trips).
 
 Output: a table on stdout, datapath.csv (and datapath.png if matplotlib is importable) in
 --out. Everything it creates (namespaces, links, the iptables chain, the nft table, the bpffs
@@ -73,34 +84,13 @@ NAMESPACE, NODE, ELSEWHERE = "bench", "bench", "elsewhere"
 PEERS = ipaddress.IPv4Address("10.64.0.0")  # peer i is PEERS + i + 1 (up to a /10: 4M peers)
 GROUP = 4000
 """Peers per policy: below the default expansion budget (8192 entries per policy on a node)."""
-PORT = 80
-CONTENDERS = ("none", "iptables", "nft", "beekeeper")
+PORT = 8080
+"""The port of the C server (bench/conn_loop.c); the rig's own Python servers hold 80 and 81."""
+CONN_LOOP = Path(__file__).resolve().parent / "conn_loop.c"
+CONTENDERS = ("none", "iptables", "nft", "beekeeper", "beekeeper-open")
 BPFFS = Path("/sys/fs/bpf/beekeeper-bench")
 CHAIN, NFT_TABLE = "BKDPBENCH", "bkdpbench"
 _START = time.monotonic()
-
-CLIENT = r"""
-import json, socket, struct, sys, time
-dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-linger = struct.pack("ii", 1, 0)
-latencies, failed = [], 0
-started = time.perf_counter()
-for _ in range(n):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    s.settimeout(2)
-    t = time.perf_counter()
-    try:
-        s.connect((dst, port))
-        latencies.append(time.perf_counter() - t)
-    except OSError:
-        failed += 1
-    s.close()
-elapsed = time.perf_counter() - started
-latencies.sort() or latencies.append(0.0)
-print(json.dumps({"rate": (n - failed) / elapsed, "p50": latencies[len(latencies) // 2] * 1e6,
-                  "p99": latencies[int(len(latencies) * 0.99)] * 1e6, "failed": failed}))
-"""
 
 
 def progress(message: str) -> None:
@@ -148,6 +138,8 @@ class World:
     size: int
     client: SimPod
     server: SimPod
+    conn_loop: Path
+    """The built bench/conn_loop.c."""
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
 
@@ -171,8 +163,12 @@ class World:
             )
         return [*bodies, client]
 
-    def compile(self, extra_peer: bool = False) -> CompiledPolicies:
-        return compile_policies(self.policies(extra_peer), self.records, self.identities, {NODE: [], ELSEWHERE: []})
+    def compile(self, extra_peer: bool = False, isolating: bool = True) -> CompiledPolicies:
+        """isolating False: one policy that selects no pod here (the datapath runs, nothing is isolated)."""
+        policies = self.policies(extra_peer) if isolating else [policy_body("nobody", {"app": "nobody"}, [PORT])]
+        if not isolating:
+            policies[0]["spec"]["podSelector"] = {"matchLabels": {"app": "nobody"}}
+        return compile_policies(policies, self.records, self.identities, {NODE: [], ELSEWHERE: []})
 
     def identity(self, name: str) -> int:
         record = next(r for r in self.records if r.name == name)
@@ -184,6 +180,8 @@ class World:
 
 class Contender:
     name = "none"
+    enforces = False
+    """Whether the intruder must be refused."""
 
     def __init__(self, world: World) -> None:
         self.world = world
@@ -201,6 +199,7 @@ class Contender:
 
 class Iptables(Contender):
     name = "iptables"
+    enforces = True
 
     def __init__(self, world: World) -> None:
         super().__init__(world)
@@ -237,6 +236,7 @@ class Iptables(Contender):
 
 class Nft(Contender):
     name = "nft"
+    enforces = True
 
     def install(self) -> None:
         elements = [f"{peer_ip(i)} . {PORT}" for i in range(self.world.size)] + [f"{self.world.client.ip} . {PORT}"]
@@ -264,14 +264,20 @@ class Beekeeper(Contender):
     """The operator's compiled spec for this node, converged by the daemon's PolicyAgent."""
 
     name = "beekeeper"
+    enforces = True
 
-    def __init__(self, world: World, state_dir: Path) -> None:
+    def __init__(self, world: World, state_dir: Path, isolating: bool = True) -> None:
         super().__init__(world)
+        if not isolating:
+            self.name, self.enforces = "beekeeper-open", False
         self.bpffs = BPFFS / f"dp-{uuid.uuid4().hex[:8]}"
-        self.agent = PolicyAgent(NODE, self.bpffs, state_dir, DropLog())
+        (state_dir / self.name).mkdir(exist_ok=True)
+        self.agent = PolicyAgent(NODE, self.bpffs, state_dir / self.name, DropLog())
         started = time.perf_counter()
-        self.compiled = world.compile()
+        self.compiled = world.compile(isolating=isolating)
         self.compile_seconds = time.perf_counter() - started
+        self.flood: dict[str, int] = {}
+        """Drop events of the denied packets' BPF_PROG_TEST_RUN (one flow, `repeat` times): sent, suppressed, lost."""
         self._generation = 0
 
     def _reconcile(self, compiled: CompiledPolicies) -> dict[str, Any] | None:
@@ -296,8 +302,10 @@ class Beekeeper(Contender):
         self.agent.close()
         shutil.rmtree(self.bpffs, ignore_errors=True)
 
-    def change_one(self) -> float:
+    def change_one(self) -> float | None:
         """The operator's recompile plus the daemon's reconcile for one more rule, then back."""
+        if not self.enforces:
+            return None
         seconds = timed(lambda: self._reconcile(self.world.compile(extra_peer=True)))
         self._reconcile(self.compiled)
         return seconds
@@ -342,18 +350,69 @@ class Beekeeper(Contender):
         result = {}
         with bpf.obj_get(str(prog)) as fd:
             for kind, (data, passes) in packets.items():  # the SYN first: it opens the established flow
+                before = self.event_counts()
                 verdict, ns = prog_test_run(fd.fd, data, ifindex, repeat)
                 if (verdict == TC_ACT_UNSPEC) != passes:
                     raise SystemExit(f"{kind} packet: verdict {verdict:#x}, expected {'pass' if passes else 'drop'}")
                 result[kind] = ns
+        lost, suppressed = (b - a for a, b in zip(before, self.event_counts(), strict=True))
+        self.flood = {"lost": lost, "suppressed": suppressed, "sent": repeat - lost - suppressed}
         return result
+
+    def event_counts(self) -> tuple[int, int]:
+        """Drop events lost (ring buffer full) and suppressed (per-flow limit) so far."""
+        seen = self.agent.observe()
+        counters = seen.counters if seen else []
+        return (
+            sum(c.packets for c in counters if c.kind is pm.CounterKind.EVENTS_LOST),
+            sum(c.packets for c in counters if c.kind is pm.CounterKind.EVENTS_SUPPRESSED),
+        )
 
 
 # --- measuring ------------------------------------------------------------------------------------
 
+PROBE = r"""
+import socket, sys
+s = socket.socket()
+s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("connected")
+except OSError:
+    print("refused")
+"""
+
+
+def intruder_connects(world: World, intruder: SimPod, timeout: float = 0.5) -> bool:
+    """Whether a pod that no policy allows can open a connection to the server."""
+    done = sh(sys.executable, "-c", PROBE, world.server.ip, str(PORT), str(timeout), netns=intruder.netns)
+    return done.stdout.strip() == "connected"
+
+
+def kernel_memory_kib() -> int:
+    """Slab + VmallocUsed + Percpu: where iptables rules, nft set elements and BPF maps live."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[name].split()[0]) for name in ("Slab", "VmallocUsed", "Percpu"))
+
+
+def build_conn_loop(state_dir: Path) -> Path:
+    binary = state_dir / "conn_loop"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(CONN_LOOP)], check=True, capture_output=True)
+    return binary
+
+
+def start_server(binary: Path, server: SimPod) -> subprocess.Popen[str]:
+    """The C accept/close loop in the server's namespace, on PORT."""
+    argv = ["ip", "netns", "exec", server.netns, str(binary), "serve", str(PORT)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise SystemExit(f"the C server did not start in {server.netns}")
+    return process
+
 
 def connect_loop(world: World, conns: int) -> dict[str, float]:
-    argv = [sys.executable, "-c", CLIENT, world.server.ip, str(PORT), str(conns)]
+    argv = [str(world.conn_loop), "connect", world.server.ip, str(PORT), str(conns)]
     done = sh(*argv, netns=world.client.netns)
     result = json.loads(done.stdout)
     if result["failed"]:
@@ -362,18 +421,36 @@ def connect_loop(world: World, conns: int) -> dict[str, float]:
 
 
 def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Path) -> dict[str, Any]:
-    world = World(size, rig.pods["b/client"], rig.pods["b/server"])
+    world = World(size, rig.pods["b/client"], rig.pods["b/server"], state_dir / "conn_loop")
     progress(f"N={size}: compiling {len(world.policies())} policies over {len(world.records)} pods")
     bee = Beekeeper(world, state_dir)
-    contenders: list[Contender] = [Contender(world), Iptables(world), Nft(world), bee]
+    bee_open = Beekeeper(world, state_dir, isolating=False)
+    contenders: list[Contender] = [Contender(world), Iptables(world), Nft(world), bee, bee_open]
     runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
     extra: dict[str, Any] = {"compile s": bee.compile_seconds}
+    unloadable: set[str] = set()
     try:
         for r in range(rounds):
-            order = contenders[r % 4 :] + contenders[: r % 4]
-            for contender in order:
-                contender.install()
+            order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+            for contender in (c for c in order if c.name not in unloadable):
+                if r == 0:
+                    time.sleep(1)  # the kernel frees the previous contender's maps and rules with a delay
+                memory_before = kernel_memory_kib()
                 try:
+                    contender.install()
+                except (subprocess.CalledProcessError, OSError) as exc:
+                    progress(f"N={size}: {contender.name} cannot load it ({exc}): left out")
+                    unloadable.add(contender.name)
+                    contender.uninstall()
+                    continue
+                try:
+                    if r == 0:
+                        extra[f"{contender.name} kernel memory, KiB"] = kernel_memory_kib() - memory_before
+                        if intruder_connects(world, rig.pods["b/intruder"]) == contender.enforces:
+                            raise SystemExit(
+                                f"N={size}: {contender.name} {'let' if contender.enforces else 'kept'} the intruder "
+                                f"{'in' if contender.enforces else 'out'}"
+                            )
                     runs[contender.name].append(connect_loop(world, conns))
                     if r == 0:
                         change = contender.change_one()
@@ -383,16 +460,19 @@ def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Pat
                             extra["beekeeper raw map write, us"] = bee.map_write() * 1e6
                             extra["beekeeper memlock, KiB"] = bee.memlock_bytes() / 1024
                             extra["ns/packet"] = bee.ns_per_packet()
+                            for outcome, events in bee.flood.items():
+                                extra[f"denied flood: events {outcome}"] = events
                         if isinstance(contender, Iptables):
                             extra["iptables-restore s"] = contender.load_seconds
                 finally:
                     contender.uninstall()
-            shown = "  ".join(f"{c.name} {runs[c.name][-1]['rate']:.0f}/s" for c in contenders)
+            shown = "  ".join(f"{c.name} {runs[c.name][-1]['rate']:.0f}/s" for c in contenders if runs[c.name])
             progress(f"N={size} round {r + 1}/{rounds}: {shown}")
     finally:
         for contender in contenders:
             contender.uninstall()
         bee.close()
+        bee_open.close()
     return {"runs": runs, **extra}
 
 
@@ -400,18 +480,23 @@ def summarize(size: int, measured: dict[str, Any]) -> dict[str, Any]:
     runs = measured["runs"]
     rates = {name: [r["rate"] for r in rs] for name, rs in runs.items()}
     row: dict[str, Any] = {"N": size}
-    for name, values in rates.items():
-        row[f"{name} conn/s min"] = min(values)
-        row[f"{name} conn/s median"] = statistics.median(values)
-        row[f"{name} conn/s max"] = max(values)
-        row[f"{name} p50 us"] = statistics.median(r["p50"] for r in runs[name])
-        row[f"{name} p99 us"] = statistics.median(r["p99"] for r in runs[name])
+    for name in CONTENDERS:
+        values = rates[name]
+        row[f"{name} conn/s min"] = min(values) if values else None
+        row[f"{name} conn/s median"] = statistics.median(values) if values else None
+        row[f"{name} conn/s max"] = max(values) if values else None
+        row[f"{name} p50 us"] = statistics.median(r["p50"] for r in runs[name]) if values else None
+        row[f"{name} p99 us"] = statistics.median(r["p99"] for r in runs[name]) if values else None
+
+    def ratio(name: str, base: str) -> float | None:
+        if not rates[name] or len(rates[name]) != len(rates[base]):
+            return None  # left out, or loaded only in some rounds
+        return statistics.median(a / b for a, b in zip(rates[name], rates[base], strict=True))
+
     for name in CONTENDERS[1:]:
-        row[f"{name}/none"] = statistics.median(a / b for a, b in zip(rates[name], rates["none"], strict=True))
+        row[f"{name}/none"] = ratio(name, "none")
     for peer in ("iptables", "nft"):
-        row[f"beekeeper/{peer}"] = statistics.median(
-            a / b for a, b in zip(rates["beekeeper"], rates[peer], strict=True)
-        )
+        row[f"beekeeper/{peer}"] = ratio("beekeeper", peer)
     for kind, ns in measured["ns/packet"].items():
         row[f"BPF ns/packet {kind}"] = ns
     for key, value in measured.items():
@@ -429,7 +514,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         cells = []
         for row in rows:
             value = row.get(metric)
-            cells.append(f"{value:>9.2f}" if isinstance(value, float) and abs(value) < 100 else f"{value:>9.0f}")
+            if value is None:
+                cells.append(f"{'n/a':>9}")
+            else:
+                cells.append(f"{value:>9.2f}" if isinstance(value, float) and abs(value) < 100 else f"{value:>9.0f}")
         print(f"{metric:<{width}}  " + "  ".join(cells))
 
 
@@ -446,24 +534,30 @@ def write_outputs(rows: list[dict[str, Any]], out: Path) -> None:
     except ImportError:
         print(f"wrote {out / 'datapath.csv'} (no matplotlib here: no plot)", file=sys.stderr)
         return
-    figure, axis = plt.subplots(figsize=(7, 4))
-    sizes = [max(row["N"], 1) for row in rows]
+    figure, (axis, ratios) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in CONTENDERS:
+        shown = [row for row in rows if row[f"{name} conn/s median"] is not None]
         axis.errorbar(
-            sizes,
-            [row[f"{name} conn/s median"] for row in rows],
+            [max(row["N"], 1) for row in shown],
+            [row[f"{name} conn/s median"] for row in shown],
             yerr=[
-                [row[f"{name} conn/s median"] - row[f"{name} conn/s min"] for row in rows],
-                [row[f"{name} conn/s max"] - row[f"{name} conn/s median"] for row in rows],
+                [row[f"{name} conn/s median"] - row[f"{name} conn/s min"] for row in shown],
+                [row[f"{name} conn/s max"] - row[f"{name} conn/s median"] for row in shown],
             ],
             marker="o",
             capsize=3,
             label=name,
         )
-    axis.set_xscale("log")
-    axis.set_xlabel("peer identities N (N=0 drawn at 1)")
+    for name in CONTENDERS[1:]:
+        shown = [row for row in rows if row[f"{name}/none"] is not None]
+        ratios.plot([max(row["N"], 1) for row in shown], [row[f"{name}/none"] for row in shown], marker="o", label=name)
+    ratios.axhline(1.0, color="grey", linewidth=0.8)
+    for chart in (axis, ratios):
+        chart.set_xscale("log")
+        chart.set_xlabel("peer identities N (N=0 drawn at 1)")
+        chart.legend()
     axis.set_ylabel("new TCP connections/s (median, min-max)")
-    axis.legend()
+    ratios.set_ylabel("conn/s relative to no policy (median of per-round ratios)")
     figure.tight_layout()
     figure.savefig(out / "datapath.png", dpi=120)
     print(f"wrote {out / 'datapath.csv'} and {out / 'datapath.png'}", file=sys.stderr)
@@ -484,14 +578,21 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = Path(tempfile.mkdtemp(prefix="beekeeper-bench-datapath-"))
     rows = []
     rig = None
+    server = None
     try:
+        binary = build_conn_loop(state_dir)
         rig = PodRig(None)
         rig.add("b/client", NAMESPACE, "client", NODE, {"app": "client"})
         rig.add("b/server", NAMESPACE, "server", NODE, {"app": "server"})
+        rig.add("b/intruder", NAMESPACE, "intruder", NODE, {"app": "intruder"})  # no pod record: no policy allows it
         rig.wait_servers()
+        server = start_server(binary, rig.pods["b/server"])
         for size in (int(s) for s in args.sizes.split(",")):
             rows.append(summarize(size, measure_size(rig, size, args.rounds, args.conns, state_dir)))
     finally:
+        if server is not None:
+            server.kill()
+            server.wait(timeout=10)
         if rig is not None:
             rig.close()
         shutil.rmtree(state_dir, ignore_errors=True)

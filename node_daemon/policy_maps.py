@@ -44,6 +44,9 @@ COUNT_DENY = 2
 COUNT_DEFAULT_DENY = 3
 COUNT_DROP = 4
 COUNT_EVENTS_LOST = 5
+COUNT_EVENTS_SUPPRESSED = 6
+
+CT_ORIGIN_REVERSED = 1
 
 EVENT_REVOKED = 1
 
@@ -63,7 +66,9 @@ MAX_CIDR_IDS = 65536
 MAX_POLICY = 262144
 MAX_CONNTRACK = 131072
 MAX_COUNTERS = 16384
+MAX_DROP_LIMITS = 16384
 EVENTS_BYTES = 256 * 1024
+DROP_EVENT_INTERVAL_NS = 1_000_000_000
 
 _U32 = (1 << 32) - 1
 
@@ -98,10 +103,12 @@ ENDPOINT_VALUE = struct.Struct("<I4sI")  # identity, ip, flags
 POLICY_KEY = struct.Struct("<IIIBB2s")  # prefixlen, local id, peer id, direction, protocol, port (be16)
 POLICY_VALUE = struct.Struct("<I")  # policy index
 CT_KEY = struct.Struct("<I4s4s2s2sB3x")  # ifindex, saddr, daddr, sport, dport, protocol
-CT_VALUE = struct.Struct("<QIIBB6x")  # expires_ns, epoch, policy index, direction, denied reason
+CT_VALUE = struct.Struct("<QIIBBB5x")  # expires_ns, epoch, policy index, direction, denied reason, flags
 COUNTER_KEY = struct.Struct("<II")  # id, kind
 COUNTER_VALUE = struct.Struct("<QQ")  # packets, bytes (one per possible CPU)
-DROP_EVENT = struct.Struct("<QI4s4s2s2sIIIIBBBB4x")
+DROP_EVENT = struct.Struct("<QI4s4s2s2sIIIIBBBBI")  # ..., suppressed
+LIMIT_KEY = struct.Struct("<I4s4s2sBBBB2x")  # ifindex, saddr, daddr, dport, protocol, direction, reason, flags
+LIMIT_VALUE = struct.Struct("<QI4x")  # next_ns, suppressed
 EPOCH_KEY = struct.Struct("<I")
 
 ENDPOINTS = MapSpec("endpoints", MAP_HASH, 4, ENDPOINT_VALUE.size, MAX_ENDPOINTS)
@@ -112,8 +119,20 @@ POLICY_DENY = MapSpec("policy_deny", MAP_LPM_TRIE, POLICY_KEY.size, POLICY_VALUE
 CONNTRACK = MapSpec("conntrack", MAP_LRU_HASH, CT_KEY.size, CT_VALUE.size, MAX_CONNTRACK)
 POLICY_EPOCH = MapSpec("policy_epoch", MAP_ARRAY, 4, 4, 1)
 COUNTERS = MapSpec("counters", MAP_PERCPU_HASH, COUNTER_KEY.size, COUNTER_VALUE.size, MAX_COUNTERS, BPF_F_NO_PREALLOC)
+DROP_LIMITS = MapSpec("drop_limits", MAP_LRU_HASH, LIMIT_KEY.size, LIMIT_VALUE.size, MAX_DROP_LIMITS)
 DROP_EVENTS = MapSpec("drop_events", MAP_RINGBUF, 0, 0, EVENTS_BYTES)
-MAP_SPECS = (ENDPOINTS, IPCACHE, CIDR_IDS, POLICY_ALLOW, POLICY_DENY, CONNTRACK, POLICY_EPOCH, COUNTERS, DROP_EVENTS)
+MAP_SPECS = (
+    ENDPOINTS,
+    IPCACHE,
+    CIDR_IDS,
+    POLICY_ALLOW,
+    POLICY_DENY,
+    CONNTRACK,
+    POLICY_EPOCH,
+    COUNTERS,
+    DROP_LIMITS,
+    DROP_EVENTS,
+)
 
 SYNCED_MAPS = (IPCACHE, CIDR_IDS, POLICY_DENY, POLICY_ALLOW, ENDPOINTS)
 """The maps sync() owns, in the order upserts are written (deletes go in reverse): a new
@@ -387,12 +406,29 @@ class DropEvent:
     policy: str | None
     revoked: bool
     """The flow was allowed, until a policy change denied it."""
+    suppressed: int = 0
+    """Drops of the same flow key (the tuple without the origin's source port) and reason
+    that the datapath's per-key event limit left unreported since the previous event."""
 
 
 def decode_drop_event(raw: bytes, policy_names: Mapping[int, str]) -> DropEvent:
-    (ts, ifindex, saddr, daddr, sport, dport, local_id, peer_id, cidr_id, index, proto, direction, reason, flags) = (
-        DROP_EVENT.unpack_from(raw)
-    )
+    (
+        ts,
+        ifindex,
+        saddr,
+        daddr,
+        sport,
+        dport,
+        local_id,
+        peer_id,
+        cidr_id,
+        index,
+        proto,
+        direction,
+        reason,
+        flags,
+        held,
+    ) = DROP_EVENT.unpack_from(raw)
     policy_index = None if index == NO_POLICY else index
     return DropEvent(
         timestamp_ns=ts,
@@ -410,6 +446,7 @@ def decode_drop_event(raw: bytes, policy_names: Mapping[int, str]) -> DropEvent:
         policy_index=policy_index,
         policy=policy_names.get(policy_index) if policy_index is not None else None,
         revoked=bool(flags & EVENT_REVOKED),
+        suppressed=held,
     )
 
 
@@ -434,7 +471,9 @@ class FlowEntry:
 
 def decode_flow(key: bytes, value: bytes) -> FlowEntry:
     ifindex, saddr, daddr, sport, dport, proto = CT_KEY.unpack(key)
-    expires, epoch, index, direction, denied = CT_VALUE.unpack(value)
+    expires, epoch, index, direction, denied, flags = CT_VALUE.unpack(value)
+    if flags & CT_ORIGIN_REVERSED:  # stored under its canonical orientation: the first packet was the reverse
+        saddr, daddr, sport, dport = daddr, saddr, dport, sport
     return FlowEntry(
         ifindex=ifindex,
         saddr=_ip(saddr),
@@ -461,6 +500,8 @@ class CounterKind(StrEnum):
     """Other drops; id = reason code (name = DropReason)."""
     EVENTS_LOST = "events_lost"
     """Drop events the ring buffer had no room for."""
+    EVENTS_SUPPRESSED = "events_suppressed"
+    """Drops the per-flow event limit left unreported (counted, and summed in the flow's next event)."""
 
 
 _KINDS = {
@@ -469,6 +510,7 @@ _KINDS = {
     COUNT_DEFAULT_DENY: CounterKind.DEFAULT_DENY,
     COUNT_DROP: CounterKind.DROP,
     COUNT_EVENTS_LOST: CounterKind.EVENTS_LOST,
+    COUNT_EVENTS_SUPPRESSED: CounterKind.EVENTS_SUPPRESSED,
 }
 
 

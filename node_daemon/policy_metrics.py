@@ -58,7 +58,11 @@ class PolicyCollector:
         lost = CounterMetricFamily(
             "beekeeper_policy_drop_events_lost", "Drop events the ring buffer had no room for (counted, not explained)"
         )
-        lost_total = 0
+        suppressed = CounterMetricFamily(
+            "beekeeper_policy_drop_events_suppressed",
+            "Drops left unreported by the per-flow drop event limit (each flow's next event says how many)",
+        )
+        lost_total = suppressed_total = 0
         for c in seen.counters:
             match c.kind:
                 case CounterKind.ALLOW | CounterKind.DENY:
@@ -71,8 +75,11 @@ class PolicyCollector:
                     other.add_metric([c.name or str(c.id)], c.packets)
                 case CounterKind.EVENTS_LOST:
                     lost_total += c.packets
+                case CounterKind.EVENTS_SUPPRESSED:
+                    suppressed_total += c.packets
         lost.add_metric([], lost_total)
-        yield from (packets, volume, default_deny, other, lost)
+        suppressed.add_metric([], suppressed_total)
+        yield from (packets, volume, default_deny, other, lost, suppressed)
 
         rules = GaugeMetricFamily("beekeeper_policy_rules", "Policy rules in this node's maps, as last synced")
         rules.add_metric([], self.agent.rules)

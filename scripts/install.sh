@@ -38,7 +38,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 say "installing beekeeper and test tools into .venv"
 # constraints.txt pins the whole dependency set; the container image installs the same one.
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,bench]'
 
 # bcc is not on PyPI: expose only Debian's bcc module to the venv, not all of dist-packages.
 shim=.venv/system-bcc

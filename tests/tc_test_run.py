@@ -11,7 +11,7 @@ import struct
 PASS, DROP = "pass", "drop"
 TC_ACT_UNSPEC, TC_ACT_SHOT = 0xFFFFFFFF, 2  # tcx "next" / drop
 TCP, UDP, SCTP, ICMP = 6, 17, 132, 1
-SYN, ACK = 0x02, 0x10
+SYN, RST, ACK = 0x02, 0x04, 0x10
 
 
 class _TestRunOpts(ct.Structure):

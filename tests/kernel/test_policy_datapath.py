@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 from support import BPFFS_TEST_ROOT, pinned_ids, sockets_in, tcx_chain, wait_for
-from tc_test_run import ACK, DROP, ICMP, PASS, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
+from tc_test_run import ACK, DROP, ICMP, PASS, RST, SCTP, SYN, TCP, UDP, eth, icmp, ipv4, l4, packet, run_prog
 
 from beekeeper.node_daemon import bpf_syscalls as bpf
 from beekeeper.node_daemon.policy_datapath import FROM_POD, TO_POD, PolicyDatapath, PolicyDatapathError, SyncResult
 from beekeeper.node_daemon.policy_maps import (
+    DROP_EVENT_INTERVAL_NS,
     Action,
     CounterKind,
     DatapathState,
@@ -270,6 +271,28 @@ def test_reply_of_allowed_connection_passes(pod: Pod) -> None:
     assert (flow.saddr, flow.daddr, flow.dport, flow.direction) == (POD, FRONTEND_IP, 5432, Direction.EGRESS)
 
 
+def test_either_direction_finds_the_flow_and_a_reset_ends_it(pod: Pod) -> None:
+    """A flow whose first packet is not in canonical order (the higher address first) is found
+    by both directions and reported as its first packet was; a reset removes it."""
+    pod.dp.sync(state(pod.endpoint(ingress=True, egress=True), rule(Direction.INGRESS, FRONTEND, TCP, (8080, 8080))))
+    assert pod.receives(packet(FRONTEND_IP, POD, sport=42000, dport=8080, flags=SYN)) == PASS
+    assert (
+        pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=SYN | ACK)) == PASS
+    )  # egress allows nothing
+    assert pod.receives(packet(FRONTEND_IP, POD, sport=42000, dport=8080, flags=ACK)) == PASS
+    (flow,) = [f for f in pod.dp.flows() if f.ifindex == pod.ifindex]
+    assert (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.direction) == (
+        FRONTEND_IP,
+        POD,
+        42000,
+        8080,
+        Direction.INGRESS,
+    )
+    assert pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=RST | ACK)) == PASS
+    assert [f for f in pod.dp.flows() if f.ifindex == pod.ifindex] == []
+    assert pod.sends(packet(POD, FRONTEND_IP, sport=8080, dport=42000, flags=ACK)) == DROP  # no reply any more
+
+
 def test_policy_change_is_a_map_update_and_revokes_established_flows(pod: Pod) -> None:
     allowed = state(pod.endpoint(ingress=True), rule(Direction.INGRESS, FRONTEND, TCP, (8080, 8080), index=5))
     pod.dp.sync(allowed)
@@ -282,6 +305,7 @@ def test_policy_change_is_a_map_update_and_revokes_established_flows(pod: Pod) -
 
     revoked = pod.dp.sync(state(pod.endpoint(ingress=True)))
     assert (revoked.updates, revoked.deletes, revoked.epoch) == (0, 1, epoch + 1)
+    suppressed = counter(pod.dp, CounterKind.EVENTS_SUPPRESSED, 0)[0]
     assert pod.receives(request) == DROP  # established, judged again
     # Egress is not enforced, yet the pod's side of the revoked flow cannot reopen it.
     assert pod.sends(response) == DROP
@@ -289,7 +313,8 @@ def test_policy_change_is_a_map_update_and_revokes_established_flows(pod: Pod) -
     assert {(e.reason, e.revoked, e.direction, e.saddr, e.dport) for e in events} == {
         (DropReason.DEFAULT_DENY, True, Direction.INGRESS, FRONTEND_IP, 8080)
     }
-    assert len(events) == 2
+    assert len(events) == 1  # the same flow's second drop within the event interval: counted, not reported
+    assert counter(pod.dp, CounterKind.EVENTS_SUPPRESSED, 0)[0] == suppressed + 1
     assert pod.receives(packet(FRONTEND_IP, POD, sport=40001, flags=SYN)) == DROP  # new ones too
 
     again = pod.dp.sync(allowed)
@@ -336,6 +361,26 @@ def test_counters_move(pod: Pod) -> None:
     assert counter(pod.dp, CounterKind.DENY, 12)[0] - deny_before[0] == 1
     names = {c.id: c.name for c in pod.dp.counters() if c.kind is CounterKind.ALLOW}
     assert names[11] == "ns/policy-11"
+
+
+def test_drop_events_are_limited_per_flow_so_a_flood_hides_no_other_drop(pod: Pod) -> None:
+    """A flood of one flow (source ports varied) gets one event per interval, the rest counted
+    and summed into the flow's next event; a drop of another flow still has its event."""
+    pod.dp.sync(state(pod.endpoint(ingress=True)))
+    suppressed = counter(pod.dp, CounterKind.EVENTS_SUPPRESSED, 0)[0]
+    lost = counter(pod.dp, CounterKind.EVENTS_LOST, 0)[0]
+    for sport in range(30000, 32000):
+        assert pod.receives(packet(WORLD_IP, POD, sport=sport, dport=22, flags=SYN)) == DROP
+    assert pod.receives(packet(FRONTEND_IP, POD, dport=8080, flags=SYN)) == DROP
+    events = pod.drops()
+    assert [(e.saddr, e.dport, e.suppressed) for e in events] == [(WORLD_IP, 22, 0), (FRONTEND_IP, 8080, 0)]
+    assert counter(pod.dp, CounterKind.EVENTS_SUPPRESSED, 0)[0] == suppressed + 1999
+    assert counter(pod.dp, CounterKind.EVENTS_LOST, 0)[0] == lost
+    assert counter(pod.dp, CounterKind.DEFAULT_DENY, LOCAL)[0] >= 2001  # every drop is counted
+    time.sleep(DROP_EVENT_INTERVAL_NS / 1e9 + 0.1)
+    assert pod.receives(packet(WORLD_IP, POD, sport=40000, dport=22, flags=SYN)) == DROP
+    (event,) = pod.drops()
+    assert (event.saddr, event.dport, event.suppressed) == (WORLD_IP, 22, 1999)
 
 
 def test_non_ipv4_traffic(pod: Pod) -> None:
@@ -654,3 +699,117 @@ def test_real_tcp_connection_follows_policy_changes(
         listener.close()
         for pod in two_pods:
             datapath.detach(pod.host_veth)
+
+
+def _tx_packets(ifname: str) -> int:
+    return int(Path(f"/sys/class/net/{ifname}/statistics/tx_packets").read_text())
+
+
+@pytest.fixture
+def fast_path_pods(
+    datapath: PolicyDatapath, two_pods: tuple[NetnsPod, NetnsPod]
+) -> Iterator[tuple[NetnsPod, NetnsPod, Callable[..., SyncResult]]]:
+    """The server (identity 1000, ingress isolated) and client (1001) of two_pods, attached; sync(*rules)."""
+    server_pod, client_pod = two_pods
+
+    def sync(*rules: Rule) -> SyncResult:
+        return datapath.sync(
+            DatapathState(
+                endpoints=[
+                    Endpoint(server_pod.host_veth, server_pod.ip, 1000, ingress_enforced=True),
+                    Endpoint(client_pod.host_veth, client_pod.ip, 1001),
+                ],
+                ipcache=[PrefixIdentity(f"{server_pod.ip}/32", 1000), PrefixIdentity(f"{client_pod.ip}/32", 1001)],
+                rules=list(rules),
+                policy_names={7: "ns/allow-client"},
+            )
+        )
+
+    sync(Rule(1000, Direction.INGRESS, 1001, TCP, 8080, 8080, Action.ALLOW, 7))
+    for pod in two_pods:
+        datapath.attach(pod.host_veth)
+    try:
+        yield server_pod, client_pod, sync
+    finally:
+        for pod in two_pods:
+            datapath.detach(pod.host_veth)
+
+
+def _listen(netns: str, ip: str, port: int) -> socket.socket:
+    listener = socket_in(netns)
+    listener.bind((ip, port))
+    listener.listen()
+    listener.settimeout(2)
+    return listener
+
+
+def test_pod_to_pod_traffic_skips_the_host_and_still_meets_the_destination_ingress_policy(
+    datapath: PolicyDatapath, fast_path_pods: tuple[NetnsPod, NetnsPod, Callable[..., SyncResult]]
+) -> None:
+    """Between local endpoints the sender's program judges the destination's ingress and
+    redirects into its namespace: the server's host veth transmits nothing, yet a port its
+    policy does not allow is dropped there, with the event and counters of that veth."""
+    server_pod, client_pod, _ = fast_path_pods
+    server_if = socket.if_nametoindex(server_pod.host_veth)
+    allowed, denied = _listen(server_pod.netns, server_pod.ip, 8080), _listen(server_pod.netns, server_pod.ip, 8081)
+    try:
+        warm = _connect(client_pod.netns, (server_pod.ip, 8080), timeout=2)  # resolves the neighbours
+        assert warm is not None
+        warm.close()
+        allowed.accept()[0].close()
+        list(datapath.drops())
+        before_tx = _tx_packets(server_pod.host_veth)
+        before_allow = counter(datapath, CounterKind.ALLOW, 7)[0]
+
+        client = _connect(client_pod.netns, (server_pod.ip, 8080), timeout=2)
+        assert client is not None, "the allowed connection failed"
+        conn, _ = allowed.accept()
+        conn.settimeout(1)
+        for _ in range(20):
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+        assert _connect(client_pod.netns, (server_pod.ip, 8081), timeout=0.5) is None
+        sent = _tx_packets(server_pod.host_veth) - before_tx
+        assert sent <= 2, f"{sent} packets went through the host to the server: no fast path"  # an ARP at most
+        assert counter(datapath, CounterKind.ALLOW, 7)[0] - before_allow >= 20  # the server's ingress judged them
+        events = [e for e in datapath.drops() if e.ifindex == server_if and e.dport == 8081]
+        assert events and {(e.direction, e.reason, e.saddr) for e in events} == {
+            (Direction.INGRESS, DropReason.DEFAULT_DENY, client_pod.ip)
+        }
+        client.close()
+        conn.close()
+    finally:
+        allowed.close()
+        denied.close()
+
+
+def test_service_vip_traffic_and_its_replies_take_the_host_stack(
+    datapath: PolicyDatapath, fast_path_pods: tuple[NetnsPod, NetnsPod, Callable[..., SyncResult]]
+) -> None:
+    """A connection to a VIP that the host DNATs to a local pod works both ways, though the
+    VIP is routed at that pod's veth: the fast path leaves the VIP (no endpoint's address)
+    to the stack, and the server's replies too (the client tracks the VIP's tuple, not the
+    server's), so the stack translates them back."""
+    server_pod, client_pod, _ = fast_path_pods
+    vip, table = "10.231.99.1", f"bkdp{uuid.uuid4().hex[:6]}"
+    listener = _listen(server_pod.netns, server_pod.ip, 8080)
+    ruleset = (
+        f"table ip {table} {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n"
+        f"    ip daddr {vip} tcp dport 80 dnat to {server_pod.ip}:8080\n  }}\n}}\n"
+    )
+    subprocess.run(["nft", "-f", "-"], input=ruleset, text=True, check=True, capture_output=True)
+    _ip("route", "add", f"{vip}/32", "via", server_pod.ip, "dev", server_pod.host_veth)
+    try:
+        for _ in range(3):  # the first resolves the neighbours; the later ones could take the fast path
+            client = _connect(client_pod.netns, (vip, 80), timeout=2)
+            assert client is not None, "the connection to the VIP failed"
+            conn, _ = listener.accept()
+            conn.sendall(b"pong")
+            client.settimeout(1)
+            assert client.recv(4) == b"pong"
+            conn.close()
+            client.close()
+    finally:
+        _ip("route", "del", f"{vip}/32", check=False)
+        subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
+        listener.close()

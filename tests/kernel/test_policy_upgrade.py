@@ -171,7 +171,9 @@ def test_bcc_release_upgrades_to_core_without_a_wrong_verdict(rig: PodRig) -> No
         dp = PolicyDatapath(path)  # the new daemon starts
         new_progs = dp.prog_ids
         assert set(new_progs.values()).isdisjoint(old_progs.values())
-        assert pinned_ids(path / "maps", bpf.map_info) == maps  # reused, not recreated
+        pinned = pinned_ids(path / "maps", bpf.map_info)
+        assert {name: pinned[name] for name in maps} == maps  # reused, not recreated
+        assert set(pinned) - set(maps) == {pm.DROP_LIMITS.name}  # what the release did not have is created
         assert pinned_ids(path / "links", bpf.link_info) == links  # the same links now run the new programs
         for veth in veths:
             assert tcx_program_ids(veth) == {"ingress": [new_progs[FROM_POD]], "egress": [new_progs[TO_POD]]}

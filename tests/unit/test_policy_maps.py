@@ -180,6 +180,7 @@ def drop_event(policy_index: int, direction: int, reason: int, flags: int) -> by
         direction,
         reason,
         flags,
+        5,
     )
 
 
@@ -202,6 +203,7 @@ def test_drop_event_decoding() -> None:
         policy_index=3,
         policy="ns/deny-db",
         revoked=True,
+        suppressed=5,
     )
     default = pm.decode_drop_event(drop_event(pm.NO_POLICY, pm.DIR_EGRESS, pm.REASON_DEFAULT_DENY, 0), {})
     assert (default.policy_index, default.policy, default.reason, default.direction, default.revoked) == (
@@ -235,7 +237,7 @@ def test_stale_counters() -> None:
 
 def test_flow_decoding() -> None:
     key = pm.CT_KEY.pack(9, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), b"\x9c\x40", b"\x1f\x90", 6)
-    value = pm.CT_VALUE.pack(10**9, 4, pm.NO_POLICY, pm.DIR_EGRESS, pm.REASON_DEFAULT_DENY)
+    value = pm.CT_VALUE.pack(10**9, 4, pm.NO_POLICY, pm.DIR_EGRESS, pm.REASON_DEFAULT_DENY, 0)
     flow = pm.decode_flow(key, value)
     assert (flow.saddr, flow.sport, flow.dport, flow.direction, flow.policy_index, flow.denied) == (
         "10.0.0.1",
@@ -244,6 +246,16 @@ def test_flow_decoding() -> None:
         Direction.EGRESS,
         None,
         pm.DropReason.DEFAULT_DENY,
+    )
+    # stored under the canonical orientation: the flow's first packet was the key's reverse
+    value = pm.CT_VALUE.pack(10**9, 4, 3, pm.DIR_INGRESS, 0, pm.CT_ORIGIN_REVERSED)
+    flow = pm.decode_flow(key, value)
+    assert (flow.saddr, flow.daddr, flow.sport, flow.dport, flow.policy_index) == (
+        "10.0.0.2",
+        "10.0.0.1",
+        8080,
+        40000,
+        3,
     )
 
 
@@ -287,6 +299,10 @@ def test_constants_match_policy_c() -> None:
         "BK_COUNT_DEFAULT_DENY": pm.COUNT_DEFAULT_DENY,
         "BK_COUNT_DROP": pm.COUNT_DROP,
         "BK_COUNT_EVENTS_LOST": pm.COUNT_EVENTS_LOST,
+        "BK_COUNT_EVENTS_SUPPRESSED": pm.COUNT_EVENTS_SUPPRESSED,
+        "BK_CT_ORIGIN_REVERSED": pm.CT_ORIGIN_REVERSED,
+        "BK_MAX_DROP_LIMITS": pm.MAX_DROP_LIMITS,
+        "BK_DROP_EVENT_INTERVAL_NS": pm.DROP_EVENT_INTERVAL_NS,
         "BK_EVENT_REVOKED": pm.EVENT_REVOKED,
         "BK_PREFIX_ANY_PROTOCOL": pm.PREFIX_ANY_PROTOCOL,
         "BK_PREFIX_ANY_PORT": pm.PREFIX_ANY_PORT,
