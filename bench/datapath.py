@@ -138,8 +138,6 @@ class World:
     size: int
     client: SimPod
     server: SimPod
-    conn_loop: Path
-    """The built bench/conn_loop.c."""
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
 
@@ -411,8 +409,9 @@ def start_server(binary: Path, server: SimPod) -> subprocess.Popen[str]:
     return process
 
 
-def connect_loop(world: World, conns: int) -> dict[str, float]:
-    argv = [str(world.conn_loop), "connect", world.server.ip, str(PORT), str(conns)]
+def connect_loop(world: World, binary: Path, conns: int) -> dict[str, float]:
+    """conns connect/close from the client to the server, timed by the built bench/conn_loop.c."""
+    argv = [str(binary), "connect", world.server.ip, str(PORT), str(conns)]
     done = sh(*argv, netns=world.client.netns)
     result = json.loads(done.stdout)
     if result["failed"]:
@@ -421,7 +420,7 @@ def connect_loop(world: World, conns: int) -> dict[str, float]:
 
 
 def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Path) -> dict[str, Any]:
-    world = World(size, rig.pods["b/client"], rig.pods["b/server"], state_dir / "conn_loop")
+    world = World(size, rig.pods["b/client"], rig.pods["b/server"])
     progress(f"N={size}: compiling {len(world.policies())} policies over {len(world.records)} pods")
     bee = Beekeeper(world, state_dir)
     bee_open = Beekeeper(world, state_dir, isolating=False)
@@ -451,7 +450,7 @@ def measure_size(rig: PodRig, size: int, rounds: int, conns: int, state_dir: Pat
                                 f"N={size}: {contender.name} {'let' if contender.enforces else 'kept'} the intruder "
                                 f"{'in' if contender.enforces else 'out'}"
                             )
-                    runs[contender.name].append(connect_loop(world, conns))
+                    runs[contender.name].append(connect_loop(world, state_dir / "conn_loop", conns))
                     if r == 0:
                         change = contender.change_one()
                         if change is not None:
