@@ -362,12 +362,13 @@ class Bench:
         """py-spy sampling the operator's threads during rollout and edit (collapsed stacks, one file per size)."""
         if self.profile is None:
             return None
-        out = self.profile / f"operator-{n}.txt"
-        command = ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(out)]
         spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
         if spy is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-        profiler = subprocess.Popen([spy, *command[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.profile.mkdir(parents=True, exist_ok=True)
+        out = self.profile / f"operator-{n}.txt"
+        command = [spy, "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(out)]
+        profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # attached before the rollout starts
         return profiler
 
