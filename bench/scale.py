@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -69,6 +70,8 @@ class Recorder:
     def __init__(self) -> None:
         self.objects: dict[str, dict[str, dict[str, Any]]] = {BPF_NODE_STATE_PLURAL: {}, BPF_PROGRAM_PLURAL: {}}
         self.writes: Counter[str] = Counter()
+        self.last: dict[str, float] = {}
+        """"<plural>.<change>" -> time.monotonic() of its latest event (where a rollout's time goes)."""
         """"<plural>.<create|spec|status|meta|delete>" -> count."""
         self.relists = 0
         """Watches restarted from a fresh list: writes in between may be missing from the counts."""
@@ -164,6 +167,7 @@ class Recorder:
                 else:
                     change = "meta"
             self.writes[f"{plural}.{change}"] += 1
+            self.last[f"{plural}.{change}"] = time.monotonic()
             self._cond.notify_all()
 
 
@@ -220,6 +224,7 @@ class Result:
     writes: dict[str, Counter[str]] = field(default_factory=dict)
     operator_cpu: dict[str, float] = field(default_factory=dict)
     daemon_cpu: dict[str, float] = field(default_factory=dict)
+    apiserver_cpu: dict[str, float] = field(default_factory=dict)
     operator: Usage | None = None
     daemons: list[Usage] = field(default_factory=list)
 
@@ -227,8 +232,9 @@ class Result:
 class Bench:
     """Owns everything started (control plane, operator, daemons) so cleanup() can stop it all."""
 
-    def __init__(self, root: Path, quiet: float, timeout: float) -> None:
+    def __init__(self, root: Path, quiet: float, timeout: float, profile: Path | None = None) -> None:
         self.root = root
+        self.profile = profile
         self.quiet = quiet
         self.timeout = timeout
         self.control_plane = ControlPlane(root / "control-plane")
@@ -313,17 +319,22 @@ class Bench:
 
             return check
 
+        profiler = self._profile(operator, n)
         progress(f"N={n}: rollout of BpfProgram {program}")
         with self._phase("rollout", result, operator, daemons):
             started = time.monotonic()
             generation = self._write(program, n, revision=1)
             result.seconds["rollout"] = self._wait("READY", ready(generation)) - started
+            result.seconds["rollout written"] = self.recorder.last[f"{BPF_NODE_STATE_PLURAL}.spec"] - started
 
         progress(f"N={n}: source edit")
         with self._phase("edit", result, operator, daemons):
             started = time.monotonic()
             generation = self._write(program, n, revision=2)
             result.seconds["edit"] = self._wait("READY", ready(generation)) - started
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=30)
 
         progress(f"N={n}: quiet for {self.quiet:.0f}s")
         with self._phase("quiet", result, operator, daemons):
@@ -347,15 +358,36 @@ class Bench:
         self._stop([operator])
         return result
 
+    def _profile(self, pid: int, n: int) -> subprocess.Popen[bytes] | None:
+        """py-spy sampling the operator's threads during rollout and edit (collapsed stacks, one file per size)."""
+        if self.profile is None:
+            return None
+        spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        if spy is None:
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        self.profile.mkdir(parents=True, exist_ok=True)
+        out = self.profile / f"operator-{n}.txt"
+        command = [spy, "record", "--pid", str(pid), "--rate", "250", "--gil", "--format", "raw", "-o", str(out)]
+        profiler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # attached before the rollout starts
+        return profiler
+
     @contextmanager
     def _phase(self, name: str, result: Result, operator: int, daemons: list[int]) -> Iterator[None]:
         """Writes and CPU time spent between entering and leaving."""
         writes, op_cpu = self.recorder.snapshot(), usage(operator).cpu_seconds
         daemon_cpu = sum(usage(pid).cpu_seconds for pid in daemons)
+        apiserver_cpu = self._apiserver_cpu()
         yield
+        result.apiserver_cpu[name] = self._apiserver_cpu() - apiserver_cpu
         result.writes[name] = self.recorder.snapshot() - writes
         result.operator_cpu[name] = usage(operator).cpu_seconds - op_cpu
         result.daemon_cpu[name] = sum(usage(pid).cpu_seconds for pid in daemons) - daemon_cpu
+
+    def _apiserver_cpu(self) -> float:
+        """kube-apiserver and etcd: on these 2 cores they compete with the operator and daemons."""
+        state = self.control_plane.load_state()
+        return sum(usage(pid).cpu_seconds for pid in (state.apiserver_pid, state.etcd_pid) if pid)
 
     def _write(self, name: str, n: int, revision: int) -> int:
         """Create the group's BpfProgram (revision 1) or edit its source; returns the generation to reach."""
@@ -413,6 +445,12 @@ def _writes(phases: tuple[str, ...], kinds: tuple[str, ...], per_node: bool = Fa
     return value
 
 
+def _cpu_per_write(r: Result) -> float:
+    """The operator's CPU over rollout and edit (passes, cache, every write) per node state it wrote."""
+    written = _writes(("rollout", "edit"), OPERATOR_WRITES[:4])(r)
+    return 1000 * (r.operator_cpu["rollout"] + r.operator_cpu["edit"]) / written if written else 0.0
+
+
 def table(results: list[Result], quiet: float) -> str:
     """Rows of metrics, a column per size and the ratio of every size to the first."""
     busy = ("rollout", "edit")
@@ -420,6 +458,7 @@ def table(results: list[Result], quiet: float) -> str:
     rows: list[tuple[str, Callable[[Result], float], str]] = [
         ("daemons up (start to first status), s", lambda r: r.seconds["daemons up"], "{:.1f}"),
         ("rollout: create to READY N/N, s", lambda r: r.seconds["rollout"], "{:.2f}"),
+        ("rollout: create to last node state written, s", lambda r: r.seconds["rollout written"], "{:.2f}"),
         ("source edit to READY N/N, s", lambda r: r.seconds["edit"], "{:.2f}"),
         ("delete until the finalizer let go, s", lambda r: r.seconds["delete"], "{:.2f}"),
         ("operator BpfNodeState writes/node, rollout", _writes(("rollout",), OPERATOR_WRITES[:4], True), "{:.2f}"),
@@ -429,9 +468,11 @@ def table(results: list[Result], quiet: float) -> str:
         (f"{q}: operator writes", _writes(("quiet",), OPERATOR_WRITES), "{:.0f}"),
         (f"{q}: daemon status writes/node", _writes(("quiet",), (f"{NODESTATE}.status",), True), "{:.2f}"),
         ("operator CPU, rollout+edit, s", lambda r: r.operator_cpu["rollout"] + r.operator_cpu["edit"], "{:.2f}"),
+        ("operator CPU per BpfNodeState write, ms", _cpu_per_write, "{:.2f}"),
         (f"operator CPU, {q}, s", lambda r: r.operator_cpu["quiet"], "{:.2f}"),
         ("operator RSS (peak), MiB", lambda r: r.operator.peak_rss_mib if r.operator else 0.0, "{:.0f}"),
         ("daemon CPU/node, rollout+edit, ms", lambda r: 1000 * sum(r.daemon_cpu[p] for p in busy) / r.nodes, "{:.0f}"),
+        ("kube-apiserver + etcd CPU, rollout+edit, s", lambda r: sum(r.apiserver_cpu[p] for p in busy), "{:.2f}"),
         (f"daemon CPU/node, {q}, ms", lambda r: 1000 * r.daemon_cpu["quiet"] / r.nodes, "{:.0f}"),
         ("daemon RSS (median), MiB", lambda r: statistics.median(u.rss_mib for u in r.daemons), "{:.1f}"),
         ("daemons PSS (sum), MiB", lambda r: sum(u.pss_mib for u in r.daemons), "{:.0f}"),
@@ -470,12 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", type=float, default=10.0, help="seconds of the quiet period (default 10)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any one wait may take (default 600)")
     parser.add_argument("--keep", action="store_true", help="keep the state directory (logs) for inspection")
+    parser.add_argument("--profile", type=Path, help="write py-spy collapsed stacks of the operator here, per size")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.nodes.split(",")]
 
     signal.signal(signal.SIGTERM, _interrupt)
     root = Path(tempfile.mkdtemp(prefix="beekeeper-bench-"))
-    bench = Bench(root, args.quiet, args.timeout)
+    bench = Bench(root, args.quiet, args.timeout, args.profile)
     try:
         bench.start()
         results = [bench.run(n) for n in sizes]

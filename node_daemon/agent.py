@@ -10,6 +10,7 @@ enforced, so nobody mistakes such a node for one that filters traffic.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ if TYPE_CHECKING:  # the kernel datapaths; a daemon without them (fake backend) 
 log = logging.getLogger(__name__)
 
 _OK_PHASES = {Phase.ATTACHED.value, Phase.LOADED.value}
+INTERIM_AFTER_SECONDS = 0.25
+"""A build still running after this is reported as Compiling before its result."""
 
 
 def _add_warnings(statuses: list[dict[str, Any]], warnings: Mapping[str, list[str]]) -> None:
@@ -114,6 +117,7 @@ class NodeAgent:
         changed = [
             e for e in entries if self._applied.get(e.bpf_program) != e.content_hash and not self._running(e, previous)
         ]
+        compiling: threading.Timer | None = None
         if changed:
             interim = [
                 s
@@ -124,8 +128,14 @@ class NodeAgent:
                     else [previous[(e.bpf_program, p.name)] for p in e.programs]
                 )
             ]
-            self._write_status(generation, interim + broken, interim=True)
-            previous = {(p["bpfProgram"], p["name"]): p for p in (self._written or {}).get("programs") or []}
+            # Compiling is reported only for builds still running after a moment: a fast load (or the
+            # fake backend) then costs one status write, not two (the apiserver's work per node change).
+            compiling = threading.Timer(
+                INTERIM_AFTER_SECONDS, self._write_status, (generation, interim + broken), {"interim": True}
+            )
+            compiling.start()
+            # Transition times as if Compiling had been reported, whether or not it was.
+            previous = {(p["bpfProgram"], p["name"]): p for p in interim + broken}
 
         statuses: list[dict[str, Any]] = []
         rebuilt = {e.bpf_program for e in changed}
@@ -136,6 +146,9 @@ class NodeAgent:
                 self.metrics.built(reports, time.monotonic() - started)
             self._applied[entry.bpf_program] = entry.content_hash
             statuses += translate.program_statuses(entry, reports, previous, timestamp())
+        if compiling is not None:
+            compiling.cancel()
+            compiling.join()  # a Compiling write under way lands before the result
         desired = {e.bpf_program for e in entries}
         for key in sorted(set(self.backend.adopted()) - desired):
             log.info("removing program no longer desired", extra={"node": self.node, "bpfprogram": key})

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -80,6 +81,8 @@ DEBOUNCE_SECONDS = 0.05
 RETRY_MAX_SECONDS = 30.0
 FINALIZER = "beekeeper.dev/detach"
 """Holds a BpfProgram until every node has detached it (the name kopf used before, so old objects keep working)."""
+NODE_WRITERS = 8
+"""Concurrent node-state writes per pass (the client's connection pool holds 10)."""
 IDENTITY_ALLOCATION_ROUNDS = 5
 """Re-plans after 409 conflicts (another writer took a number) before a pass gives up on the rest."""
 NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "slices")
@@ -184,7 +187,9 @@ class Reconciler:
         self._unused_since: dict[int, float] = {}
         """Identity number -> time.monotonic() it was first seen unused (touched by the pass thread only)."""
         self._written: list[tuple[str, str, dict[str, Any] | None]] = []
-        """The current pass's own writes (pass thread only)."""
+        """The current pass's own writes (the pass thread and its node writers)."""
+        self._writers = ThreadPoolExecutor(NODE_WRITERS, thread_name_prefix="node-writer")
+        """Node states are written NODE_WRITERS at a time: a rollout is bound by round trips, not CPU."""
 
     async def supervise(self, health: Health) -> None:
         """Run the loop forever: an unexpected error restarts it (with back-off) instead of ending it."""
@@ -293,10 +298,11 @@ class Reconciler:
         slices_by_node: dict[str, dict[str, Mapping[str, Any]]] = {}
         for name, body in snapshot.policy_slices.items():
             slices_by_node.setdefault((body.get("spec") or {}).get("nodeName", ""), {})[name] = body
-        enforcement: dict[str, policy_status.NodeEnforcement] = {}
-        for node, programs in desired.items():
+
+        def sync(node: str) -> policy_status.NodeEnforcement:
+            """One node's slices and node state (nodes are independent: several are written at once)."""
             existing = nodestates.get(node)
-            stored_slices = slices_by_node.pop(node, {})
+            stored_slices = slices_by_node.get(node, {})
             network_policy, slice_errors = self._write_slices(
                 node,
                 compiled.nodes.get(node),
@@ -308,7 +314,7 @@ class Reconciler:
             try:
                 node_uid = (snapshot.nodes[node].get("metadata") or {}).get("uid")
                 generation, revision = self._write_nodestate(
-                    node, programs, network_policy, existing, node_uid, runtime.nodes.get(node)
+                    node, desired[node], network_policy, existing, node_uid, runtime.nodes.get(node)
                 )
                 error = None
                 self._delete_slices(
@@ -320,7 +326,17 @@ class Reconciler:
                 generation, revision, error = None, None, _describe(exc)
                 log.error("bpfnodestate not written", extra={"node": node, "error": error})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
-            enforcement[node] = policy_status.NodeEnforcement(generation, reported, error, revision, slice_errors)
+            return policy_status.NodeEnforcement(generation, reported, error, revision, slice_errors)
+
+        # One task per writer, each taking every NODE_WRITERS-th node: a pass whose nodes mostly need
+        # no write then costs a few thread hand-offs, not one per node.
+        def sync_share(nodes: list[str]) -> list[tuple[str, policy_status.NodeEnforcement]]:
+            return [(node, sync(node)) for node in nodes]
+
+        shares = [list(desired)[i::NODE_WRITERS] for i in range(NODE_WRITERS)]
+        enforcement = dict(pair for pairs in self._writers.map(sync_share, shares) for pair in pairs)
+        for node in desired:
+            slices_by_node.pop(node, None)
         for node in sorted(set(nodestates) - set(node_labels)):
             self._delete_nodestate(node)
         for stale in slices_by_node.values():  # of nodes that are gone

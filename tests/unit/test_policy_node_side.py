@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from beekeeper import kube
 from beekeeper.crds.nodestate import NodeNetworkPolicy
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.agent import NodeAgent
@@ -95,25 +96,24 @@ class FakePolicy:
 
 
 class FakeStatusApi:
-    """Records the statuses the daemon server-side applies; answers with the status as applied."""
+    """Stands in for kube.apply_custom: records the statuses the daemon server-side applies."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.patches: list[dict[str, Any]] = []
+        monkeypatch.setattr(kube, "apply_custom", self.apply_custom)
 
-    def patch_cluster_custom_object_status(self, group, version, plural, name, body, **options) -> dict[str, Any]:
-        assert options["field_manager"] == "beekeeper-node-daemon" and options["force"] is True
-        assert options["_content_type"] == "application/apply-patch+yaml"
+    def apply_custom(self, custom, plural, body, manager, status=False) -> dict[str, Any]:
+        assert manager == "beekeeper-node-daemon" and status is True and plural == "bpfnodestates"
         self.patches.append(body["status"])
         return {"status": body["status"]}
 
 
 @pytest.fixture
-def agent() -> tuple[NodeAgent, FakePolicy, FakeStatusApi]:
+def agent(monkeypatch: pytest.MonkeyPatch) -> tuple[NodeAgent, FakePolicy, FakeStatusApi]:
     backend = FakeBackend()
     policy = FakePolicy()
     node = NodeAgent("n1", backend, client.ApiClient(), BpfCollector(backend, "n1"), policy)  # type: ignore[arg-type]
-    api = FakeStatusApi()
-    node.custom = api  # type: ignore[assignment]
+    api = FakeStatusApi(monkeypatch)
     return node, policy, api
 
 
@@ -190,11 +190,10 @@ def test_node_state_deleted_removes_the_datapath(agent) -> None:
     assert policy.removed
 
 
-def test_without_a_policy_datapath_a_policy_is_reported_as_not_enforced() -> None:
+def test_without_a_policy_datapath_a_policy_is_reported_as_not_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = FakeBackend()
     node = NodeAgent("n1", backend, client.ApiClient(), BpfCollector(backend, "n1"), policy_disabled="disabled here")
-    api = FakeStatusApi()
-    node.custom = api  # type: ignore[assignment]
+    api = FakeStatusApi(monkeypatch)
     node.reconcile(nodestate(1))
     assert "networkPolicy" not in api.patches[-1] and api.patches[-1]["conditions"][0]["status"] == "True"
 
