@@ -141,6 +141,7 @@ def _node_daemon(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         metrics_address=args.metrics_address,
         backend_kind=args.backend,
+        fake_policy=args.fake_policy,
         compile_limits=CompileLimits(
             args.compile_timeout, args.compile_memory_limit, args.compile_sandbox == "landlock"
         ),
@@ -447,6 +448,11 @@ def parser() -> argparse.ArgumentParser:
         choices=["bcc", "fake"],
         default="bcc",
         help="bcc: the kernel; fake: in memory, no policy datapath, no root (control plane scale tests)",
+    )
+    nd.add_argument(
+        "--fake-policy",
+        action="store_true",
+        help="with --backend fake: the real policy agent over an in-memory datapath (policy control plane at scale)",
     )
     nd.add_argument(
         "--compile-timeout",

@@ -15,7 +15,9 @@ collide with the policy's pins.
 
 The fake backend (`--backend fake`) keeps programs in memory and has no policy datapath:
 the same daemon then needs no kernel, bpffs or root, so one machine can stand in for
-hundreds of nodes when the control plane is exercised at scale.
+hundreds of nodes when the control plane is exercised at scale. `--fake-policy` adds the
+real PolicyAgent over an in-memory datapath (node_daemon.fake_policy), so those nodes
+enforce NetworkIdentityPolicies as far as the control plane can tell.
 """
 
 from __future__ import annotations
@@ -88,12 +90,22 @@ def _kernel(
     state_dir: Path | None,
     drop_log: DropLog,
     compile_limits: CompileLimits | None = None,
+    fake_policy: bool = False,
 ) -> tuple[Backend, PolicyAgent | None]:
-    """The backend for BpfPrograms and the policy datapath; the fake backend has no policy datapath."""
+    """The backend for BpfPrograms and the policy datapath; the fake backend has one only with fake_policy."""
     if kind == "fake":
         from beekeeper.node_daemon.fake_backend import FakeBackend
 
-        return FakeBackend(), None
+        if not fake_policy:
+            return FakeBackend(), None
+        from beekeeper.node_daemon.fake_policy import FakePolicyDatapath, FakeRoutes
+        from beekeeper.node_daemon.policy_agent import PolicyAgent
+
+        state = Path(state_dir or Path(tempfile.gettempdir()) / f"beekeeper-fake-{os.getuid()}" / node_name)
+        agent = PolicyAgent(node_name, state / "bpffs", state / "policy", drop_log, FakePolicyDatapath, FakeRoutes())
+        return FakeBackend(), agent
+    if fake_policy:
+        raise ValueError("--fake-policy goes with --backend fake")
     if kind != "bcc":
         raise ValueError(f"unknown backend {kind!r}: bcc or fake")
     from beekeeper.node_daemon.kernel_backend import DEFAULT_BASE_DIR, DEFAULT_STATE_DIR, KernelBackend
@@ -170,6 +182,7 @@ def run(
     client_ca_file: str | None = None,
     registry_ca_file: str | None = None,
     metrics_series_budget: int = SERIES_BUDGET,
+    fake_policy: bool = False,
 ) -> None:
     """Run until SIGTERM/SIGINT. Attachments stay in the kernel (pinned) when the daemon stops.
 
@@ -183,7 +196,7 @@ def run(
     tls = http_api.tls_context(tls_cert_file, tls_key_file, client_ca_file) if tls_cert_file and tls_key_file else None
     api = kube.api_client(kubeconfig, manager=kube.NODE_DAEMON_MANAGER)
     drop_log = DropLog()
-    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits)
+    backend, policy = _kernel(backend_kind, node_name, bpffs_root, state_dir, drop_log, compile_limits, fake_policy)
     collector = BpfCollector(backend, node_name, metrics_series_budget)
     registry = component_registry("node-daemon")
     slices = SliceStore()
@@ -239,7 +252,8 @@ def run(
             daemon=True,
             name="watch-slices",
         ).start()
-    routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None else None
+    # a fake node's interfaces never change
+    routes = RouteWatcher(lambda: events.put(HOST_CHANGED)) if policy is not None and not fake_policy else None
     if runtime is not None:
         poster = PodEventPoster(api, node_name)
         threading.Thread(

@@ -16,10 +16,10 @@ import copy
 import datetime as dt
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -27,7 +27,7 @@ from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeNetworkPolicy
 from beekeeper.node_daemon import policy_delta as pd
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.drops import DropLog, DropRecorder
-from beekeeper.node_daemon.policy_datapath import PolicyDatapath, PolicyDatapathError
+from beekeeper.node_daemon.policy_datapath import Attachment, PolicyDatapath, PolicyDatapathError, SyncResult
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
 from beekeeper.node_daemon.policy_state import Translation, pod_name
@@ -50,18 +50,58 @@ class PolicyObservation:
     unresolved: int
 
 
+class Datapath(Protocol):
+    """What the agent needs of a datapath: PolicyDatapath (the kernel), or fake_policy's in-memory twin."""
+
+    @property
+    def prog_ids(self) -> dict[str, int]: ...
+    def attach(self, interface: str | int) -> Attachment: ...
+    def detach(self, interface: str | int) -> bool: ...
+    def attached(self) -> dict[str, Attachment]: ...
+    def prune(self) -> int: ...
+    def apply(
+        self,
+        desired: Mapping[str, Mapping[bytes, bytes]],
+        touched: Mapping[str, Iterable[bytes]] | None,
+        policy_names: Mapping[int, str],
+        live: tuple[set[int], set[int]] | None,
+    ) -> SyncResult: ...
+    def counters(self) -> list[pm.Counter]: ...
+    def drops(self, timeout: float = 0.0) -> Iterator[pm.DropEvent]: ...
+    def close(self) -> None: ...
+    def remove(self) -> None: ...
+
+
+class Routes(Protocol):
+    """Endpoint IP -> host-side interface: RouteTable (the kernel's routes), or fake_policy's."""
+
+    def pod_interface(self, ip: str) -> PodInterface | Unresolved: ...
+    def close(self) -> None: ...
+
+
 class PolicyAgent:
     """Converges this node's policy datapath to spec.networkPolicy."""
 
-    def __init__(self, node: str, bpffs_dir: Path, state_dir: Path, drop_log: DropLog) -> None:
+    def __init__(
+        self,
+        node: str,
+        bpffs_dir: Path,
+        state_dir: Path,
+        drop_log: DropLog,
+        datapath: Callable[[Path], Datapath] = PolicyDatapath,
+        routes: Routes | None = None,
+    ) -> None:
+        """datapath opens (loads or adopts) the datapath under bpffs_dir; routes resolves endpoints
+        (the kernel's by default). The fake backend passes in-memory twins of both."""
         self.node = node
         self.bpffs_dir = Path(bpffs_dir)
         self.drop_log = drop_log
         self._indexes = PolicyIndexes(Path(state_dir) / "policy-indexes.json")
         self._slices = SliceReader()
-        self._routes = RouteTable()
+        self._open = datapath
+        self._routes: Routes = routes if routes is not None else RouteTable()
         self._lock = threading.Lock()
-        self._datapath: PolicyDatapath | None = None
+        self._datapath: Datapath | None = None
         self._recorder: DropRecorder | None = None
         self._endpoint_names: dict[int, str] = {}
         self._counts = (0, 0, 0)
@@ -181,7 +221,7 @@ class PolicyAgent:
         return found
 
     def _converge(
-        self, datapath: PolicyDatapath, plan: Translation, generation: int | None, rescan: bool
+        self, datapath: Datapath, plan: Translation, generation: int | None, rescan: bool
     ) -> tuple[bool, int, list[str]]:
         """Maps first (a new pod's entry is in place when its programs start), then links.
 
@@ -275,9 +315,9 @@ class PolicyAgent:
             message=problem[:2048] if problem else None,
         ).to_dict()
 
-    def _load(self) -> PolicyDatapath:
+    def _load(self) -> Datapath:
         if self._datapath is None:
-            datapath = PolicyDatapath(self.bpffs_dir)
+            datapath = self._open(self.bpffs_dir)
             with self._lock:
                 self._datapath = datapath
             self._recorder = DropRecorder(datapath, self.drop_log, self._endpoint_name)
@@ -299,7 +339,7 @@ class PolicyAgent:
         datapath = self._release()
         if datapath is None and self.bpffs_dir.exists():
             try:
-                datapath = PolicyDatapath(self.bpffs_dir)  # pinned by an earlier run: adopt it to remove it
+                datapath = self._open(self.bpffs_dir)  # pinned by an earlier run: adopt it to remove it
             except PolicyDatapathError as exc:
                 log.warning("cannot remove the policy datapath", extra={"node": self.node, "error": str(exc)})
                 return
@@ -317,7 +357,7 @@ class PolicyAgent:
             datapath.close()
         self._routes.close()
 
-    def _release(self) -> PolicyDatapath | None:
+    def _release(self) -> Datapath | None:
         if self._recorder is not None:
             self._recorder.stop()  # the only ring buffer reader: stop it before its datapath goes
             self._recorder = None

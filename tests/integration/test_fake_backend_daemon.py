@@ -1,6 +1,6 @@
 """The fake-backend node daemon through the real apiserver and operator: no kernel, no root.
 
-The scale benchmark (bench/scale.py) stands on this path, so it is kept from rotting here.
+The scale benchmarks (bench/scale.py, bench/policy_scale.py) stand on this path, so it is kept from rotting here.
 """
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ import uuid
 import pytest
 import yaml
 from kubernetes import client
-from support import node_bpfprogram, wait_for
+from support import node_bpfprogram, running_pod, wait_for
 
-from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_PROGRAM_PLURAL, GROUP, VERSION
+from beekeeper.crds.names import (
+    BPF_NODE_STATE_PLURAL,
+    BPF_PROGRAM_PLURAL,
+    GROUP,
+    NETWORK_IDENTITY_POLICY_PLURAL,
+    VERSION,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +57,41 @@ def test_fake_backend_daemon_makes_a_bpfprogram_ready(cluster, operator_process,
         assert "networkPolicy" not in state
     finally:
         cluster.kubectl("delete", "bpfprogram", name, "--ignore-not-found", "--wait=false")
+
+
+def test_fake_policy_daemon_enforces_the_current_revision(cluster, operator_process, node_daemons) -> None:
+    """--fake-policy: the real policy agent over in-memory maps reports enforcing at spec's revision,
+    and follows a policy edit to its new revision."""
+    daemon = node_daemons(backend="fake", args=["--fake-policy"])
+    api = cluster.api()
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    with cluster.temp_namespace() as ns:
+        running_pod(core, ns, "server", "server", daemon.node, "10.77.0.2")
+        running_pod(core, ns, "client", "client", daemon.node, "10.77.0.3")
+        policy = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "NetworkIdentityPolicy",
+            "metadata": {"name": "allow-client", "namespace": ns},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "server"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 8080}]}
+                ],
+            },
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, NETWORK_IDENTITY_POLICY_PLURAL, policy)
+
+        def enforcing(not_revision: str | None = None) -> tuple[str, dict] | None:
+            state = custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, daemon.node)
+            revision = ((state.get("spec") or {}).get("networkPolicy") or {}).get("revision")
+            report = (state.get("status") or {}).get("networkPolicy") or {}
+            done = revision and revision != not_revision and report.get("observedRevision") == revision
+            return (revision, report) if done and report.get("enforcing") else None
+
+        first, report = wait_for(enforcing, 60, "the fake node enforcing the policy")
+        assert report["endpoints"] == 2 and report["attached"] == 2 and report["rules"] >= 1, report
+        patch = {"spec": {"ingress": [{"from": policy["spec"]["ingress"][0]["from"], "ports": [{"port": 9090}]}]}}
+        custom.patch_namespaced_custom_object(GROUP, VERSION, ns, NETWORK_IDENTITY_POLICY_PLURAL, "allow-client", patch)
+        _, report = wait_for(lambda: enforcing(first), 60, "the fake node enforcing the edit")
+        assert not report.get("message"), report
