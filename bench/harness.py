@@ -52,6 +52,8 @@ class Recorder:
         self.last: dict[str, float] = {}
         """"<plural>.<change>" -> time.monotonic() of its latest event (where a rollout's time goes)."""
         """"<plural>.<create|spec|status|meta|delete>" -> count."""
+        self.listeners: list[Callable[[str, str, dict[str, Any], float], None]] = []
+        """Called under the lock with (plural, change, object, time.monotonic()) for every event."""
         self.relists = 0
         """Watches restarted from a fresh list: writes in between may be missing from the counts."""
         self._cond = threading.Condition()
@@ -145,8 +147,11 @@ class Recorder:
                     change = "status"
                 else:
                     change = "meta"
+            now = time.monotonic()
             self.writes[f"{plural}.{change}"] += 1
-            self.last[f"{plural}.{change}"] = time.monotonic()
+            self.last[f"{plural}.{change}"] = now
+            for listener in self.listeners:
+                listener(plural, change, obj, now)
             self._cond.notify_all()
 
 
