@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from beekeeper.operator.identities import IdentityKey
@@ -37,13 +38,14 @@ class PodRecord:
     """Addresses this pod owns (status.podIPs), normalised."""
     named_ports: frozenset[NamedPort]
 
-    @property
+    @cached_property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    @property
+    @cached_property
     def ipv4(self) -> str | None:
-        """The address the IPv4-only datapath enforces at; None leaves the pod unenforceable."""
+        """The address the IPv4-only datapath enforces at; None leaves the pod unenforceable (computed once:
+        the compilers ask for it per pod and pass)."""
         return next((ip for ip in self.ips if ipaddress.ip_address(ip).version == 4), None)
 
 
