@@ -48,6 +48,14 @@ class IdentityKey:
     namespace: str
     labels: Labels = ()
     namespace_labels: Labels = ()
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Looked up per pod and pass in dicts of every identity: hash the label tuples once.
+        object.__setattr__(self, "_hash", hash((self.namespace, self.labels, self.namespace_labels)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def of(

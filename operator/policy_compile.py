@@ -615,9 +615,7 @@ def endpoint_entry(pod: PodRecord, number: int, ingress: bool, egress: bool) -> 
     }
 
 
-def node_policy(
-    endpoints: list[dict[str, Any]], addresses: Sequence[str], slices: Mapping[str, Any]
-) -> dict[str, Any]:
+def node_policy(endpoints: list[dict[str, Any]], addresses: Sequence[str], slices: Mapping[str, Any]) -> dict[str, Any]:
     """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
     endpoints with their isolation, the node's own addresses as host (once one is isolated), and the slices."""
     isolating = any(e["ingressEnforced"] or e["egressEnforced"] for e in endpoints)

@@ -320,29 +320,31 @@ class IncrementalCompiler:
     ) -> set[int]:
         """Apply the pods that changed; returns the identities whose addresses or existence changed."""
         current: dict[str, tuple[PodRecord, int | None]] = {}
-        changed: list[tuple[tuple[PodRecord, int | None] | None, tuple[PodRecord, int | None] | None]] = []
+        Slot = tuple[PodRecord, int | None]
+        changed: list[tuple[Slot | None, Slot | None]] = []
         previous = self._pods
         for pod in pods:
             number = identities.get(pod.key)
             ref = pod.ref
-            now = current[ref] = (pod, number)
+            now: Slot = (pod, number)
+            current[ref] = now
             old = previous.get(ref)
             if old is None or (old[0] is not pod and old[0] != pod) or old[1] != number:
                 changed.append((old, now))
         if len(current) != len(previous) or changed:
-            changed += [(old, None) for ref, old in previous.items() if ref not in current]
+            changed += [(gone, None) for ref, gone in previous.items() if ref not in current]
         self._pods = current
         touched: dict[int, IdentityKey | None] = {}
         before = {n: frozenset(self.infos[n].prefixes) for old, _ in changed if old and (n := old[1]) in self.infos}
-        for _, now in changed:
-            if now is not None and (n := now[1]) in self.infos and n not in before:
+        for _, slot in changed:
+            if slot is not None and (n := slot[1]) in self.infos and n not in before:
                 before[n] = frozenset(self.infos[n].prefixes)
-        for old, _ in changed:
-            if old is not None:
-                self._pod_out(*old, touched, dirty)
-        for _, now in changed:
-            if now is not None:
-                self._pod_in(*now, touched, dirty)
+        for out, _ in changed:
+            if out is not None:
+                self._pod_out(*out, touched, dirty)
+        for _, into in changed:
+            if into is not None:
+                self._pod_in(*into, touched, dirty)
         moved: set[int] = set()
         for number, old_key in touched.items():
             new_key = self.infos[number].key if self._members[number] > 0 else None
@@ -529,7 +531,9 @@ class IncrementalCompiler:
                 pair.slices = (key, policy_slices(name, node.view, ref, rules, coverage, self.infos, self._cidr_ids))
             if pair.slices[1]:
                 fragments.append(pair.slices[1])
-        fresh = len(fragments) != len(node.fragments) or any(a is not b for a, b in zip(fragments, node.fragments))
+        fresh = len(fragments) != len(node.fragments) or any(
+            a is not b for a, b in zip(fragments, node.fragments, strict=True)
+        )
         if fresh:
             node.slices = {k: v for f in fragments for k, v in f.items()}
             node.fragments = fragments

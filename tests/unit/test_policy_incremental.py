@@ -18,7 +18,16 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from policy_reference import World, pod
-from policy_strategies import LABELS, NAMESPACE_LABELS, PORT_NAMES, PORT_NUMBERS, POD_ADDRESSES, PROTOCOLS, policies, worlds
+from policy_strategies import (
+    LABELS,
+    NAMESPACE_LABELS,
+    POD_ADDRESSES,
+    PORT_NAMES,
+    PORT_NUMBERS,
+    PROTOCOLS,
+    policies,
+    worlds,
+)
 
 from beekeeper.operator.identities import plan_identities
 from beekeeper.operator.pods import pod_records
@@ -28,6 +37,10 @@ from beekeeper.operator.policy_incremental import IncrementalCompiler
 EXAMPLES = int(os.environ.get("BEEKEEPER_PROPERTY_EXAMPLES", "300")) // 3
 STEPS = 12
 BUDGETS = [8192, 8192, 60, 12]
+STEP_KINDS = [
+    *("pod+", "pod-", "relabel", "relabel", "move", "address", "ports"),
+    *("policy+", "edit", "edit", "policy-", "namespace", "node+", "node-", "node addresses", "budget"),
+]
 NODE_ADDRESSES = [[], ["192.168.0.1"], ["192.168.0.2"], ["192.168.0.9", "10.0.1.2"]]
 
 
@@ -51,19 +64,20 @@ def wire(compiled: CompiledPolicies) -> dict[str, Any]:
 @st.composite
 def step(draw: st.DrawFn, world: World, serial: int) -> str:
     """Change the world in place; returns what was done (for the failure message)."""
-    kind = draw(
-        st.sampled_from(
-            ["pod+", "pod-", "relabel", "relabel", "move", "address", "ports", "policy+", "edit", "edit"]
-            + ["policy-", "namespace", "node+", "node-", "node addresses", "budget"]
-        )
-    )
+    kind = draw(st.sampled_from(STEP_KINDS))
     pods, rules = world.pods, world.policies
     if kind == "pod+" or (kind in ("pod-", "relabel", "move", "address", "ports") and not pods):
         ns = draw(st.sampled_from(["x", "y", "z"]))
         labels = draw(st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in LABELS.items()}))
-        pods.append(pod(ns, f"new{serial}", labels, draw(st.sampled_from(sorted(world.nodes) + ["gone"])), draw(
-            st.sampled_from([None, *POD_ADDRESSES])
-        )))
+        pods.append(
+            pod(
+                ns,
+                f"new{serial}",
+                labels,
+                draw(st.sampled_from([*sorted(world.nodes), "gone"])),
+                draw(st.sampled_from([None, *POD_ADDRESSES])),
+            )
+        )
         return f"add pod {ns}/new{serial} {labels}"
     if kind in ("pod-", "relabel", "move", "address", "ports"):
         i = draw(st.integers(0, len(pods) - 1))
@@ -76,13 +90,17 @@ def step(draw: st.DrawFn, world: World, serial: int) -> str:
                 st.fixed_dictionaries({}, optional={k: st.sampled_from(v) for k, v in LABELS.items()})
             )
         elif kind == "move":
-            target["spec"]["nodeName"] = draw(st.sampled_from(sorted(world.nodes) + ["gone"]))
+            target["spec"]["nodeName"] = draw(st.sampled_from([*sorted(world.nodes), "gone"]))
         elif kind == "address":
             ip = draw(st.sampled_from([None, *POD_ADDRESSES]))
             target["status"] = {"phase": "Running", **({"podIP": ip, "podIPs": [{"ip": ip}]} if ip else {})}
         else:  # named ports: the same for every pod of its labels, as the generator keeps them
             ports = [
-                {"name": n, "protocol": draw(st.sampled_from(PROTOCOLS)), "containerPort": draw(st.sampled_from(PORT_NUMBERS))}
+                {
+                    "name": n,
+                    "protocol": draw(st.sampled_from(PROTOCOLS)),
+                    "containerPort": draw(st.sampled_from(PORT_NUMBERS)),
+                }
                 for n in draw(st.lists(st.sampled_from(PORT_NAMES), max_size=2, unique=True))
             ]
             key = (target["metadata"]["namespace"], target["metadata"]["labels"])
