@@ -148,16 +148,17 @@ class World:
     size: int
     client: SimPod
     server: SimPod
+    pods: list[dict[str, Any]] = field(default_factory=list)
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        pods = [pod_body(p.name, NODE, p.ip, p.labels) for p in (self.client, self.server)]
-        pods += [
+        self.pods = [pod_body(p.name, NODE, p.ip, p.labels) for p in (self.client, self.server)]
+        self.pods += [
             pod_body(f"peer-{i}", ELSEWHERE, peer_ip(i), {"peer": str(i), "group": str(i // GROUP)})
             for i in range(self.size)
         ]
-        self.records = pod_records(pods, {NAMESPACE: {"kubernetes.io/metadata.name": NAMESPACE}})
+        self.records = pod_records(self.pods, {NAMESPACE: {"kubernetes.io/metadata.name": NAMESPACE}})
         self.identities = plan_identities({r.key for r in self.records}, {}, {}, 0.0, 60.0).assigned
 
     def policies(self, extra_peer: bool = False) -> list[dict[str, Any]]:

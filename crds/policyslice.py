@@ -164,6 +164,10 @@ def split_rule(rule: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _size(item: Mapping[str, Any]) -> int:
+    """Compact JSON length; an address entry's is counted without encoding it (slices hold thousands)."""
+    if len(item) == 2 and type(item.get("identity")) is int and isinstance(cidr := item.get("cidr"), str):
+        if cidr.isascii() and cidr.replace(".", "").replace(":", "").replace("/", "").isalnum():
+            return 23 + len(cidr) + len(str(item["identity"]))  # {"cidr":"…","identity":…}
     return len(json.dumps(item, separators=(",", ":")))
 
 

@@ -115,6 +115,27 @@ def parse_identities(bodies: Iterable[Mapping[str, Any]]) -> dict[int, IdentityK
     return dict(p for p in parsed if p is not None)
 
 
+class IdentityReader:
+    """parse_identities with memory, for the operator's pass over every NetworkIdentity: an object seen before
+    (the cache keeps the same one until it changes) is not validated again."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
+
+    def __call__(self, bodies: Iterable[Mapping[str, Any]]) -> dict[int, IdentityKey | None]:
+        memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
+        out: dict[int, IdentityKey | None] = {}
+        for body in bodies:
+            seen = self._memo.get(id(body))
+            if seen is None or seen[0] is not body:
+                seen = (body, parse_identity(body))
+            memo[id(body)] = seen
+            if seen[1] is not None:
+                out[seen[1][0]] = seen[1][1]
+        self._memo = memo
+        return out
+
+
 @dataclass
 class IdentityPlan:
     """What one reconcile pass does with identities."""
@@ -148,14 +169,11 @@ def plan_identities(
         key = existing[number]
         if key is not None:
             by_key.setdefault(key, number)
-    wanted_keys = sorted(set(wanted))
-    assigned: dict[IdentityKey, int] = {}
+    wanted_keys = set(wanted)
+    assigned = {key: by_key[key] for key in wanted_keys if key in by_key}
     create: dict[int, IdentityKey] = {}
     taken = set(existing)
-    for key in wanted_keys:
-        if key in by_key:
-            assigned[key] = by_key[key]
-            continue
+    for key in sorted(wanted_keys - assigned.keys()):  # new ones in order: who probes first is deterministic
         number = next(n for n in key.candidates() if n not in taken)
         taken.add(number)
         assigned[key] = number

@@ -9,6 +9,7 @@ owned by one pod at a time; when stale data shows two, the choice is determinist
 from __future__ import annotations
 
 import ipaddress
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -86,15 +87,9 @@ def pod_records(
     """
     candidates: list[tuple[Mapping[str, Any], PodRecord]] = []
     for body in pods:
-        meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
-        namespace = meta.get("namespace", "")  # "" is no namespace's name: left out below
-        if spec.get("hostNetwork") or status.get("phase") in TERMINAL_PHASES or namespace not in namespace_labels:
-            continue
-        key = IdentityKey.of(namespace, meta.get("labels"), namespace_labels[namespace])
-        record = PodRecord(
-            namespace, meta["name"], spec.get("nodeName"), key, tuple(_addresses(status)), _named_ports(spec)
-        )
-        candidates.append((meta, record))
+        record = _candidate(body, namespace_labels)  # "" is no namespace's name: left out
+        if record is not None:
+            candidates.append((body.get("metadata") or {}, record))
 
     candidates.sort(key=lambda c: c[1].ref)
     candidates.sort(key=lambda c: c[0].get("creationTimestamp") or "", reverse=True)
@@ -108,6 +103,87 @@ def pod_records(
         for _, r in candidates
     ]
     return sorted(records, key=lambda r: r.ref)
+
+
+def _candidate(body: Mapping[str, Any], namespace_labels: Mapping[str, Mapping[str, str]]) -> PodRecord | None:
+    meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    namespace = meta.get("namespace", "")
+    if spec.get("hostNetwork") or status.get("phase") in TERMINAL_PHASES or namespace not in namespace_labels:
+        return None
+    key = IdentityKey.of(namespace, meta.get("labels"), namespace_labels[namespace])
+    return PodRecord(namespace, meta["name"], spec.get("nodeName"), key, tuple(_addresses(status)), _named_ports(spec))
+
+
+class PodRecords:
+    """pod_records with memory, for the operator's pass over every pod: a body seen before (the cache keeps
+    the same object until the pod changes) in an unchanged namespace gives the very same record, and a pass
+    where no record changed returns the previous list. Duplicate addresses are settled among the pods that
+    claim them only, as pod_records would. Few allocations per pass: at 10k pods the collector's pauses
+    would cost more than the work."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Mapping[str, Any], str, PodRecord | None]] = {}
+        """id(body) -> (body, its namespace, its record or None when left out)."""
+        self._namespaces: dict[str, Mapping[str, str]] = {}
+        self._candidates: list[PodRecord] = []
+        self._records: list[PodRecord] = []
+
+    def __call__(
+        self, pods: Iterable[Mapping[str, Any]], namespace_labels: Mapping[str, Mapping[str, str]]
+    ) -> list[PodRecord]:
+        bodies = pods if isinstance(pods, list) else list(pods)
+        old = self._namespaces
+        relabelled = {ns for ns in old.keys() | namespace_labels.keys() if old.get(ns) != namespace_labels.get(ns)}
+        self._namespaces = {ns: dict(labels) for ns, labels in namespace_labels.items()}
+        memo = self._memo
+        candidates: list[PodRecord] = []
+        for body in bodies:
+            seen = memo.get(id(body))
+            if seen is None or seen[0] is not body or seen[1] in relabelled:
+                namespace = (body.get("metadata") or {}).get("namespace", "")
+                seen = memo[id(body)] = (body, namespace, _candidate(body, namespace_labels))
+            if seen[2] is not None:
+                candidates.append(seen[2])
+        if len(memo) != len(bodies):  # pods went away: forget them (held here, their ids are not reused meanwhile)
+            alive = {id(body) for body in bodies}
+            self._memo = {k: v for k, v in memo.items() if k in alive}
+        previous = self._candidates
+        if len(previous) == len(candidates) and all(map(operator.is_, previous, candidates)):
+            return list(self._records)
+        first: dict[str, PodRecord] = {}
+        contested: dict[str, list[PodRecord]] = {}
+        for record in candidates:
+            for ip in record.ips:
+                other = first.setdefault(ip, record)
+                if other is not record:
+                    contested.setdefault(ip, [other]).append(record)
+        owners: dict[str, str] = {}
+        metas = (
+            {r.ref: seen[0].get("metadata") or {} for seen in self._memo.values() if (r := seen[2])}
+            if contested
+            else {}
+        )
+        for ip, claimants in contested.items():
+            claimants.sort(key=lambda r: r.ref)
+            claimants.sort(key=lambda r: metas[r.ref].get("creationTimestamp") or "", reverse=True)
+            claimants.sort(key=lambda r: bool(metas[r.ref].get("deletionTimestamp")))
+            owners[ip] = claimants[0].ref
+        records = [
+            r
+            if not owners or not any(ip in owners for ip in r.ips)
+            else PodRecord(
+                r.namespace,
+                r.name,
+                r.node,
+                r.key,
+                tuple(ip for ip in r.ips if owners.get(ip, r.ref) == r.ref),
+                r.named_ports,
+            )
+            for r in candidates
+        ]
+        records.sort(key=operator.attrgetter("ref"))
+        self._candidates, self._records = candidates, records
+        return list(records)
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:

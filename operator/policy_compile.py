@@ -46,7 +46,7 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -220,9 +220,8 @@ PeerRef = int | Block
 """An identity number (ANY for every peer) or an ipBlock."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A rule for one local identity whose peer may still be an ipBlock."""
+class Entry(NamedTuple):
+    """A rule for one local identity whose peer may still be an ipBlock (a tuple: policies make thousands)."""
 
     direction: PolicyType
     peer: PeerRef

@@ -20,6 +20,7 @@ two agree after every step of random change sequences.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
 from collections import Counter
@@ -187,7 +188,13 @@ class _Node:
     prefixes: frozenset[Network] = frozenset()
     entries: dict[str, tuple[PodRecord, int, bool, bool, dict[str, Any]]] = field(default_factory=dict)
     """Per endpoint, its inputs and its spec.networkPolicy entry."""
+    order: list[str] = field(default_factory=list)
+    """The endpoints' namespace/name, sorted."""
+    changed: set[str] = field(default_factory=set)
+    """Endpoints added, removed or changed since the last outputs."""
     policy: dict[str, Any] | None = None
+    hosts: tuple[str, ...] = ()
+    """The addresses policy was built with."""
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     fragments: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     """The per-policy slice dicts node.slices was merged from (the very objects)."""
@@ -220,6 +227,8 @@ class IncrementalCompiler:
         self._by_local: dict[int, set[str]] = {}
         self._named_by: dict[int, set[str]] = {}
         self._nodes: dict[str, _Node] = {}
+        self._enforced: dict[int, tuple[bool, bool]] = {}
+        """(ingress, egress) isolation of the identities some valid policy selects."""
         self._refs: set[str] = set()
         self._prefixes: frozenset[Network] = frozenset()
         self._cidr_ids: dict[Network, int] = {}
@@ -271,6 +280,8 @@ class IncrementalCompiler:
         if pod.node is not None and pod.ipv4 is not None:
             node = self._node(pod.node)
             del node.endpoints[pod.ref]
+            del node.order[bisect.bisect_left(node.order, pod.ref)]
+            node.changed.add(pod.ref)
             node.ids[number] -= 1
             if not node.ids[number]:
                 del node.ids[number]
@@ -310,6 +321,8 @@ class IncrementalCompiler:
         if pod.node is not None and pod.ipv4 is not None:
             node = self._node(pod.node)
             node.endpoints[pod.ref] = (pod, number)
+            bisect.insort(node.order, pod.ref)
+            node.changed.add(pod.ref)
             node.ids[number] += 1
             self._where[number][pod.node] += 1
             self._endpoints_of[number][pod.ref] = pod.node
@@ -446,6 +459,25 @@ class IncrementalCompiler:
         self._selections.keep({key for p in self._policies.values() for key, _ in p.deps})
         return changed
 
+    def _update_enforcement(self, refs: set[str], old_local: Mapping[str, frozenset[int]], valid: set[str]) -> set[int]:
+        """The directions each identity these policies select (now or before) is isolated in; returns those
+        whose isolation changed."""
+        candidates: set[int] = set()
+        for ref in refs:
+            entry = self._policies.get(ref)
+            candidates |= (entry.local if entry else frozenset()) | old_local.get(ref, frozenset())
+        moved: set[int] = set()
+        for n in candidates:
+            types = {d for ref in self._by_local.get(n, ()) if ref in valid for d in self._policies[ref].types}
+            flags = (PolicyType.INGRESS in types, PolicyType.EGRESS in types)
+            if flags != self._enforced.get(n, (False, False)):
+                moved.add(n)
+            if any(flags):
+                self._enforced[n] = flags
+            else:
+                self._enforced.pop(n, None)
+        return moved
+
     def _hosting(self, refs: Iterable[str], old_local: Mapping[str, frozenset[int]]) -> set[str]:
         """The nodes with endpoints of identities these policies select (now or before)."""
         nodes: set[str] = set()
@@ -515,7 +547,7 @@ class IncrementalCompiler:
                     over[ref] = (cost, name, own > budget)
         return over
 
-    def _outputs(self, name: str, node: _Node, refs: set[str]) -> None:
+    def _outputs(self, name: str, node: _Node, refs: set[str], enforcement: set[int]) -> None:
         """The node's slices and spec.networkPolicy, reusing every piece whose inputs did not move."""
         assert node.view is not None
         active = frozenset(ref for ref in node.pairs if ref in refs)
@@ -540,23 +572,30 @@ class IncrementalCompiler:
         if not refs:
             node.policy = None
             return
-        enforced: dict[int, tuple[bool, bool]] = {}
-        for n in node.ids:
-            types = {d for ref in self._by_local.get(n, ()) if ref in refs for d in self._policies[ref].types}
-            enforced[n] = (PolicyType.INGRESS in types, PolicyType.EGRESS in types)
-        endpoints: list[dict[str, Any]] = []
-        kept, node.entries = node.entries, {}
-        fresh = fresh or node.policy is None or len(kept) != len(node.endpoints)
-        for ref in sorted(node.endpoints):
-            pod, n = node.endpoints[ref]
-            memo = kept.get(ref)
-            if memo is None or memo[0] is not pod or memo[1:4] != (n, *enforced[n]):
-                memo = (pod, n, *enforced[n], endpoint_entry(pod, n, *enforced[n]))
+        # Endpoint entries: only those of pods that changed or whose identity's isolation did.
+        if node.policy is None:
+            recheck: Iterable[str] = list(node.endpoints)
+            node.entries = {}
+        else:
+            recheck = node.changed | {
+                ref for n in enforcement & node.ids.keys() for ref, at in self._endpoints_of[n].items() if at == name
+            }
+        node.changed = set()
+        for ref in recheck:
+            slot = node.endpoints.get(ref)
+            if slot is None:
+                fresh = node.entries.pop(ref, None) is not None or fresh
+                continue
+            pod, n = slot
+            flags = self._enforced.get(n, (False, False))
+            memo = node.entries.get(ref)
+            if memo is None or memo[0] is not pod or memo[1:4] != (n, *flags):
+                node.entries[ref] = (pod, n, *flags, endpoint_entry(pod, n, *flags))
                 fresh = True
-            node.entries[ref] = memo
-            endpoints.append(memo[4])
-        if fresh:
+        if fresh or node.policy is None or node.addresses != node.hosts:
+            endpoints = [node.entries[ref][4] for ref in node.order]
             node.policy = node_policy(endpoints, node.addresses, node.slices)
+            node.hosts = node.addresses
 
     # ----------------------------------------------------------------------------------
 
@@ -579,8 +618,8 @@ class IncrementalCompiler:
                 node.addresses = tuple(addresses)
                 dirty.add(name)
         for name in [n for n, node in self._nodes.items() if n not in nodes and node.view is not None]:
-            self._nodes[name].view = None
-            self._nodes[name].pairs = {}
+            gone = self._nodes[name]
+            gone.view, gone.pairs, gone.policy, gone.slices, gone.fragments = None, {}, None, {}, []
         bodies = sorted(policies, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"]))
         old_local = {ref: p.local for ref, p in self._policies.items()}
         changed = self._update_policies(bodies, moved)
@@ -591,7 +630,7 @@ class IncrementalCompiler:
             if node.endpoints:
                 self._rebuild_view(node, budget)
             else:
-                node.view, node.pairs, node.over = None, {}, {}
+                node.view, node.pairs, node.over, node.policy = None, {}, {}, None
 
         # The budget, as compile_policies decides it (the rounds only run when some policy is over it).
         valid = {ref for ref, p in self._policies.items() if p.policy is not None}
@@ -606,6 +645,7 @@ class IncrementalCompiler:
             dirty = set(nodes)
         else:
             dirty |= {n for n in self._hosting(valid ^ self._refs, old_local) if n in nodes}
+        enforcement = self._update_enforcement(changed | (valid ^ self._refs), old_local, valid)
         self._refs = valid
 
         outcomes: dict[str, PolicyOutcome] = {}
@@ -654,7 +694,7 @@ class IncrementalCompiler:
 
         for name in dirty:
             if self._nodes[name].view is not None:
-                self._outputs(name, self._nodes[name], valid)
+                self._outputs(name, self._nodes[name], valid, enforcement)
         compiled: dict[str, dict[str, Any] | None] = {}
         slices: dict[str, dict[str, dict[str, Any]]] = {}
         for name in nodes:

@@ -60,14 +60,14 @@ from beekeeper.operator.events import EventRecorder, Notice, policy_notice, prog
 from beekeeper.operator.health import Health
 from beekeeper.operator.identities import (
     IdentityKey,
+    IdentityReader,
     gc_grace_seconds,
     identity_body,
-    parse_identities,
     parse_identity,
     plan_identities,
 )
 from beekeeper.operator.metrics import OperatorMetrics
-from beekeeper.operator.pods import PodRecord, pod_records
+from beekeeper.operator.pods import PodRecord, PodRecords
 from beekeeper.operator.policy_compile import expansion_budget, node_addresses
 from beekeeper.operator.policy_incremental import IncrementalCompiler
 from beekeeper.operator.program_status import aggregate
@@ -181,6 +181,8 @@ class Reconciler:
         self.identity_gc_grace = gc_grace_seconds()
         self.expansion_budget = expansion_budget()
         self.policy_compiler = IncrementalCompiler()
+        self.pod_records = PodRecords()
+        self.identity_reader = IdentityReader()
         self._known_same: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
         """(kind, name) -> (stored resourceVersion, desired object) found or written equal: a pass whose
         compiler returned that very object for a still-unchanged stored one skips comparing them."""
@@ -285,7 +287,7 @@ class Reconciler:
 
         desired = node_programs(placements, node_labels, running)
 
-        pods = pod_records(snapshot.pods, snapshot.namespaces)
+        pods = self.pod_records(snapshot.pods, snapshot.namespaces)
         identities = self._allocate(pods, snapshot.identities)
         compiled = self.policy_compiler.compile(
             snapshot.policies,
@@ -409,7 +411,7 @@ class Reconciler:
         set, otherwise re-plan around it. A label set the API refuses (e.g. too many labels)
         gets no identity, so its pods are left out of the datapath rather than failing the pass.
         """
-        existing = parse_identities(identity_bodies)
+        existing = self.identity_reader(identity_bodies)
         wanted = {pod.key for pod in pods}
         for _ in range(IDENTITY_ALLOCATION_ROUNDS):
             plan = plan_identities(wanted, existing, self._unused_since, time.monotonic(), self.identity_gc_grace)

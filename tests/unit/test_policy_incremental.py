@@ -30,7 +30,7 @@ from policy_strategies import (
 )
 
 from beekeeper.operator.identities import plan_identities
-from beekeeper.operator.pods import pod_records
+from beekeeper.operator.pods import PodRecords, pod_records
 from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
 from beekeeper.operator.policy_incremental import IncrementalCompiler
 
@@ -190,3 +190,44 @@ def test_unchanged_outputs_are_the_same_objects() -> None:
     assert second.nodes["n1"] is first.nodes["n1"] and second.slices["n1"] is first.slices["n1"]
     assert second.nodes["n2"] is not first.nodes["n2"]
     assert wire(second) == wire(compile_policies(world.policies, *inputs(world), world.nodes))
+
+
+@st.composite
+def pod_bodies(draw: st.DrawFn, index: int) -> dict[str, Any]:
+    """Pods that may share an address (a stale one, being deleted, older or newer) or be left out."""
+    body = pod(
+        draw(st.sampled_from(["x", "y", "w"])),
+        f"p{index}",
+        draw(st.fixed_dictionaries({}, optional={"app": st.sampled_from(LABELS["app"])})),
+        draw(st.sampled_from(["n1", "n2", None])),
+        draw(st.sampled_from([None, "10.0.0.1", "10.0.0.2", "10.0.0.3"])),
+    )
+    body["metadata"]["creationTimestamp"] = draw(st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"]))
+    if draw(st.integers(0, 4)) == 0:
+        body["metadata"]["deletionTimestamp"] = "2026-01-03T00:00:00Z"
+    if draw(st.integers(0, 6)) == 0:
+        body["status"]["phase"] = draw(st.sampled_from(["Succeeded", "Pending"]))
+    return body
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+@given(data=st.data())
+def test_pod_records_with_memory_equal_pod_records(data: st.DataObject) -> None:
+    records = PodRecords()
+    bodies = [data.draw(pod_bodies(i)) for i in range(data.draw(st.integers(0, 6)))]
+    namespaces = {"x": {"kubernetes.io/metadata.name": "x"}, "y": {"kubernetes.io/metadata.name": "y"}}
+    for serial in range(8):
+        assert records(bodies, namespaces) == pod_records(bodies, namespaces)
+        change = data.draw(st.sampled_from(["add", "remove", "replace", "namespace", "none"]))
+        if change == "add" or (change in ("remove", "replace") and not bodies):
+            bodies.append(data.draw(pod_bodies(100 + serial)))
+        elif change in ("remove", "replace"):
+            i = data.draw(st.integers(0, len(bodies) - 1))
+            name = bodies[i]["metadata"]["name"]
+            if change == "remove":
+                del bodies[i]
+            else:
+                bodies[i] = data.draw(pod_bodies(0))
+                bodies[i]["metadata"]["name"] = name
+        elif change == "namespace":
+            namespaces = {**namespaces, "y": {"kubernetes.io/metadata.name": "y", "team": str(serial)}}
