@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -41,21 +41,13 @@ def _frozen(labels: Mapping[str, str] | None) -> Labels:
     return tuple(sorted((labels or {}).items()))
 
 
-@dataclass(frozen=True, order=True)
-class IdentityKey:
-    """The label set an identity stands for; hashable and ordered so allocation is deterministic."""
+class IdentityKey(NamedTuple):
+    """The label set an identity stands for; hashable and ordered so allocation is deterministic (a tuple:
+    every pass looks every pod's key up in dicts of every identity, and a tuple hashes and compares in C)."""
 
     namespace: str
     labels: Labels = ()
     namespace_labels: Labels = ()
-    _hash: int = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Looked up per pod and pass in dicts of every identity: hash the label tuples once.
-        object.__setattr__(self, "_hash", hash((self.namespace, self.labels, self.namespace_labels)))
-
-    def __hash__(self) -> int:
-        return self._hash
 
     @classmethod
     def of(
@@ -121,19 +113,25 @@ class IdentityReader:
 
     def __init__(self) -> None:
         self._memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
+        self._ids: list[int] = []
+        self._out: dict[int, IdentityKey | None] = {}
 
     def __call__(self, bodies: Iterable[Mapping[str, Any]]) -> dict[int, IdentityKey | None]:
+        listed = list(bodies)
+        ids = list(map(id, listed))
+        if ids == self._ids:  # the very objects of the last pass (held in the memo, so no id was reused)
+            return dict(self._out)
         memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
         out: dict[int, IdentityKey | None] = {}
-        for body in bodies:
+        for body in listed:
             seen = self._memo.get(id(body))
             if seen is None or seen[0] is not body:
                 seen = (body, parse_identity(body))
             memo[id(body)] = seen
             if seen[1] is not None:
                 out[seen[1][0]] = seen[1][1]
-        self._memo = memo
-        return out
+        self._memo, self._ids, self._out = memo, ids, out
+        return dict(out)
 
 
 @dataclass

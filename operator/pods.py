@@ -8,8 +8,8 @@ owned by one pod at a time; when stale data shows two, the choice is determinist
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -115,74 +115,99 @@ def _candidate(body: Mapping[str, Any], namespace_labels: Mapping[str, Mapping[s
 
 
 class PodRecords:
-    """pod_records with memory, for the operator's pass over every pod: a body seen before (the cache keeps
-    the same object until the pod changes) in an unchanged namespace gives the very same record, and a pass
-    where no record changed returns the previous list. Duplicate addresses are settled among the pods that
-    claim them only, as pod_records would. Few allocations per pass: at 10k pods the collector's pauses
-    would cost more than the work."""
+    """pod_records with memory, for the operator's pass over every pod: only the bodies not seen in the last
+    pass (the cache keeps a pod's object until it changes) or in a relabelled namespace are read again, and
+    duplicate addresses are settled among the pods that claim them only, as pod_records would."""
 
     def __init__(self) -> None:
-        self._memo: dict[int, tuple[Mapping[str, Any], str, PodRecord | None]] = {}
-        """id(body) -> (body, its namespace, its record or None when left out)."""
-        self._namespaces: dict[str, Mapping[str, str]] = {}
-        self._candidates: list[PodRecord] = []
+        self._ids: list[int] = []
+        self._bodies: dict[int, Mapping[str, Any]] = {}
+        """id -> body of the last pass (held, so no new object takes one of these ids meanwhile)."""
+        self._candidates: dict[int, PodRecord] = {}
+        self._by_ref: dict[str, tuple[Mapping[str, Any], PodRecord]] = {}
+        self._order: list[str] = []
+        self._claims: dict[str, list[str]] = {}
+        self._namespaces: dict[str, dict[str, str]] = {}
         self._records: list[PodRecord] = []
+
+    def _drop(self, key: int) -> None:
+        del self._bodies[key]
+        record = self._candidates.pop(key, None)
+        if record is None:
+            return
+        del self._by_ref[record.ref]
+        del self._order[bisect.bisect_left(self._order, record.ref)]
+        for ip in record.ips:
+            self._claims[ip].remove(record.ref)
+            if not self._claims[ip]:
+                del self._claims[ip]
+
+    def _add(self, body: Mapping[str, Any], namespace_labels: Mapping[str, Mapping[str, str]]) -> None:
+        self._bodies[id(body)] = body
+        record = _candidate(body, namespace_labels)
+        if record is None:
+            return
+        if record.ref in self._by_ref:  # two objects for one pod: keep the one seen last, like a dict would
+            self._drop(id(self._by_ref[record.ref][0]))
+            self._bodies[id(body)] = body
+        self._candidates[id(body)] = record
+        self._by_ref[record.ref] = (body.get("metadata") or {}, record)
+        bisect.insort(self._order, record.ref)
+        for ip in record.ips:
+            self._claims.setdefault(ip, []).append(record.ref)
 
     def __call__(
         self, pods: Iterable[Mapping[str, Any]], namespace_labels: Mapping[str, Mapping[str, str]]
     ) -> list[PodRecord]:
         bodies = pods if isinstance(pods, list) else list(pods)
-        old = self._namespaces
-        relabelled = {ns for ns in old.keys() | namespace_labels.keys() if old.get(ns) != namespace_labels.get(ns)}
-        self._namespaces = {ns: dict(labels) for ns, labels in namespace_labels.items()}
-        memo = self._memo
-        candidates: list[PodRecord] = []
-        for body in bodies:
-            seen = memo.get(id(body))
-            if seen is None or seen[0] is not body or seen[1] in relabelled:
-                namespace = (body.get("metadata") or {}).get("namespace", "")
-                seen = memo[id(body)] = (body, namespace, _candidate(body, namespace_labels))
-            if seen[2] is not None:
-                candidates.append(seen[2])
-        if len(memo) != len(bodies):  # pods went away: forget them (held here, their ids are not reused meanwhile)
-            alive = {id(body) for body in bodies}
-            self._memo = {k: v for k, v in memo.items() if k in alive}
-        previous = self._candidates
-        if len(previous) == len(candidates) and all(map(operator.is_, previous, candidates)):
+        ids = list(map(id, bodies))
+        relabelled = {
+            ns
+            for ns in self._namespaces.keys() | namespace_labels.keys()
+            if self._namespaces.get(ns) != namespace_labels.get(ns)
+        }
+        if ids == self._ids and not relabelled:
             return list(self._records)
-        first: dict[str, PodRecord] = {}
-        contested: dict[str, list[PodRecord]] = {}
-        for record in candidates:
-            for ip in record.ips:
-                other = first.setdefault(ip, record)
-                if other is not record:
-                    contested.setdefault(ip, [other]).append(record)
-        owners: dict[str, str] = {}
-        metas = (
-            {r.ref: seen[0].get("metadata") or {} for seen in self._memo.values() if (r := seen[2])}
-            if contested
-            else {}
+        self._namespaces = {ns: dict(labels) for ns, labels in namespace_labels.items()}
+        current = set(ids)
+        again = (
+            [
+                key
+                for key, body in self._bodies.items()
+                if key not in current or (body.get("metadata") or {}).get("namespace", "") in relabelled
+            ]
+            if relabelled or len(current) != len(self._bodies) or not current.issuperset(self._bodies)
+            else []
         )
-        for ip, claimants in contested.items():
-            claimants.sort(key=lambda r: r.ref)
-            claimants.sort(key=lambda r: metas[r.ref].get("creationTimestamp") or "", reverse=True)
-            claimants.sort(key=lambda r: bool(metas[r.ref].get("deletionTimestamp")))
-            owners[ip] = claimants[0].ref
-        records = [
-            r
-            if not owners or not any(ip in owners for ip in r.ips)
-            else PodRecord(
-                r.namespace,
-                r.name,
-                r.node,
-                r.key,
-                tuple(ip for ip in r.ips if owners.get(ip, r.ref) == r.ref),
-                r.named_ports,
-            )
-            for r in candidates
-        ]
-        records.sort(key=operator.attrgetter("ref"))
-        self._candidates, self._records = candidates, records
+        for key in again:
+            self._drop(key)
+        for body in bodies:
+            if id(body) not in self._bodies:
+                self._add(body, namespace_labels)
+        self._ids = ids
+        owners: dict[str, str] = {}
+        for ip, claimants in self._claims.items():
+            if len(claimants) > 1:
+                ranked = sorted(claimants)
+                ranked.sort(key=lambda ref: self._by_ref[ref][0].get("creationTimestamp") or "", reverse=True)
+                ranked.sort(key=lambda ref: bool(self._by_ref[ref][0].get("deletionTimestamp")))
+                owners[ip] = ranked[0]
+        records = [self._by_ref[ref][1] for ref in self._order]
+        if owners:
+            records = [
+                r
+                if not any(ip in owners for ip in r.ips)
+                else PodRecord(
+                    r.namespace,
+                    r.name,
+                    r.node,
+                    r.key,
+                    tuple(ip for ip in r.ips if owners.get(ip, r.ref) == r.ref),
+                    r.named_ports,
+                )
+                for r in records
+            ]
+        self._records = records
         return list(records)
 
 

@@ -137,6 +137,18 @@ class IdentityInfo:
     """The pods' addresses, as host prefixes."""
     ports: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     """(port name, protocol) -> numbers, over every pod of the identity."""
+    _rows: dict[tuple[int, int, int], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    def ipcache_rows(self) -> dict[tuple[int, int, int], dict[str, Any]]:
+        """The prefixes as slice ipcache entries by address order, kept until forget_rows (a slice naming
+        thousands of identities is rebuilt from these, not re-encoded)."""
+        if self._rows is None:
+            self._rows = {_net_order(p): {"cidr": str(p), "identity": self.number} for p in self.prefixes}
+        return self._rows
+
+    def forget_rows(self) -> None:
+        """After prefixes changed."""
+        self._rows = None
 
 
 @dataclass
@@ -585,18 +597,18 @@ def policy_slices(
 
     peers = {key[3] for key in rules}
     prefixes = set(_prefixes(view.blocks[ref])) | {coverage.prefix(p) for p in peers if p < 0}
-    ipcache: dict[Network, int] = {}
+    ipcache: dict[tuple[int, int, int], dict[str, Any]] = {}
     for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
         if number in infos:
-            ipcache.update(dict.fromkeys(infos[number].prefixes, number))
+            ipcache.update(infos[number].ipcache_rows())
     for address in view.addresses:
-        ipcache.pop(ipaddress.ip_network(address), None)  # the node-wide entry says host
+        ipcache.pop(_net_order(ipaddress.ip_network(address)), None)  # the node-wide entry says host
     if not rules and not prefixes:
         return {}
     specs = pack_slices(
         ref,
         _factored(rules, identity),
-        [{"cidr": str(n), "identity": ipcache[n]} for n in sorted(ipcache, key=_net_order)],
+        [row for _, row in sorted(ipcache.items())],
         [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
     )
     return {slice_name(node, ref, i): {"nodeName": node, **spec} for i, spec in enumerate(specs)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import functools
 import ipaddress
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ class IncrementalCompiler:
         """Forget everything (a new budget changes every cost)."""
         self._budget = budget
         self._pods: dict[str, tuple[PodRecord, int | None]] = {}
+        self._listed: list[PodRecord] = []
+        self._identities: dict[IdentityKey, int] = {}
         self._members: Counter[int] = Counter()
         self._prefix_counts: dict[int, Counter[Network]] = {}
         self._port_counts: dict[int, Counter[tuple[str, str, int]]] = {}
@@ -265,6 +268,7 @@ class IncrementalCompiler:
             if not counts[prefix]:
                 del counts[prefix]
                 info.prefixes.discard(prefix)
+                info.forget_rows()
         ports = self._port_counts[number]
         for port in pod.named_ports:
             item = (port.name, port.protocol, port.number)
@@ -310,6 +314,7 @@ class IncrementalCompiler:
             prefix = ipaddress.ip_network(ip)
             counts[prefix] += 1
             info.prefixes.add(prefix)
+            info.forget_rows()
         ports = self._port_counts[number]
         for port in pod.named_ports:
             item = (port.name, port.protocol, port.number)
@@ -332,11 +337,16 @@ class IncrementalCompiler:
         self, pods: Iterable[PodRecord], identities: Mapping[IdentityKey, int], dirty: set[str]
     ) -> set[int]:
         """Apply the pods that changed; returns the identities whose addresses or existence changed."""
+        listed = pods if isinstance(pods, list) else list(pods)
+        if len(listed) == len(self._listed) and all(map(operator.is_, listed, self._listed)):
+            if identities == self._identities:  # the very records, the same numbers: nothing to do
+                return set()
+        self._listed, self._identities = listed, dict(identities)
         current: dict[str, tuple[PodRecord, int | None]] = {}
         Slot = tuple[PodRecord, int | None]
         changed: list[tuple[Slot | None, Slot | None]] = []
         previous = self._pods
-        for pod in pods:
+        for pod in listed:
             number = identities.get(pod.key)
             ref = pod.ref
             now: Slot = (pod, number)
