@@ -338,9 +338,9 @@ class IncrementalCompiler:
     ) -> set[int]:
         """Apply the pods that changed; returns the identities whose addresses or existence changed."""
         listed = pods if isinstance(pods, list) else list(pods)
-        if len(listed) == len(self._listed) and all(map(operator.is_, listed, self._listed)):
-            if identities == self._identities:  # the very records, the same numbers: nothing to do
-                return set()
+        same = len(listed) == len(self._listed) and all(map(operator.is_, listed, self._listed))
+        if same and identities == self._identities:  # the very records, the same numbers: nothing to do
+            return set()
         self._listed, self._identities = listed, dict(identities)
         current: dict[str, tuple[PodRecord, int | None]] = {}
         Slot = tuple[PodRecord, int | None]
