@@ -24,8 +24,9 @@ the connect latency. Ratios are taken within a round, then the median over round
 size it also measures, on the beekeeper programs (BPF_PROG_TEST_RUN at the server's
 veth): ns per packet for an established packet, a new allowed SYN and a denied SYN; the
 memlock of the loaded maps; and the time to change one rule among N: `iptables -I`, one nft
-set element, a raw write of one policy_allow entry, and compile_policies + PolicyAgent.reconcile
-for a policy that gains one peer (the daemon's whole path minus the API round trips).
+set element, a raw write of one policy_allow entry, and the operator's IncrementalCompiler +
+PolicyAgent.reconcile for a policy that gains one peer (the whole path minus the API round trips;
+bench/policy_incremental.py has the operator's part from scratch vs incremental).
 
 Output: a table on stdout, datapath.csv (and datapath.png if matplotlib is importable) in
 --out. Everything it creates (namespaces, links, the iptables chain, the nft table, the bpffs
@@ -67,7 +68,8 @@ from beekeeper.node_daemon.policy_agent import PolicyAgent
 from beekeeper.node_daemon.policy_datapath import TO_POD
 from beekeeper.operator.identities import IdentityKey, plan_identities
 from beekeeper.operator.pods import PodRecord, pod_records
-from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
+from beekeeper.operator.policy_compile import CompiledPolicies
+from beekeeper.operator.policy_incremental import IncrementalCompiler
 
 NAMESPACE, NODE, ELSEWHERE = "bench", "bench", "elsewhere"
 PEERS = ipaddress.IPv4Address("10.64.0.0")  # peer i is PEERS + i + 1 (up to a /10: 4M peers)
@@ -151,6 +153,7 @@ class World:
     pods: list[dict[str, Any]] = field(default_factory=list)
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
+    compiler: IncrementalCompiler = field(default_factory=IncrementalCompiler)
 
     def __post_init__(self) -> None:
         self.pods = [pod_body(p.name, NODE, p.ip, p.labels) for p in (self.client, self.server)]
@@ -173,7 +176,10 @@ class World:
         return [*bodies, client]
 
     def compile(self, extra_peer: bool = False) -> CompiledPolicies:
-        return compile_policies(self.policies(extra_peer), self.records, self.identities, {NODE: [], ELSEWHERE: []})
+        """Through the operator's IncrementalCompiler, as its reconcile passes do (the first call from scratch)."""
+        return self.compiler.compile(
+            self.policies(extra_peer), self.records, self.identities, {NODE: [], ELSEWHERE: []}
+        )
 
     def identity(self, name: str) -> int:
         record = next(r for r in self.records if r.name == name)
@@ -298,9 +304,9 @@ class Beekeeper(Contender):
         shutil.rmtree(self.bpffs, ignore_errors=True)
 
     def change_one(self) -> float:
-        """The operator's recompile plus the daemon's reconcile for one more rule, then back."""
+        """The operator's (incremental) recompile plus the daemon's reconcile for one more rule, then back."""
         seconds = timed(lambda: self._reconcile(self.world.compile(extra_peer=True)))
-        self._reconcile(self.compiled)
+        self._reconcile(self.world.compile())
         return seconds
 
     def map_write(self, writes: int = 200) -> float:

@@ -73,26 +73,43 @@ class _Selections:
         self.matching: dict[SelectorKey, set[int]] = {}
         self.versions: dict[SelectorKey, int] = {}
         self._tests: dict[SelectorKey, Callable[[IdentityKey], bool]] = {}
+        self._by_label: dict[tuple[str, str], set[int]] = {}
+        """Pod label -> identities with it: a new selector with matchLabels tests only those."""
         self._clock = 0
 
     def _bump(self, key: SelectorKey) -> None:
         self._clock += 1
         self.versions[key] = self._clock
 
-    def get(self, key: SelectorKey, test: Callable[[IdentityKey], bool], infos: Mapping[int, IdentityInfo]) -> set[int]:
+    def get(
+        self,
+        key: SelectorKey,
+        test: Callable[[IdentityKey], bool],
+        infos: Mapping[int, IdentityInfo],
+        labels: Mapping[str, str] | None,
+    ) -> set[int]:
+        """The identities matching; `labels` (the selector's matchLabels) narrows what a new one tests."""
         if key not in self.matching:
             self._tests[key] = test
-            self.matching[key] = {n for n, info in infos.items() if test(info.key)}
+            narrowed = [self._by_label.get(item, set()) for item in (labels or {}).items()]
+            candidates: Iterable[int] = min(narrowed, key=len) if narrowed else infos
+            self.matching[key] = {n for n in candidates if test(infos[n].key)}
             self._bump(key)
         return self.matching[key]
 
     def added(self, number: int, key: IdentityKey) -> None:
+        for item in key.labels:
+            self._by_label.setdefault(item, set()).add(number)
         for selector, test in self._tests.items():
             if test(key):
                 self.matching[selector].add(number)
                 self._bump(selector)
 
-    def removed(self, number: int) -> None:
+    def removed(self, number: int, key: IdentityKey) -> None:
+        for item in key.labels:
+            self._by_label[item].discard(number)
+            if not self._by_label[item]:
+                del self._by_label[item]
         for selector, matched in self.matching.items():
             if number in matched:
                 matched.discard(number)
@@ -125,14 +142,16 @@ class _OnePolicy(_PolicyCompiler):
         key: SelectorKey = ("pods", namespace, "-", _json(selector))
         self.used.add(key)
         test = functools.partial(selects_pods, namespace, selector)
-        self.selected_ids = sorted(self.selections.get(key, test, self.infos))
+        self.selected_ids = sorted(self.selections.get(key, test, self.infos, selector.match_labels))
         return self.selected_ids
 
     def _peers(self, namespace: str, peer: Peer) -> list[int]:
         scope = namespace if peer.namespace_selector is None else ""
         key: SelectorKey = ("peer", scope, _json(peer.namespace_selector), _json(peer.pod_selector))
         self.used.add(key)
-        return sorted(self.selections.get(key, functools.partial(matches_peer, namespace, peer), self.infos))
+        test = functools.partial(matches_peer, namespace, peer)
+        labels = peer.pod_selector.match_labels if peer.pod_selector is not None else None
+        return sorted(self.selections.get(key, test, self.infos, labels))
 
     def _servers(self, port: _Named) -> list[int]:
         self.named = True
@@ -374,7 +393,7 @@ class IncrementalCompiler:
             if new_key != old_key:
                 moved.add(number)
                 if old_key is not None:
-                    self._selections.removed(number)
+                    self._selections.removed(number, old_key)
                 if new_key is not None:
                     self._selections.added(number, new_key)
             if new_key is None:
