@@ -92,7 +92,10 @@ class _Selections:
         if key not in self.matching:
             self._tests[key] = test
             narrowed = [self._by_label.get(item, set()) for item in (labels or {}).items()]
-            candidates: Iterable[int] = min(narrowed, key=len) if narrowed else infos
+            candidates: Iterable[int] = infos
+            if narrowed:
+                smallest: set[int] = min(narrowed, key=len)
+                candidates = smallest
             self.matching[key] = {n for n in candidates if test(infos[n].key)}
             self._bump(key)
         return self.matching[key]
