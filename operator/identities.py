@@ -162,13 +162,11 @@ def plan_identities(
     Duplicates (two objects for one key, after a race) resolve to the lowest number; the
     others become unused and are collected like any unused identity.
     """
-    by_key: dict[IdentityKey, int] = {}
-    for number in sorted(existing):
-        key = existing[number]
-        if key is not None:
-            by_key.setdefault(key, number)
+    # Highest number first, so the lowest one of a key is the one left (comprehensions: a pass runs this per
+    # identity of the cluster).
+    by_key = {key: number for number, key in sorted(existing.items(), reverse=True) if key is not None}
     wanted_keys = set(wanted)
-    assigned = {key: by_key[key] for key in wanted_keys if key in by_key}
+    assigned = {key: number for key in wanted_keys if (number := by_key.get(key)) is not None}
     create: dict[int, IdentityKey] = {}
     taken = set(existing)
     for key in sorted(wanted_keys - assigned.keys()):  # new ones in order: who probes first is deterministic
@@ -179,9 +177,7 @@ def plan_identities(
 
     in_use = set(assigned.values())
     plan = IdentityPlan(assigned, create, [])
-    for number in sorted(existing):
-        if number in in_use or existing[number] is None:
-            continue
+    for number in sorted(n for n in existing.keys() - in_use if existing[n] is not None):
         since = unused_since.get(number, now)
         if now - since >= grace:
             plan.delete.append(number)
