@@ -34,6 +34,9 @@ the expansion budget is refused (ExpansionBudgetExceeded) and ignored like an in
 Its entries include those for other policies' prefixes nested in its blocks (the datapath
 resolves one most specific prefix), so the policies over budget with their own prefixes
 alone are refused first; that can only shrink the others.
+
+compile_policies computes all of it from scratch and is the reference; the operator's passes go
+through policy_incremental.IncrementalCompiler, which gives the same output from what changed.
 """
 
 from __future__ import annotations
