@@ -23,10 +23,10 @@ from __future__ import annotations
 import bisect
 import functools
 import ipaddress
-import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Any
 
 from beekeeper.crds.common import LabelSelector
@@ -235,6 +235,9 @@ class IncrementalCompiler:
         self._budget = budget
         self._pods: dict[str, tuple[PodRecord, int | None]] = {}
         self._listed: list[PodRecord] = []
+        self._listed_ids: set[int] = set()
+        self._refs_by_key: dict[IdentityKey, set[str]] = {}
+        """Pods (namespace/name) per identity key, to find those a renumbered key concerns."""
         self._identities: dict[IdentityKey, int] = {}
         self._members: Counter[int] = Counter()
         self._prefix_counts: dict[int, Counter[Network]] = {}
@@ -360,29 +363,62 @@ class IncrementalCompiler:
     ) -> set[int]:
         """Apply the pods that changed; returns the identities whose addresses or existence changed."""
         listed = pods if isinstance(pods, list) else list(pods)
-        same = len(listed) == len(self._listed) and all(map(operator.is_, listed, self._listed))
-        if same and identities == self._identities:  # the very records, the same numbers: nothing to do
-            return set()
-        self._listed, self._identities = listed, dict(identities)
-        current: dict[str, tuple[PodRecord, int | None]] = {}
+        ids = set(map(id, listed))
+        if len(ids) != len(listed):  # one record object listed twice: no shortcut
+            ids = set()
+        fresh = ids - self._listed_ids  # new objects (the old ones are held in _listed: no id was reused)
+        if not fresh and len(ids) == len(self._listed_ids) and identities == self._identities:
+            return set()  # the very records, the same numbers: nothing to do
         Slot = tuple[PodRecord, int | None]
         changed: list[tuple[Slot | None, Slot | None]] = []
         previous = self._pods
-        for pod in listed:
-            number = identities.get(pod.key)
-            ref = pod.ref
-            now: Slot = (pod, number)
-            current[ref] = now
-            old = previous.get(ref)
-            if old is None or (old[0] is not pod and old[0] != pod) or old[1] != number:
-                changed.append((old, now))
-        if len(current) != len(previous) or changed:
+        renumbered = (
+            set() if identities == self._identities else {k for k, _ in identities.items() ^ self._identities.items()}
+        )
+        if ids and len(fresh) + len(self._listed_ids - ids) < len(listed) // 4:
+            # The objects that came or went, and the pods of keys whose number changed.
+            gone = self._listed_ids - ids
+            by_ref = {p.ref: p for p in compress(listed, map(fresh.__contains__, map(id, listed)))}
+            refs = set(by_ref) | {p.ref for p in compress(self._listed, map(gone.__contains__, map(id, self._listed)))}
+            for key in renumbered:
+                refs |= self._refs_by_key.get(key, set())
+            for ref in refs:
+                old = previous.get(ref)
+                pod = by_ref.get(ref) or (old[0] if old is not None and id(old[0]) in ids else None)
+                now: Slot | None = None if pod is None else (pod, identities.get(pod.key))
+                if now is None:
+                    if old is not None:
+                        changed.append((old, None))
+                        del previous[ref]
+                elif old is None or (old[0] is not now[0] and old[0] != now[0]) or old[1] != now[1]:
+                    changed.append((old, now))
+                    previous[ref] = now
+                else:
+                    previous[ref] = now
+        else:
+            current: dict[str, Slot] = {}
+            for pod in listed:
+                number = identities.get(pod.key)
+                ref = pod.ref
+                slot: Slot = (pod, number)
+                current[ref] = slot
+                old = previous.get(ref)
+                if old is None or (old[0] is not pod and old[0] != pod) or old[1] != number:
+                    changed.append((old, slot))
             changed += [(gone, None) for ref, gone in previous.items() if ref not in current]
-        self._pods = current
+            self._pods = current
+        self._listed, self._listed_ids, self._identities = listed, ids, dict(identities)
+        for old, now in changed:
+            for entry, sign in ((old, -1), (now, 1)):
+                if entry is not None:
+                    refs_of = self._refs_by_key.setdefault(entry[0].key, set())
+                    (refs_of.add if sign > 0 else refs_of.discard)(entry[0].ref)
+                    if not refs_of:
+                        del self._refs_by_key[entry[0].key]
         touched: dict[int, IdentityKey | None] = {}
         before = {n: frozenset(self.infos[n].prefixes) for old, _ in changed if old and (n := old[1]) in self.infos}
-        for _, slot in changed:
-            if slot is not None and (n := slot[1]) in self.infos and n not in before:
+        for _, into in changed:
+            if into is not None and (n := into[1]) in self.infos and n not in before:
                 before[n] = frozenset(self.infos[n].prefixes)
         for out, _ in changed:
             if out is not None:

@@ -155,7 +155,8 @@ def step(draw: st.DrawFn, world: World, serial: int) -> str:
 def test_incremental_equals_from_scratch_after_every_change(world: World, data: st.DataObject) -> None:
     world.nodes = dict(world.nodes)
     budget = data.draw(st.sampled_from(BUDGETS))
-    incremental = IncrementalCompiler()
+    incremental, memory = IncrementalCompiler(), PodRecords()  # as the reconciler keeps them
+    renumbered: dict[Any, int] = {}
     done = ["initial world"]
     for serial in range(STEPS + 1):
         if serial:
@@ -163,8 +164,15 @@ def test_incremental_equals_from_scratch_after_every_change(world: World, data: 
             if done[-1] == "budget":
                 budget = data.draw(st.sampled_from(BUDGETS))
         records, identities = inputs(world)
+        if serial and data.draw(st.integers(0, 5)) == 0 and identities:  # a key given another number
+            key = data.draw(st.sampled_from(sorted(identities)))
+            renumbered[key] = max([*identities.values(), *renumbered.values()]) + 1
+            done.append(f"renumber {key}")
+        identities = {k: renumbered.get(k, n) for k, n in identities.items()}
         expected = compile_policies(world.policies, records, identities, world.nodes, budget)
-        actual = incremental.compile(world.policies, records, identities, world.nodes, budget)
+        remembered = memory(world.pods, {n["metadata"]["name"]: n["metadata"]["labels"] for n in world.namespaces})
+        assert remembered == records
+        actual = incremental.compile(world.policies, remembered, identities, world.nodes, budget)
         assert wire(actual) == wire(expected), done
 
 
