@@ -14,7 +14,7 @@ server on TCP/80, plus one policy allowing the client. The contenders:
   backend it is);
 - nft: one table with a forward-hook chain: `ip saddr . tcp dport @allowed accept`, else drop
   for the server's address; the set holds the N peers and the client;
-- beekeeper: the operator's compile_policies over N+2 pods and N/4000 + 1 policies, the node's
+- beekeeper: the operator's policy compiler over N+2 pods and N/4000 + 1 policies, the node's
   spec and slices given to the daemon's own PolicyAgent, which loads bpf/policy.o and attaches
   its tcx programs to both host-side veths;
 - beekeeper-open: the same datapath on both veths, but the only policy selects no local pod,
@@ -35,8 +35,9 @@ of ring buffer room); the memlock of the loaded maps; the kernel memory each con
 loaded state takes (Slab + VmallocUsed + Percpu of /proc/meminfo, after minus before
 install: approximate on a shared machine, exact enough at large N); and the time to change
 one rule among N: `iptables -I`, one nft set element, a raw write of one policy_allow entry,
-and compile_policies + PolicyAgent.reconcile for a policy that gains one peer (the daemon's
-whole path minus the API round trips).
+and the operator's IncrementalCompiler + PolicyAgent.reconcile for a policy that gains one
+peer (the whole path minus the API round trips; bench/policy_incremental.py has the
+operator's part from scratch vs incremental).
 
 Output: a table on stdout, datapath.csv (and datapath.png if matplotlib is importable) in
 --out. Everything it creates (namespaces, links, the iptables chain, the nft table, the bpffs
@@ -79,6 +80,7 @@ from beekeeper.node_daemon.policy_datapath import TO_POD
 from beekeeper.operator.identities import IdentityKey, plan_identities
 from beekeeper.operator.pods import PodRecord, pod_records
 from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
+from beekeeper.operator.policy_incremental import IncrementalCompiler
 
 NAMESPACE, NODE, ELSEWHERE = "bench", "bench", "elsewhere"
 PEERS = ipaddress.IPv4Address("10.64.0.0")  # peer i is PEERS + i + 1 (up to a /10: 4M peers)
@@ -138,16 +140,18 @@ class World:
     size: int
     client: SimPod
     server: SimPod
+    pods: list[dict[str, Any]] = field(default_factory=list)
     records: list[PodRecord] = field(default_factory=list)
     identities: dict[IdentityKey, int] = field(default_factory=dict)
+    compiler: IncrementalCompiler = field(default_factory=IncrementalCompiler)
 
     def __post_init__(self) -> None:
-        pods = [pod_body(p.name, NODE, p.ip, p.labels) for p in (self.client, self.server)]
-        pods += [
+        self.pods = [pod_body(p.name, NODE, p.ip, p.labels) for p in (self.client, self.server)]
+        self.pods += [
             pod_body(f"peer-{i}", ELSEWHERE, peer_ip(i), {"peer": str(i), "group": str(i // GROUP)})
             for i in range(self.size)
         ]
-        self.records = pod_records(pods, {NAMESPACE: {"kubernetes.io/metadata.name": NAMESPACE}})
+        self.records = pod_records(self.pods, {NAMESPACE: {"kubernetes.io/metadata.name": NAMESPACE}})
         self.identities = plan_identities({r.key for r in self.records}, {}, {}, 0.0, 60.0).assigned
 
     def policies(self, extra_peer: bool = False) -> list[dict[str, Any]]:
@@ -162,11 +166,15 @@ class World:
         return [*bodies, client]
 
     def compile(self, extra_peer: bool = False, isolating: bool = True) -> CompiledPolicies:
-        """isolating False: one policy that selects no pod here (the datapath runs, nothing is isolated)."""
-        policies = self.policies(extra_peer) if isolating else [policy_body("nobody", {"app": "nobody"}, [PORT])]
-        if not isolating:
-            policies[0]["spec"]["podSelector"] = {"matchLabels": {"app": "nobody"}}
-        return compile_policies(policies, self.records, self.identities, {NODE: [], ELSEWHERE: []})
+        """Through the operator's IncrementalCompiler, as its reconcile passes do (the first call
+        from scratch). isolating False: one policy that selects no pod here (the datapath runs,
+        nothing is isolated), compiled from scratch."""
+        nodes: dict[str, list[str]] = {NODE: [], ELSEWHERE: []}
+        if isolating:
+            return self.compiler.compile(self.policies(extra_peer), self.records, self.identities, nodes)
+        nobody = policy_body("nobody", {"app": "nobody"}, [PORT])
+        nobody["spec"]["podSelector"] = {"matchLabels": {"app": "nobody"}}
+        return compile_policies([nobody], self.records, self.identities, nodes)
 
     def identity(self, name: str) -> int:
         record = next(r for r in self.records if r.name == name)
@@ -301,11 +309,11 @@ class Beekeeper(Contender):
         shutil.rmtree(self.bpffs, ignore_errors=True)
 
     def change_one(self) -> float | None:
-        """The operator's recompile plus the daemon's reconcile for one more rule, then back."""
+        """The operator's (incremental) recompile plus the daemon's reconcile for one more rule, then back."""
         if not self.enforces:
             return None
         seconds = timed(lambda: self._reconcile(self.world.compile(extra_peer=True)))
-        self._reconcile(self.compiled)
+        self._reconcile(self.world.compile())
         return seconds
 
     def map_write(self, writes: int = 200) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Literal
 
@@ -163,7 +164,15 @@ def split_rule(rule: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
             yield {**rule, "peers": peers, "ports": ports}
 
 
+_PLAIN = re.compile(r"[0-9a-fA-F.:/]+")
+"""Characters of an address prefix, none of which JSON escapes."""
+
+
 def _size(item: Mapping[str, Any]) -> int:
+    """Compact JSON length; an address entry's is counted without encoding it (slices hold thousands)."""
+    cidr = item.get("cidr")
+    if len(item) == 2 and type(item.get("identity")) is int and isinstance(cidr, str) and _PLAIN.fullmatch(cidr):
+        return 23 + len(cidr) + len(str(item["identity"]))  # {"cidr":"…","identity":…}
     return len(json.dumps(item, separators=(",", ":")))
 
 

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -41,9 +41,9 @@ def _frozen(labels: Mapping[str, str] | None) -> Labels:
     return tuple(sorted((labels or {}).items()))
 
 
-@dataclass(frozen=True, order=True)
-class IdentityKey:
-    """The label set an identity stands for; hashable and ordered so allocation is deterministic."""
+class IdentityKey(NamedTuple):
+    """The label set an identity stands for; hashable and ordered so allocation is deterministic (a tuple:
+    every pass looks every pod's key up in dicts of every identity, and a tuple hashes and compares in C)."""
 
     namespace: str
     labels: Labels = ()
@@ -107,6 +107,33 @@ def parse_identities(bodies: Iterable[Mapping[str, Any]]) -> dict[int, IdentityK
     return dict(p for p in parsed if p is not None)
 
 
+class IdentityReader:
+    """parse_identities with memory, for the operator's pass over every NetworkIdentity: an object seen before
+    (the cache keeps the same one until it changes) is not validated again."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
+        self._ids: list[int] = []
+        self._out: dict[int, IdentityKey | None] = {}
+
+    def __call__(self, bodies: Iterable[Mapping[str, Any]]) -> dict[int, IdentityKey | None]:
+        listed = list(bodies)
+        ids = list(map(id, listed))
+        if ids == self._ids:  # the very objects of the last pass (held in the memo, so no id was reused)
+            return dict(self._out)
+        memo: dict[int, tuple[Mapping[str, Any], tuple[int, IdentityKey | None] | None]] = {}
+        out: dict[int, IdentityKey | None] = {}
+        for body in listed:
+            seen = self._memo.get(id(body))
+            if seen is None or seen[0] is not body:
+                seen = (body, parse_identity(body))
+            memo[id(body)] = seen
+            if seen[1] is not None:
+                out[seen[1][0]] = seen[1][1]
+        self._memo, self._ids, self._out = memo, ids, out
+        return dict(out)
+
+
 @dataclass
 class IdentityPlan:
     """What one reconcile pass does with identities."""
@@ -135,19 +162,14 @@ def plan_identities(
     Duplicates (two objects for one key, after a race) resolve to the lowest number; the
     others become unused and are collected like any unused identity.
     """
-    by_key: dict[IdentityKey, int] = {}
-    for number in sorted(existing):
-        key = existing[number]
-        if key is not None:
-            by_key.setdefault(key, number)
-    wanted_keys = sorted(set(wanted))
-    assigned: dict[IdentityKey, int] = {}
+    # Highest number first, so the lowest one of a key is the one left (comprehensions: a pass runs this per
+    # identity of the cluster).
+    by_key = {key: number for number, key in sorted(existing.items(), reverse=True) if key is not None}
+    wanted_keys = set(wanted)
+    assigned = {key: number for key in wanted_keys if (number := by_key.get(key)) is not None}
     create: dict[int, IdentityKey] = {}
     taken = set(existing)
-    for key in wanted_keys:
-        if key in by_key:
-            assigned[key] = by_key[key]
-            continue
+    for key in sorted(wanted_keys - assigned.keys()):  # new ones in order: who probes first is deterministic
         number = next(n for n in key.candidates() if n not in taken)
         taken.add(number)
         assigned[key] = number
@@ -155,9 +177,7 @@ def plan_identities(
 
     in_use = set(assigned.values())
     plan = IdentityPlan(assigned, create, [])
-    for number in sorted(existing):
-        if number in in_use or existing[number] is None:
-            continue
+    for number in sorted(n for n in existing.keys() - in_use if existing[n] is not None):
         since = unused_since.get(number, now)
         if now - since >= grace:
             plan.delete.append(number)

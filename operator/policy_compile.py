@@ -34,6 +34,9 @@ the expansion budget is refused (ExpansionBudgetExceeded) and ignored like an in
 Its entries include those for other policies' prefixes nested in its blocks (the datapath
 resolves one most specific prefix), so the policies over budget with their own prefixes
 alone are refused first; that can only shrink the others.
+
+compile_policies computes all of it from scratch and is the reference; the operator's passes go
+through policy_incremental.IncrementalCompiler, which gives the same output from what changed.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
+from beekeeper.crds.common import LabelSelector
 from beekeeper.crds.identity import MIN_POD_IDENTITY
 from beekeeper.crds.networkpolicy import (
     EgressRule,
@@ -136,6 +140,18 @@ class IdentityInfo:
     """The pods' addresses, as host prefixes."""
     ports: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     """(port name, protocol) -> numbers, over every pod of the identity."""
+    _rows: dict[tuple[int, int, int], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+
+    def ipcache_rows(self) -> dict[tuple[int, int, int], dict[str, Any]]:
+        """The prefixes as slice ipcache entries by address order, kept until forget_rows (a slice naming
+        thousands of identities is rebuilt from these, not re-encoded)."""
+        if self._rows is None:
+            self._rows = {_net_order(p): {"cidr": str(p), "identity": self.number} for p in self.prefixes}
+        return self._rows
+
+    def forget_rows(self) -> None:
+        """After prefixes changed."""
+        self._rows = None
 
 
 @dataclass
@@ -196,6 +212,21 @@ def parse_policy(body: Body) -> tuple[PolicyOutcome, NetworkIdentityPolicy | Non
     return outcome, policy
 
 
+def selects_pods(namespace: str, selector: LabelSelector, key: IdentityKey) -> bool:
+    """Whether a policy of `namespace` with this podSelector applies to the identity's pods."""
+    return key.namespace == namespace and selector.matches(key.label_map)
+
+
+def matches_peer(namespace: str, peer: Peer, key: IdentityKey) -> bool:
+    """Whether a selector peer (not an ipBlock) of a policy in `namespace` matches the identity."""
+    if peer.namespace_selector is None:
+        if key.namespace != namespace:
+            return False
+    elif not peer.namespace_selector.matches(key.namespace_label_map):
+        return False
+    return peer.pod_selector is None or peer.pod_selector.matches(key.label_map)
+
+
 # --------------------------------------------------------------------------------------
 # Rules of one policy, before ipBlocks are expanded per node
 # --------------------------------------------------------------------------------------
@@ -204,9 +235,8 @@ PeerRef = int | Block
 """An identity number (ANY for every peer) or an ipBlock."""
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A rule for one local identity whose peer may still be an ipBlock."""
+class Entry(NamedTuple):
+    """A rule for one local identity whose peer may still be an ipBlock (a tuple: policies make thousands)."""
 
     direction: PolicyType
     peer: PeerRef
@@ -261,11 +291,7 @@ class _PolicyCompiler:
 
     def add(self, policy: NetworkIdentityPolicy, outcome: PolicyOutcome) -> None:
         spec = policy.spec
-        selected = [
-            n
-            for n, info in sorted(self.infos.items())
-            if info.key.namespace == outcome.namespace and spec.pod_selector.matches(info.key.label_map)
-        ]
+        selected = self._selected(outcome.namespace, spec.pod_selector)
         types = spec.effective_policy_types()
         for direction, attr, wire, action in _RULE_LISTS:
             rules: Sequence[IngressRule | EgressRule] = getattr(spec, attr) or []
@@ -329,16 +355,15 @@ class _PolicyCompiler:
                 outcome.warn(f"{path}.ipBlock: IPv6 is not enforced (the datapath handles IPv4 only)")
             self.blocks.add(block)
             return [block]
-        matched: list[PeerRef] = []
-        for n, info in sorted(self.infos.items()):
-            if peer.namespace_selector is None:
-                if info.key.namespace != outcome.namespace:
-                    continue
-            elif not peer.namespace_selector.matches(info.key.namespace_label_map):
-                continue
-            if peer.pod_selector is None or peer.pod_selector.matches(info.key.label_map):
-                matched.append(n)
-        return matched
+        return list(self._peers(outcome.namespace, peer))
+
+    def _selected(self, namespace: str, selector: LabelSelector) -> list[int]:
+        """The identities of `namespace` the policy's podSelector selects, in order."""
+        return [n for n, info in sorted(self.infos.items()) if selects_pods(namespace, selector, info.key)]
+
+    def _peers(self, namespace: str, peer: Peer) -> list[int]:
+        """The identities a podSelector/namespaceSelector peer of a policy in `namespace` matches, in order."""
+        return [n for n, info in sorted(self.infos.items()) if matches_peer(namespace, peer, info.key)]
 
     def _servers(self, port: _Named) -> list[int]:
         """Every identity with pods that name a port so: "any peer" on a named port means those."""
@@ -545,65 +570,72 @@ def _node_slices(
     node: str,
     view: _NodeView,
     refs: Iterable[str],
-    compiler: _PolicyCompiler,
+    infos: Mapping[int, IdentityInfo],
     cidr_ids: Mapping[Network, int],
     expansions: _Expansions,
 ) -> dict[str, dict[str, Any]]:
-    """Every policy's slices on the node: its factored rules, the pod addresses they name, and its prefixes
-    (its own blocks' and the other policies' prefixes nested in them, which its rules name)."""
+    """Every policy's slices on the node."""
     active = frozenset(ref for ref in view.items if ref in refs)
     coverage = expansions.coverage(node, view, active)
+    out: dict[str, dict[str, Any]] = {}
+    for ref in sorted(active):
+        out.update(policy_slices(node, view, ref, expansions.rules(node, view, active, ref), coverage, infos, cidr_ids))
+    return out
+
+
+def policy_slices(
+    node: str,
+    view: _NodeView,
+    ref: str,
+    rules: Mapping[_RuleKey, set[_PortKey]],
+    coverage: _Coverage,
+    infos: Mapping[int, IdentityInfo],
+    cidr_ids: Mapping[Network, int],
+) -> dict[str, dict[str, Any]]:
+    """One policy's slices on the node: its factored rules, the pod addresses they name, and its prefixes
+    (its own blocks' and the other policies' prefixes nested in them, which its rules name)."""
 
     def identity(peer: int) -> int:
         return cidr_ids[coverage.prefix(peer)] if peer < 0 else peer
 
-    out: dict[str, dict[str, Any]] = {}
-    for ref in sorted(active):
-        rules = expansions.rules(node, view, active, ref)
-        peers = {key[3] for key in rules}
-        prefixes = set(_prefixes(view.blocks[ref])) | {coverage.prefix(p) for p in peers if p < 0}
-        ipcache: dict[Network, int] = {}
-        for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
-            if number in compiler.infos:
-                ipcache.update(dict.fromkeys(compiler.infos[number].prefixes, number))
-        for address in view.addresses:
-            ipcache.pop(ipaddress.ip_network(address), None)  # the node-wide entry says host
-        if not rules and not prefixes:
-            continue
-        specs = pack_slices(
-            ref,
-            _factored(rules, identity),
-            [{"cidr": str(n), "identity": ipcache[n]} for n in sorted(ipcache, key=_net_order)],
-            [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
-        )
-        for i, spec in enumerate(specs):
-            out[slice_name(node, ref, i)] = {"nodeName": node, **spec}
-    return out
+    peers = {key[3] for key in rules}
+    prefixes = set(_prefixes(view.blocks[ref])) | {coverage.prefix(p) for p in peers if p < 0}
+    ipcache: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
+        if number in infos:
+            ipcache.update(infos[number].ipcache_rows())
+    for address in view.addresses:
+        ipcache.pop(_net_order(ipaddress.ip_network(address)), None)  # the node-wide entry says host
+    if not rules and not prefixes:
+        return {}
+    specs = pack_slices(
+        ref,
+        _factored(rules, identity),
+        [row for _, row in sorted(ipcache.items())],
+        [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
+    )
+    return {slice_name(node, ref, i): {"nodeName": node, **spec} for i, spec in enumerate(specs)}
 
 
-def _node_policy(
-    view: _NodeView, compiler: _PolicyCompiler, refs: set[str], slices: Mapping[str, Any]
-) -> dict[str, Any]:
-    """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
-    endpoints with their isolation, the node's own addresses as host, and the slices to apply."""
-
-    def enforced(n: int, direction: PolicyType) -> bool:
-        return any(ref in refs for ref in compiler.isolating.get((n, direction), ()))
-
-    isolating = any(enforced(n, d) for _, n in view.endpoints for d in PolicyType)
-    hosts = sorted({ipaddress.ip_network(a) for a in view.addresses}, key=_net_order) if isolating else []
+def endpoint_entry(pod: PodRecord, number: int, ingress: bool, egress: bool) -> dict[str, Any]:
+    """One local endpoint of spec.networkPolicy, with the directions it is isolated in."""
     return {
-        "endpoints": [
-            {
-                "namespace": pod.namespace,
-                "pod": pod.name,
-                "ip": pod.ipv4,
-                "identity": number,
-                "ingressEnforced": enforced(number, PolicyType.INGRESS),
-                "egressEnforced": enforced(number, PolicyType.EGRESS),
-            }
-            for pod, number in view.endpoints
-        ],
+        "namespace": pod.namespace,
+        "pod": pod.name,
+        "ip": pod.ipv4,
+        "identity": number,
+        "ingressEnforced": ingress,
+        "egressEnforced": egress,
+    }
+
+
+def node_policy(endpoints: list[dict[str, Any]], addresses: Sequence[str], slices: Mapping[str, Any]) -> dict[str, Any]:
+    """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
+    endpoints with their isolation, the node's own addresses as host (once one is isolated), and the slices."""
+    isolating = any(e["ingressEnforced"] or e["egressEnforced"] for e in endpoints)
+    hosts = sorted({ipaddress.ip_network(a) for a in addresses}, key=_net_order) if isolating else []
+    return {
+        "endpoints": endpoints,
         "ipcache": [{"cidr": str(n), "identity": HOST} for n in hosts],
         "cidrIdentities": [],
         "rules": [],
@@ -641,6 +673,8 @@ def compile_policies(
         number = identities.get(pod.key)
         if pod.node in per_node and pod.ipv4 is not None and number is not None:
             per_node[pod.node].append((pod, number))
+    for eps in per_node.values():  # in pod order whatever the input order, so equal pods give equal bytes
+        eps.sort(key=lambda e: e[0].ref)
     views = {node: _node_view(eps, nodes[node], compiler) for node, eps in per_node.items() if eps}
 
     # Refuse what exceeds the budget, the policies over it on their own first: removing them
@@ -672,8 +706,17 @@ def compile_policies(
     compiled: dict[str, dict[str, Any] | None] = dict.fromkeys(nodes)
     slices: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
     for node, view in views.items():
-        slices[node] = _node_slices(node, view, refs, compiler, cidr_ids, expansions)
-        compiled[node] = _node_policy(view, compiler, refs, slices[node]) if refs else None
+        slices[node] = _node_slices(node, view, refs, compiler.infos, cidr_ids, expansions)
+        if refs:
+
+            def enforced(n: int, direction: PolicyType) -> bool:
+                return any(ref in refs for ref in compiler.isolating.get((n, direction), ()))
+
+            endpoints = [
+                endpoint_entry(pod, n, enforced(n, PolicyType.INGRESS), enforced(n, PolicyType.EGRESS))
+                for pod, n in view.endpoints
+            ]
+            compiled[node] = node_policy(endpoints, view.addresses, slices[node])
     return CompiledPolicies(compiled, outcomes, slices)
 
 

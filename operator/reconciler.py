@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -61,15 +61,16 @@ from beekeeper.operator.events import EventRecorder, Notice, policy_notice, prog
 from beekeeper.operator.health import Health
 from beekeeper.operator.identities import (
     IdentityKey,
+    IdentityReader,
     gc_grace_seconds,
     identity_body,
-    parse_identities,
     parse_identity,
     plan_identities,
 )
 from beekeeper.operator.metrics import OperatorMetrics
-from beekeeper.operator.pods import PodRecord, pod_records
-from beekeeper.operator.policy_compile import compile_policies, expansion_budget, node_addresses
+from beekeeper.operator.pods import PodRecord, PodRecords
+from beekeeper.operator.policy_compile import expansion_budget, node_addresses
+from beekeeper.operator.policy_incremental import IncrementalCompiler
 from beekeeper.operator.program_status import aggregate
 from beekeeper.operator.runtime_compile import compile_runtime
 
@@ -182,6 +183,12 @@ class Reconciler:
         self.events = EventRecorder(self.core)
         self.identity_gc_grace = gc_grace_seconds()
         self.expansion_budget = expansion_budget()
+        self.policy_compiler = IncrementalCompiler()
+        self.pod_records = PodRecords()
+        self.identity_reader = IdentityReader()
+        self._known_same: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
+        """(kind, name) -> (stored resourceVersion, desired object) found or written equal: a pass whose
+        compiler returned that very object for a still-unchanged stored one skips comparing them."""
         self.images = image_resolver.from_environment()
         self.resync = resync_seconds()
         self._unused_since: dict[int, float] = {}
@@ -285,9 +292,9 @@ class Reconciler:
 
         desired = node_programs(placements, node_labels, running)
 
-        pods = pod_records(snapshot.pods, snapshot.namespaces)
+        pods = self.pod_records(snapshot.pods, snapshot.namespaces)
         identities = self._allocate(pods, snapshot.identities)
-        compiled = compile_policies(
+        compiled = self.policy_compiler.compile(
             snapshot.policies,
             pods,
             identities.assigned,
@@ -420,7 +427,7 @@ class Reconciler:
         set, otherwise re-plan around it. A label set the API refuses (e.g. too many labels)
         gets no identity, so its pods are left out of the datapath rather than failing the pass.
         """
-        existing = parse_identities(identity_bodies)
+        existing = self.identity_reader(identity_bodies)
         wanted = {pod.key for pod in pods}
         for _ in range(IDENTITY_ALLOCATION_ROUNDS):
             plan = plan_identities(wanted, existing, self._unused_since, time.monotonic(), self.identity_gc_grace)
@@ -527,7 +534,7 @@ class Reconciler:
         errors: dict[str, str] = {}
         written: set[str] = set()
         for name, spec in sorted(desired.items()):
-            if (stored.get(name) or {}).get("spec") == spec:
+            if self._same(("BpfPolicySlice", name), stored.get(name), spec, lambda s, d: (s or {}).get("spec") == d):
                 continue
             try:
                 self._put_slice(node, name, spec, node_body, exists=name in stored)
@@ -551,6 +558,28 @@ class Reconciler:
                 refs += mine
         return {**network_policy, "slices": sorted(refs, key=lambda r: r["name"])}, errors
 
+    def _same(
+        self,
+        key: tuple[str, str],
+        stored: Mapping[str, Any] | None,
+        desired: Mapping[str, Any] | None,
+        compare: Callable[[Mapping[str, Any] | None, Mapping[str, Any] | None], bool],
+    ) -> bool:
+        """compare(stored, desired), skipped when both are what an earlier pass found (or wrote) equal."""
+        version = ((stored or {}).get("metadata") or {}).get("resourceVersion")
+        known = self._known_same.get(key)
+        if desired is not None and known is not None and known[0] == version and known[1] is desired:
+            return True
+        if not compare(stored, desired):
+            return False
+        if desired is not None and version is not None:
+            self._known_same[key] = (version, desired)
+        return True
+
+    def _written_same(self, key: tuple[str, str], written: object, desired: Mapping[str, Any]) -> None:
+        body = cast(Mapping[str, Any], written)  # the client types its JSON answers `object`
+        self._known_same[key] = (str(body["metadata"]["resourceVersion"]), desired)
+
     def _put_slice(
         self, node: str, name: str, spec: dict[str, Any], node_body: Mapping[str, Any], exists: bool
     ) -> None:
@@ -559,6 +588,7 @@ class Reconciler:
             patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, **spec}}
             written = self.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name, patch)
             self._wrote("BpfPolicySlice", written)
+            self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec["policy"]})
             return
         meta = node_body.get("metadata") or {}
@@ -578,6 +608,7 @@ class Reconciler:
         try:
             written = self.custom.create_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, body)
             self._wrote("BpfPolicySlice", written)
+            self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec["policy"]})
         except ApiException as exc:
             if exc.status != 409:
@@ -594,6 +625,7 @@ class Reconciler:
                 if exc.status != 404:
                     raise
             self._deleted("BpfPolicySlice", name)
+            self._known_same.pop(("BpfPolicySlice", name), None)
 
     def _write_nodestate(
         self,
@@ -606,7 +638,12 @@ class Reconciler:
     ) -> tuple[int | None, str | None]:
         """Write the node's spec if it differs; returns its generation and networkPolicy.revision afterwards."""
         old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
-        same_policy = _same_network_policy(old_policy, network_policy)
+        same_policy = self._same(
+            ("BpfNodeState", node),
+            existing,
+            network_policy,
+            lambda _, desired: _same_network_policy(old_policy, desired),
+        )
         revision = None
         if network_policy is not None:  # hashed only when it changed: the stored revision stands for it otherwise
             revision = ((old_policy or {}).get("revision") if same_policy else None) or policy_revision(network_policy)
@@ -644,6 +681,8 @@ class Reconciler:
             del body["metadata"]["ownerReferences"]
         written = kube.apply_custom(self.custom, BPF_NODE_STATE_PLURAL, body, kube.OPERATOR_MANAGER)
         self._wrote("BpfNodeState", written)
+        if network_policy is not None:
+            self._written_same(("BpfNodeState", node), written, network_policy)
         log.info("bpfnodestate created" if existing is None else "bpfnodestate updated", extra=extra)
         return written["metadata"].get("generation"), revision
 
@@ -655,6 +694,7 @@ class Reconciler:
             if exc.status != 404:
                 raise
         self._deleted("BpfNodeState", node)
+        self._known_same.pop(("BpfNodeState", node), None)
 
     def _apply_status(
         self, names: ResourceNames, meta: dict[str, str], status: dict[str, Any], summary: dict[str, Any]
