@@ -60,6 +60,8 @@ GROUP_PODS = 100
 GROUP_NODES = 10
 SETTLE_SECONDS = 1.0
 """A change is over once no node state or slice was written for this long and every moved node enforces."""
+NOTHING_MOVED_SECONDS = 15.0
+"""A change that moved no node's revision in this long moved none (reported, not timed)."""
 CONTROL_WRITES = tuple(f"{p}.{c}" for p in (NODESTATE, SLICE) for c in ("create", "spec", "meta", "delete"))
 """The operator's writes of what nodes read (a slice's content is its spec, so it counts as a spec write)."""
 ETCD_LIMIT = 1.5 * 1024 * 1024
@@ -185,7 +187,8 @@ class Bench(Harness):
         world.labels.pop(name, None)
 
     def _flip(self, core: client.CoreV1Api, world: World, name: str) -> None:
-        app = f"g{world.random.randrange(world.size.groups)}"
+        others = [g for g in range(world.size.groups) if f"g{g}" != world.labels.get(name)]
+        app = f"g{world.random.choice(others)}"  # another group: a new identity
         core.patch_namespaced_pod(name, world.namespace, {"metadata": {"labels": {"app": app}}})
         world.labels[name] = app
 
@@ -251,7 +254,8 @@ class Bench(Harness):
                         victim = pods.pop(world.random.randrange(len(pods)))
                         change = partial(self._delete_pod, core, world, victim)
                     latency, moved, writes = self._measure(f"{kind} {n + 1}/{self.changes}", world.nodes, change)
-                    result.latency.setdefault(kind, []).append(latency)
+                    if latency is not None:
+                        result.latency.setdefault(kind, []).append(latency)
                     result.moved.setdefault(kind, []).append(moved)
                     result.writes.setdefault(kind, []).append(writes)
 
@@ -282,10 +286,11 @@ class Bench(Harness):
         self.stop([operator])
         return result
 
-    def _measure(self, what: str, nodes: list[str], change: Callable[[], object]) -> tuple[float, int, int]:
+    def _measure(self, what: str, nodes: list[str], change: Callable[[], object]) -> tuple[float | None, int, int]:
         """Apply one change and wait until every node whose revision moved enforces it.
 
-        Returns (apply -> the last moved node's enforcing status event, nodes moved, control writes).
+        Returns (apply -> the last moved node's enforcing status event, None if no node moved;
+        nodes moved; control writes).
         """
         states = self.recorder.objects[NODESTATE]
         with self.recorder._cond:
@@ -293,14 +298,17 @@ class Bench(Harness):
         writes = self.recorder.snapshot()
         started = time.monotonic()
         change()
-        moved = self._settle(what, nodes, before)
+        moved = self._settle(what, nodes, before, started)
         spent = self.recorder.snapshot() - writes
-        latest = max(self.enforced_at[n][1] for n in moved)
-        return latest - started, len(moved), sum(spent[k] for k in CONTROL_WRITES)
+        latest = max((self.enforced_at[n][1] for n in moved), default=None)
+        return None if latest is None else latest - started, len(moved), sum(spent[k] for k in CONTROL_WRITES)
 
-    def _settle(self, what: str, nodes: list[str], before: dict[str, str | None] | None) -> list[str]:
+    def _settle(
+        self, what: str, nodes: list[str], before: dict[str, str | None] | None, started: float = 0.0
+    ) -> list[str]:
         """Until the moved nodes (all with a policy, when before is None) enforce their revision and no
-        node state or slice was written for SETTLE_SECONDS; returns the moved nodes."""
+        node state or slice was written for SETTLE_SECONDS; returns the moved nodes (none when
+        nothing moved within NOTHING_MOVED_SECONDS of started)."""
         states = self.recorder.objects[NODESTATE]
 
         def moved() -> list[str]:
@@ -315,7 +323,8 @@ class Bench(Harness):
             found = moved()
             done = sum(1 for n in found if _enforces(states.get(n)))
             quiet = time.monotonic() - max((self.recorder.last.get(k, 0.0) for k in CONTROL_WRITES), default=0.0)
-            return bool(found) and done == len(found) and quiet >= SETTLE_SECONDS, f"{done}/{len(found)} enforcing"
+            some = bool(found) or (before is not None and time.monotonic() - started > NOTHING_MOVED_SECONDS)
+            return some and done == len(found) and quiet >= SETTLE_SECONDS, f"{done}/{len(found)} enforcing"
 
         self.wait(what, check)
         with self.recorder._cond:
