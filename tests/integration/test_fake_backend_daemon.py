@@ -75,9 +75,7 @@ def test_fake_policy_daemon_enforces_the_current_revision(cluster, operator_proc
             "spec": {
                 "podSelector": {"matchLabels": {"app": "server"}},
                 "policyTypes": ["Ingress"],
-                "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 8080}]}
-                ],
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 8080}]}],
             },
         }
         custom.create_namespaced_custom_object(GROUP, VERSION, ns, NETWORK_IDENTITY_POLICY_PLURAL, policy)
