@@ -268,7 +268,8 @@ class Bench(Harness):
                 result.seconds["settle after churn"] = time.monotonic() - started - SETTLE_SECONDS
         result.rss_peak_mib = usage(operator).peak_rss_mib
         for plural in (NODESTATE, SLICE):
-            objects = self.recorder.objects[plural].values()
+            with self.recorder._cond:  # the watch threads change these dicts
+                objects = list(self.recorder.objects[plural].values())
             result.sizes[plural] = sorted(len(json.dumps(o, separators=(",", ":"))) for o in objects)
 
         progress(f"{size}: tearing down")
@@ -495,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             result.churn_lag = list(bench.lags or [])
             bench.lags = None
             results.append(result)
+            progress(f"{size} done:\n{table([result])}")  # kept in the log should a later size fail
     except KeyboardInterrupt:
         progress("interrupted; cleaning up")
         return 130
