@@ -272,9 +272,14 @@ class Bench(Harness):
                 objects = list(self.recorder.objects[plural].values())
             result.sizes[plural] = sorted(len(json.dumps(o, separators=(",", ":"))) for o in objects)
 
+        result.churn_lag, self.lags = list(self.lags or []), None
+        progress(f"{size} done:\n{table([result])}")  # kept in the log should the teardown or a later size fail
         progress(f"{size}: tearing down")
         self.stop(daemons)
-        core.delete_collection_namespaced_pod(world.namespace, grace_period_seconds=0)
+        try:
+            core.delete_collection_namespaced_pod(world.namespace, grace_period_seconds=0)
+        except client.ApiException as exc:  # 10k pods can outlast the apiserver's 60 s request timeout
+            progress(f"{size}: deleting the pods: {exc.status} {exc.reason}; they are left to the namespace")
         for i in range(size.policies):
             custom.delete_namespaced_custom_object(
                 GROUP, VERSION, world.namespace, NETWORK_IDENTITY_POLICY_PLURAL, f"np{i}"
@@ -492,11 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.start()
         results = []
         for index, size in enumerate(sizes):
-            result = bench.run(size, index)
-            result.churn_lag = list(bench.lags or [])
-            bench.lags = None
-            results.append(result)
-            progress(f"{size} done:\n{table([result])}")  # kept in the log should a later size fail
+            results.append(bench.run(size, index))
     except KeyboardInterrupt:
         progress("interrupted; cleaning up")
         return 130
