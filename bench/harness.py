@@ -10,6 +10,7 @@ they started at the end, also after Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
@@ -201,6 +202,10 @@ def stop_all(pids: list[int], timeout: float = 15.0) -> None:
 # --- one size -------------------------------------------------------------------------------
 
 
+S = TypeVar("S")
+R = TypeVar("R")
+
+
 class Harness:
     """Owns everything started (control plane, operator, daemons) so cleanup() can stop it all."""
 
@@ -218,6 +223,25 @@ class Harness:
         self.api = kube.api_client(self.control_plane.kubeconfig)
         kube.install_crds(self.api, crd_manifests())
         self.recorder.start(self.api)
+
+    def run_sizes(self, sizes: Sequence[S], run: Callable[[S, int], R], keep: bool) -> list[R] | None:
+        """start(), run(size, index) for every size, then cleanup() whatever happened, removing
+        the state directory unless keep. None when interrupted (Ctrl-C, or SIGTERM via interrupt)."""
+        try:
+            self.start()
+            results = [run(size, index) for index, size in enumerate(sizes)]
+        except KeyboardInterrupt:
+            progress("interrupted; cleaning up")
+            return None
+        finally:
+            self.cleanup()
+            if keep:
+                progress(f"state and logs kept in {self.root}")
+            else:
+                shutil.rmtree(self.root, ignore_errors=True)
+        if self.recorder.relists:
+            progress(f"warning: {self.recorder.relists} watch restart(s): write counts may miss some writes")
+        return results
 
     def cleanup(self) -> None:
         """Stop everything; a second Ctrl-C or SIGTERM must not leave half of it running."""

@@ -25,7 +25,6 @@ import argparse
 import ipaddress
 import json
 import random
-import shutil
 import signal
 import statistics
 import sys
@@ -493,22 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     root = Path(tempfile.mkdtemp(prefix="beekeeper-policy-bench-"))
     bench = Bench(root, args.timeout, args.changes, args.churn, args.rate)
-    try:
-        bench.start()
-        results = []
-        for index, size in enumerate(sizes):
-            results.append(bench.run(size, index))
-    except KeyboardInterrupt:
-        progress("interrupted; cleaning up")
+    results = bench.run_sizes(sizes, bench.run, args.keep)
+    if results is None:
         return 130
-    finally:
-        bench.cleanup()
-        if args.keep:
-            progress(f"state and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    if bench.recorder.relists:
-        progress(f"warning: {bench.recorder.relists} watch restart(s): write counts may miss some writes")
     print(table(results))
     return 0
 

@@ -294,20 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     root = Path(tempfile.mkdtemp(prefix="beekeeper-bench-"))
     bench = Bench(root, args.quiet, args.timeout, args.profile)
-    try:
-        bench.start()
-        results = [bench.run(n) for n in sizes]
-    except KeyboardInterrupt:
-        progress("interrupted; cleaning up")
+    results = bench.run_sizes(sizes, lambda n, _: bench.run(n), args.keep)
+    if results is None:
         return 130
-    finally:
-        bench.cleanup()
-        if args.keep:
-            progress(f"state and logs kept in {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    if bench.recorder.relists:
-        progress(f"warning: {bench.recorder.relists} watch restart(s): write counts may miss some writes")
     print(table(results, args.quiet))
     return 0
 

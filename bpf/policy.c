@@ -383,6 +383,30 @@ static __always_inline int drop_unparsed(struct __sk_buff *skb, u32 ifindex, u8 
 
 /* The outer IPv4 header and the ports (or ICMP echo id) after it, read in place (direct
  * packet access); a header past the linear part of the skb is pulled into it first. */
+/* What both parsers take from an IPv4 header ip[0..19]: its length in 32-bit words, 0 if it is none. */
+static __always_inline u32 ipv4_header(const u8 *ip, struct flow *f)
+{
+    u32 ihl = ip[0] & 0x0f;
+    if ((ip[0] >> 4) != 4 || ihl < 5)
+        return 0;
+    __builtin_memcpy(&f->saddr, &ip[12], 4);
+    __builtin_memcpy(&f->daddr, &ip[16], 4);
+    f->protocol = ip[9];
+    return ihl;
+}
+
+/* An echo's identifier stands in for the ports; returns the ICMP type (icmp[0..5] readable). */
+static __always_inline u8 icmp_echo_id(const u8 *icmp, struct flow *f)
+{
+    u16 echo_id;
+    __builtin_memcpy(&echo_id, &icmp[4], 2);
+    if (icmp[0] == BK_ICMP_ECHO)
+        f->sport = echo_id;
+    else if (icmp[0] == BK_ICMP_ECHO_REPLY)
+        f->dport = echo_id;
+    return icmp[0];
+}
+
 static __always_inline int parse_outer(struct __sk_buff *skb, struct flow *f)
 {
     void *data = (void *)(long)skb->data;
@@ -396,12 +420,9 @@ static __always_inline int parse_outer(struct __sk_buff *skb, struct flow *f)
             return BK_PARSE_MALFORMED;
     }
     u8 *ip = data + ETH_HLEN;
-    u32 ihl = ip[0] & 0x0f;
-    if ((ip[0] >> 4) != 4 || ihl < 5)
+    u32 ihl = ipv4_header(ip, f);
+    if (!ihl)
         return BK_PARSE_MALFORMED;
-    __builtin_memcpy(&f->saddr, &ip[12], 4);
-    __builtin_memcpy(&f->daddr, &ip[16], 4);
-    f->protocol = ip[9];
     f->ttl = ip[8];
     f->tos = ip[1];
     f->tot_len = (ip[2] << 8) | ip[3];
@@ -429,14 +450,8 @@ static __always_inline int parse_outer(struct __sk_buff *skb, struct flow *f)
     if (f->protocol == IPPROTO_ICMP) {
         if ((void *)(th + 6) > end)
             return BK_PARSE_MALFORMED;
-        u8 type = th[0];
-        u16 echo_id;
-        __builtin_memcpy(&echo_id, &th[4], 2);
-        if (type == BK_ICMP_ECHO)
-            f->sport = echo_id;
-        else if (type == BK_ICMP_ECHO_REPLY)
-            f->dport = echo_id;
-        else if (type == BK_ICMP_DEST_UNREACH || type == BK_ICMP_TIME_EXCEEDED || type == BK_ICMP_PARAMETER_PROB)
+        u8 type = icmp_echo_id(th, f);
+        if (type == BK_ICMP_DEST_UNREACH || type == BK_ICMP_TIME_EXCEEDED || type == BK_ICMP_PARAMETER_PROB)
             f->icmp_error = 1;
         return BK_PARSE_OK;
     }
@@ -458,12 +473,9 @@ static __always_inline int parse_inner(struct __sk_buff *skb, u32 off, struct fl
     u8 ip[20];
     if (bpf_skb_load_bytes(skb, off, ip, sizeof(ip)) < 0)
         return BK_PARSE_MALFORMED;
-    u32 ihl = ip[0] & 0x0f;
-    if ((ip[0] >> 4) != 4 || ihl < 5)
+    u32 ihl = ipv4_header(ip, f);
+    if (!ihl)
         return BK_PARSE_MALFORMED;
-    __builtin_memcpy(&f->saddr, &ip[12], 4);
-    __builtin_memcpy(&f->daddr, &ip[16], 4);
-    f->protocol = ip[9];
     if (((ip[6] << 8) | ip[7]) & BK_IP_OFFSET_MASK)
         return BK_PARSE_FRAGMENT;
     off += ihl * 4;
@@ -477,12 +489,7 @@ static __always_inline int parse_inner(struct __sk_buff *skb, u32 off, struct fl
         u8 icmp[6];
         if (bpf_skb_load_bytes(skb, off, icmp, sizeof(icmp)) < 0)
             return BK_PARSE_MALFORMED;
-        u16 echo_id;
-        __builtin_memcpy(&echo_id, &icmp[4], 2);
-        if (icmp[0] == BK_ICMP_ECHO)
-            f->sport = echo_id;
-        else if (icmp[0] == BK_ICMP_ECHO_REPLY)
-            f->dport = echo_id;
+        icmp_echo_id(icmp, f);
     }
     return BK_PARSE_OK;
 }

@@ -6,10 +6,27 @@ identity; see test_policy_compile for what happens otherwise)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from policy_reference import World, namespace, pod, policy
+
+EXAMPLES = int(os.environ.get("BEEKEEPER_PROPERTY_EXAMPLES", "300"))
+"""Worlds per property test (CI may raise it); slower tests take a share of it."""
+
+
+def property_settings(examples: int = EXAMPLES) -> settings:
+    """Reproducible runs (derandomized, no example database) of worlds large enough to be slow."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
 
 NODES = {"n1": ["192.168.0.1"], "n2": ["192.168.0.2"], "n3": []}
 OUTSIDE = ["10.0.1.200", "10.0.2.77", "10.9.9.9", "172.16.3.4", "192.168.5.5", "8.8.8.8"]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from policy_reference import World, pod
 from policy_strategies import (
+    EXAMPLES,
     LABELS,
     NAMESPACE_LABELS,
     POD_ADDRESSES,
@@ -26,6 +26,7 @@ from policy_strategies import (
     PORT_NUMBERS,
     PROTOCOLS,
     policies,
+    property_settings,
     worlds,
 )
 
@@ -34,7 +35,6 @@ from beekeeper.operator.pods import PodRecords, pod_records
 from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
 from beekeeper.operator.policy_incremental import IncrementalCompiler
 
-EXAMPLES = int(os.environ.get("BEEKEEPER_PROPERTY_EXAMPLES", "300")) // 3
 STEPS = 12
 BUDGETS = [8192, 8192, 60, 12]
 STEP_KINDS = [
@@ -144,13 +144,7 @@ def step(draw: st.DrawFn, world: World, serial: int) -> str:
     return "budget"
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings(EXAMPLES // 3)
 @given(world=worlds(), data=st.data())
 def test_incremental_equals_from_scratch_after_every_change(world: World, data: st.DataObject) -> None:
     world.nodes = dict(world.nodes)
@@ -218,7 +212,7 @@ def pod_bodies(draw: st.DrawFn, index: int) -> dict[str, Any]:
     return body
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None)
+@property_settings(EXAMPLES // 3)
 @given(data=st.data())
 def test_pod_records_with_memory_equal_pod_records(data: st.DataObject) -> None:
     records = PodRecords()

@@ -14,20 +14,18 @@ otherwise). Flows from a pod to itself never cross its interface and are not sam
 
 from __future__ import annotations
 
-import os
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from policy_datapath_sim import datapath_allows, encode_nodes
 from policy_reference import World, allowed
-from policy_strategies import OUTSIDE, PROTOCOLS, worlds
+from policy_strategies import OUTSIDE, PROTOCOLS, property_settings, worlds
 
 from beekeeper.operator.identities import plan_identities
 from beekeeper.operator.pods import pod_records
 from beekeeper.operator.policy_compile import compile_policies
 
-EXAMPLES = int(os.environ.get("BEEKEEPER_PROPERTY_EXAMPLES", "300"))
 PROBES_PER_WORLD = 300
 
 
@@ -52,13 +50,7 @@ def probe_ports(world: World) -> list[int]:
     return sorted(out)
 
 
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@property_settings()
 @given(world=worlds(), seed=st.integers(0, 2**32 - 1))
 def test_datapath_entries_agree_with_the_policies(world: World, seed: int) -> None:
     compiled = compile_world(world)
