@@ -144,56 +144,56 @@ def test_bcc_release_upgrades_to_core_without_a_wrong_verdict(rig: PodRig) -> No
     threads: list[threading.Thread] = []
     sockets = contextlib.ExitStack()
     try:
-        old_progs = load_bcc_release(path, desired(rig), veths)
-        assert {hooks["ingress"][0] for hooks in map(tcx_program_ids, veths)} == {old_progs[FROM_POD]}
-        expected = expected_table(list(pods))
-        assert probe(pods, expected, 1.0) == expected, "the bcc-built release enforces the policy"
+        try:
+            old_progs = load_bcc_release(path, desired(rig), veths)
+            assert {hooks["ingress"][0] for hooks in map(tcx_program_ids, veths)} == {old_progs[FROM_POD]}
+            expected = expected_table(list(pods))
+            assert probe(pods, expected, 1.0) == expected, "the bcc-built release enforces the policy"
 
-        listener = sockets.enter_context(sockets_in(pods["u/server"].netns, [socket.SOCK_STREAM])[0])
-        listener.bind((pods["u/server"].ip, LONG_LIVED_PORT))
-        listener.listen()
-        client = sockets.enter_context(sockets_in(pods["u/client"].netns, [socket.SOCK_STREAM])[0])
-        client.settimeout(2)
-        client.connect((pods["u/server"].ip, LONG_LIVED_PORT))
-        conn = sockets.enter_context(listener.accept()[0])
-        conn.settimeout(2)
-        exchange(client, conn, b"before")
+            listener = sockets.enter_context(sockets_in(pods["u/server"].netns, [socket.SOCK_STREAM])[0])
+            listener.bind((pods["u/server"].ip, LONG_LIVED_PORT))
+            listener.listen()
+            client = sockets.enter_context(sockets_in(pods["u/client"].netns, [socket.SOCK_STREAM])[0])
+            client.settimeout(2)
+            client.connect((pods["u/server"].ip, LONG_LIVED_PORT))
+            conn = sockets.enter_context(listener.accept()[0])
+            conn.settimeout(2)
+            exchange(client, conn, b"before")
 
-        maps, links = pinned_ids(path / "maps", bpf.map_info), pinned_ids(path / "links", bpf.link_info)
-        # Allowed flows answer at once, so their prober runs many rounds; denied ones each wait out the timeout.
-        probers = [Prober(pods, {p: v for p, v in expected.items() if v is verdict}) for verdict in (True, False)]
-        threads = [threading.Thread(target=p.run, daemon=True) for p in probers]
-        for thread in threads:
-            thread.start()
-        for p in probers:
-            p.rounds_after(2)
+            maps, links = pinned_ids(path / "maps", bpf.map_info), pinned_ids(path / "links", bpf.link_info)
+            # Allowed flows answer at once, so their prober runs many rounds; denied ones each wait out the timeout.
+            probers = [Prober(pods, {p: v for p, v in expected.items() if v is verdict}) for verdict in (True, False)]
+            threads = [threading.Thread(target=p.run, daemon=True) for p in probers]
+            for thread in threads:
+                thread.start()
+            for p in probers:
+                p.rounds_after(2)
 
-        dp = PolicyDatapath(path)  # the new daemon starts
-        new_progs = dp.prog_ids
-        assert set(new_progs.values()).isdisjoint(old_progs.values())
-        pinned = pinned_ids(path / "maps", bpf.map_info)
-        assert {name: pinned[name] for name in maps} == maps  # reused, not recreated
-        assert set(pinned) - set(maps) == {pm.DROP_LIMITS.name}  # what the release did not have is created
-        assert pinned_ids(path / "links", bpf.link_info) == links  # the same links now run the new programs
-        for veth in veths:
-            assert tcx_program_ids(veth) == {"ingress": [new_progs[FROM_POD]], "egress": [new_progs[TO_POD]]}
-        assert [p.name for p in (path / "progs").iterdir()] == [dp.build_id]
-        # What the new daemon then does: sync the same desired state (nothing to write) and attach (no-op).
-        synced = dp.sync(desired(rig))
-        assert (synced.updates, synced.deletes, synced.epoch) == (0, 0, 1), "the maps kept their content"
-        assert {veth: dp.attach(veth).link_ids for veth in veths} == {
-            veth: {p: links[f"{socket.if_nametoindex(veth)}_{s}"] for p, (_, s) in RELEASE_HOOKS.items()}
-            for veth in veths
-        }
-        exchange(client, conn, b"during")  # conntrack's entry was judged by the old programs
-        for p in probers:
-            p.rounds_after(3)
-    finally:
-        for p in probers:
-            p.stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    try:
+            dp = PolicyDatapath(path)  # the new daemon starts
+            new_progs = dp.prog_ids
+            assert set(new_progs.values()).isdisjoint(old_progs.values())
+            pinned = pinned_ids(path / "maps", bpf.map_info)
+            assert {name: pinned[name] for name in maps} == maps  # reused, not recreated
+            assert set(pinned) - set(maps) == {pm.DROP_LIMITS.name}  # what the release did not have is created
+            assert pinned_ids(path / "links", bpf.link_info) == links  # the same links now run the new programs
+            for veth in veths:
+                assert tcx_program_ids(veth) == {"ingress": [new_progs[FROM_POD]], "egress": [new_progs[TO_POD]]}
+            assert [p.name for p in (path / "progs").iterdir()] == [dp.build_id]
+            # What the new daemon then does: sync the same desired state (nothing to write) and attach (no-op).
+            synced = dp.sync(desired(rig))
+            assert (synced.updates, synced.deletes, synced.epoch) == (0, 0, 1), "the maps kept their content"
+            assert {veth: dp.attach(veth).link_ids for veth in veths} == {
+                veth: {p: links[f"{socket.if_nametoindex(veth)}_{s}"] for p, (_, s) in RELEASE_HOOKS.items()}
+                for veth in veths
+            }
+            exchange(client, conn, b"during")  # conntrack's entry was judged by the old programs
+            for p in probers:
+                p.rounds_after(3)
+        finally:
+            for p in probers:
+                p.stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
         wrong = [w for p in probers for w in p.wrong]
         connections = sum(p.connections for p in probers)
         assert not wrong, f"{len(wrong)} wrong verdicts of {connections}, first: {wrong[:5]}"
