@@ -9,6 +9,7 @@ they started at the end, also after Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -282,6 +283,14 @@ class Harness:
 
 def count(done: int, total: int, what: str) -> tuple[bool, str]:
     return done >= total, f"{done}/{total} {what}"
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile by the nearest-rank method (with 20 values, p99 is the largest); 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
 
 
 def ratio(value: float, base: float) -> str:

@@ -11,7 +11,8 @@ plus one that lets the client reach the server on TCP/80, and reports:
 - apply -> every policy Ready (the node's daemon reports the generation that lists them);
 - the policy map entries in the kernel (counted in the pinned map), and the daemon's count;
 - the BpfNodeState's size and the BpfPolicySlices' count and sizes (etcd's limit: 1.5 MiB);
-- one port of one policy changed: API write -> node synced (observedGeneration) and Ready;
+- one port of one policy changed, --edits times: API write -> node synced (the daemon reports the
+  generation, after its map writes) and -> every policy Ready, p50/p99/max;
 - real traffic: client -> server TCP/80 passes, other -> server is dropped.
 
 Everything it creates is removed at the end, also on Ctrl-C or a failure.
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kubernetes import client
 from netpol_rig import PodRig, Probe, SimPod, probe
@@ -75,14 +77,11 @@ from beekeeper.node_daemon.routes import RouteTable
 from beekeeper.operator.identities import plan_identities
 from beekeeper.operator.pods import pod_records
 from beekeeper.operator.policy_compile import CompiledPolicies, compile_policies
+from bench import datapath as dpb  # the world of bench/datapath.py: pods, policies, compile
+from bench.harness import progress, quantile
 
 RULES, PEERS, PORTS = 8, 32, 32
 PER_POLICY = RULES * PEERS * PORTS
-_START = time.monotonic()
-
-
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - _START:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -162,7 +161,13 @@ def kernel_entries(bpffs_root: Path) -> int:
 
 
 def measure(
-    custom: client.CustomObjectsApi, api: client.ApiClient, rig: PodRig, node: Any, namespace: str, entries: int
+    custom: client.CustomObjectsApi,
+    api: client.ApiClient,
+    rig: PodRig,
+    node: Any,
+    namespace: str,
+    entries: int,
+    edits: int,
 ) -> dict[str, Any]:
     policies = math.ceil(entries / PER_POLICY)
     names = {f"big-{i}" for i in range(policies)} | {"client"}
@@ -182,22 +187,28 @@ def measure(
     sizes = [len(json.dumps(s)) for s in slices]
     report = (state.get("status") or {}).get("networkPolicy") or {}
 
-    # One port of one policy: API write -> the node's maps hold it -> Ready.
-    generation = state["metadata"]["generation"]
-    started = time.monotonic()
-    kube.apply(api, big_policy(namespace, 0, edited=True))
-
-    def synced() -> bool:
-        current = cast(
+    # One port of one policy, `edits` times (moved there and back): API write -> node synced -> Ready.
+    to_synced: list[float] = []
+    to_edit_ready: list[float] = []
+    for k in range(edits):
+        generation = cast(
             dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node)
-        )
-        seen = ((current.get("status") or {}).get("networkPolicy") or {}).get("observedGeneration") or 0
-        return seen > generation
+        )["metadata"]["generation"]
 
-    wait_for(synced, 300, "edit synced", interval=0.02)
-    to_synced = time.monotonic() - started
-    wait_for(lambda: all_ready(custom, namespace, names), 300, "edit Ready", interval=0.05)
-    edit_ready = time.monotonic() - started
+        def synced(generation: int = generation) -> bool:
+            current = cast(
+                dict[str, Any], custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node.node)
+            )
+            seen = ((current.get("status") or {}).get("networkPolicy") or {}).get("observedGeneration") or 0
+            return seen > generation
+
+        started = time.monotonic()
+        kube.apply(api, big_policy(namespace, 0, edited=k % 2 == 0))
+        wait_for(synced, 300, "edit synced", interval=0.005)
+        to_synced.append(time.monotonic() - started)
+        wait_for(lambda: all_ready(custom, namespace, names), 300, "edit Ready", interval=0.02)
+        to_edit_ready.append(time.monotonic() - started)
+        progress(f"size {entries}: edit {k + 1}/{edits} synced in {to_synced[-1] * 1000:.0f} ms")
 
     flows = {Probe("p/client", "p/server", 80, "TCP"): True, Probe("p/other", "p/server", 80, "TCP"): False}
     observed = probe(rig.pods, flows, 1.0)
@@ -221,8 +232,11 @@ def measure(
         "kernel policy_allow entries": in_kernel,
         "daemon rules": report.get("rules"),
         "apply -> all Ready, s": round(to_ready, 1),
-        "one port edit -> node synced, s": round(to_synced, 2),
-        "one port edit -> Ready, s": round(edit_ready, 2),
+        "one port edit -> node synced p50, ms": round(quantile(to_synced, 0.5) * 1000),
+        "one port edit -> node synced p99, ms": round(quantile(to_synced, 0.99) * 1000),
+        "one port edit -> node synced max, ms": round(max(to_synced) * 1000),
+        "one port edit -> all Ready p50, ms": round(quantile(to_edit_ready, 0.5) * 1000),
+        "one port edit -> all Ready max, ms": round(max(to_edit_ready) * 1000),
         "BpfNodeState bytes": len(json.dumps(state)),
         "slices": len(slices),
         "largest slice bytes": max(sizes, default=0),
@@ -232,9 +246,6 @@ def measure(
 
 
 # --- the daemon alone: incremental vs from scratch ---------------------------------------------------
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench import datapath as dpb  # noqa: E402  # the world of bench/datapath.py: pods, policies, compile
 
 
 @dataclass(frozen=True)
@@ -411,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", default="10000,100000", help="comma-separated kernel entry targets")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument("--edits", type=int, default=20, help="one-port edits timed per size")
     parser.add_argument("--daemon", action="store_true", help="the node daemon alone: incremental vs from scratch")
     parser.add_argument("--peers", default="1000,10000", help="--daemon: comma-separated peer identity counts")
     parser.add_argument("--rounds", type=int, default=30, help="--daemon: changes timed per case")
@@ -447,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         custom = client.CustomObjectsApi(api)
         for entries in sizes:
             progress(f"size {entries}: applying")
-            results[entries] = measure(custom, api, rig, node, namespace, entries)
+            results[entries] = measure(custom, api, rig, node, namespace, entries, args.edits)
             progress(f"size {entries}: {results[entries]}")
     finally:
         if rig is not None:

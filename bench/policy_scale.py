@@ -52,7 +52,7 @@ from beekeeper.crds.names import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.harness import NO_METRICS, Harness, count, format_table, interrupt, progress, ratio, usage
+from bench.harness import NO_METRICS, Harness, count, format_table, interrupt, progress, quantile, ratio, usage
 
 NODESTATE, SLICE = BPF_NODE_STATE_PLURAL, BPF_POLICY_SLICE_PLURAL
 GROUP_PODS = 100
@@ -390,13 +390,6 @@ def _enforces(state: dict[str, Any] | None) -> bool:
 # --- report ---------------------------------------------------------------------------------
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def table(results: list[Result]) -> str:
     everything = lambda r: [v for vs in r.latency.values() for v in vs]  # noqa: E731
     rows: list[tuple[str, Callable[[Result], float], str]] = [
@@ -405,8 +398,8 @@ def table(results: list[Result]) -> str:
         ("policies", lambda r: r.size.policies, "{:.0f}"),
         ("create pods+policies (bench client), s", lambda r: r.seconds["objects created"], "{:.1f}"),
         ("operator+daemons start to all enforcing, s", lambda r: r.seconds["start to all enforcing"], "{:.1f}"),
-        ("apply->enforced p50, all changes, ms", lambda r: 1000 * _pct(everything(r), 0.5), "{:.0f}"),
-        ("apply->enforced p99, all changes, ms", lambda r: 1000 * _pct(everything(r), 0.99), "{:.0f}"),
+        ("apply->enforced p50, all changes, ms", lambda r: 1000 * quantile(everything(r), 0.5), "{:.0f}"),
+        ("apply->enforced p99, all changes, ms", lambda r: 1000 * quantile(everything(r), 0.99), "{:.0f}"),
     ]
     for kind in CHANGES:
         rows += [
@@ -417,8 +410,8 @@ def table(results: list[Result]) -> str:
         ]
     rows += [
         ("churn: pod ops/s achieved", lambda r: r.churn_ops, "{:.1f}"),
-        ("churn: node spec write->enforced p50, ms", lambda r: 1000 * _pct(r.churn_lag, 0.5), "{:.0f}"),
-        ("churn: node spec write->enforced p99, ms", lambda r: 1000 * _pct(r.churn_lag, 0.99), "{:.0f}"),
+        ("churn: node spec write->enforced p50, ms", lambda r: 1000 * quantile(r.churn_lag, 0.5), "{:.0f}"),
+        ("churn: node spec write->enforced p99, ms", lambda r: 1000 * quantile(r.churn_lag, 0.99), "{:.0f}"),
         ("churn: settle after the last op, s", lambda r: r.seconds.get("settle after churn", 0.0), "{:.2f}"),
         ("operator CPU, initial sync, s", lambda r: r.operator_cpu["initial"], "{:.2f}"),
         ("operator CPU per single change, ms", lambda r: _cpu_per_change(r), "{:.0f}"),
@@ -445,7 +438,7 @@ def table(results: list[Result]) -> str:
 
 
 def _latency(r: Result, kind: str, q: float) -> float:
-    return 1000 * _pct(r.latency.get(kind, []), q)
+    return 1000 * quantile(r.latency.get(kind, []), q)
 
 
 def _moved(r: Result, kind: str) -> float:
