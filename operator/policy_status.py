@@ -2,9 +2,10 @@
 
 Valid says whether the spec could be compiled (and carries warnings about parts that cannot
 take effect). Ready says whether every node with a selected endpoint runs the state written
-for it: its daemon reports status.networkPolicy.enforcing with the observedRevision of the
-spec.networkPolicy the operator wrote. The revision is the policy's own: a BpfProgram
-change on the node moves metadata.generation but not it, so Ready does not dip for it.
+for it: its daemon reports status.networkPolicy.enforcing with an observedRevision that holds
+this policy's current part of spec.networkPolicy (see policy_revisions: an edit of another
+policy on the node does not make this one wait). A BpfProgram change on the node moves
+metadata.generation but not the revision, so Ready does not dip for it either.
 (A daemon that reports no revision is compared by generation, as before.)
 
 Reconciling (nodes still converging) and Stalled (invalid, or a write the API refuses:
@@ -20,6 +21,7 @@ from typing import Any
 
 from beekeeper.crds.common import Condition, set_condition
 from beekeeper.operator.policy_compile import PolicyOutcome
+from beekeeper.operator.policy_revisions import NodeRevisions
 
 STALLED_READY_REASONS = frozenset({"NodeStateNotWritten"})
 """Ready reasons that do not resolve by waiting: the API refused what the operator must write."""
@@ -40,19 +42,22 @@ class NodeEnforcement:
     """spec.networkPolicy.revision written."""
     slice_errors: Mapping[str, str] = field(default_factory=dict)
     """Policy ref -> why the operator could not write that policy's slices for the node."""
+    revisions: NodeRevisions | None = None
+    """The revisions the operator wrote to the node, and what each moved."""
 
     def error_for(self, ref: str) -> str | None:
         return self.write_error or self.slice_errors.get(ref)
 
-    @property
-    def enforcing(self) -> bool:
+    def enforces(self, ref: str) -> bool:
+        """Whether the node's maps hold what policy `ref` needs there now (other policies may be behind)."""
         reported = self.reported or {}
-        if self.write_error is not None or not reported.get("enforcing"):
+        if self.write_error is not None or self.slice_errors.get(ref) or not reported.get("enforcing"):
             return False
-        if self.revision is not None and reported.get("observedRevision") is not None:
-            return reported["observedRevision"] == self.revision
-        observed = reported.get("observedGeneration")
-        return observed is not None and self.generation is not None and observed >= self.generation
+        observed = reported.get("observedRevision")
+        if self.revision is not None and observed is not None:
+            return observed == self.revision or (self.revisions is not None and self.revisions.covers(observed, ref))
+        generation = reported.get("observedGeneration")
+        return generation is not None and self.generation is not None and generation >= self.generation
 
 
 def _listed(items: list[str]) -> str:
@@ -94,9 +99,7 @@ def aggregate(
         valid_message = "; ".join(outcome.warnings[:MAX_LISTED])
         if len(outcome.warnings) > MAX_LISTED:
             valid_message += f"; and {len(outcome.warnings) - MAX_LISTED} more warnings"
-    enforcing = sorted(
-        n for n in outcome.nodes if n in nodes and nodes[n].enforcing and not nodes[n].slice_errors.get(outcome.ref)
-    )
+    enforcing = sorted(n for n in outcome.nodes if n in nodes and nodes[n].enforces(outcome.ref))
     ready, ready_reason, ready_message = _ready(outcome, nodes, enforcing)
     stalled = not valid or ready_reason in STALLED_READY_REASONS
     reconciling = not ready and not stalled

@@ -71,6 +71,7 @@ from beekeeper.operator.metrics import OperatorMetrics
 from beekeeper.operator.pods import PodRecord, PodRecords
 from beekeeper.operator.policy_compile import expansion_budget, node_addresses
 from beekeeper.operator.policy_incremental import IncrementalCompiler
+from beekeeper.operator.policy_revisions import RevisionLog
 from beekeeper.operator.program_status import aggregate
 from beekeeper.operator.runtime_compile import compile_runtime
 
@@ -186,6 +187,7 @@ class Reconciler:
         self.policy_compiler = IncrementalCompiler()
         self.pod_records = PodRecords()
         self.identity_reader = IdentityReader()
+        self._revisions = RevisionLog()
         self._known_same: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
         """(kind, name) -> (stored resourceVersion, desired object) found or written equal: a pass whose
         compiler returned that very object for a still-unchanged stored one skips comparing them."""
@@ -323,6 +325,12 @@ class Reconciler:
                 generation, revision = self._write_nodestate(
                     node, desired[node], network_policy, existing, node_uid, runtime.nodes.get(node)
                 )
+                old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
+                if network_policy is not None and revision != (old_policy or {}).get("revision"):
+                    owners = {name: spec["policy"] for name, spec in (compiled.slices.get(node) or {}).items()}
+                    for name, body in stored_slices.items():
+                        owners.setdefault(name, (body.get("spec") or {}).get("policy", ""))
+                    self._revisions.record(node, old_policy, {**network_policy, "revision": revision}, owners)
                 error = None
                 self._delete_slices(
                     set(stored_slices) - {r["name"] for r in (network_policy or {}).get("slices") or []}
@@ -333,7 +341,9 @@ class Reconciler:
                 generation, revision, error = None, None, _describe(exc)
                 log.error("bpfnodestate not written", extra={"node": node, "error": error})
             reported = ((existing or {}).get("status") or {}).get("networkPolicy")
-            return policy_status.NodeEnforcement(generation, reported, error, revision, slice_errors)
+            return policy_status.NodeEnforcement(
+                generation, reported, error, revision, slice_errors, self._revisions.node(node)
+            )
 
         # One task per writer, each taking every NODE_WRITERS-th node: a pass whose nodes mostly need
         # no write then costs a few thread hand-offs, not one per node.
@@ -695,6 +705,7 @@ class Reconciler:
                 raise
         self._deleted("BpfNodeState", node)
         self._known_same.pop(("BpfNodeState", node), None)
+        self._revisions.forget(node)
 
     def _apply_status(
         self, names: ResourceNames, meta: dict[str, str], status: dict[str, Any], summary: dict[str, Any]

@@ -202,3 +202,42 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
         wait_for(lambda: api.identities() == {"backend": backend}, 30, "frontend identity collected")
         assert rule_tuples(api.network_policy(node)) == {(backend, "Ingress", 1, "Any", 0, 0, "allow")}
         assert {e["cidr"] for e in api.network_policy(node)["ipcache"]} == {f"{NODE_IP}/32"}
+
+
+def client_to(namespace: str, app: str, port: int) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "NetworkIdentityPolicy",
+        "metadata": {"name": f"client-to-{app}", "namespace": namespace},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": app}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": port}]}],
+        },
+    }
+
+
+def test_an_edit_of_one_policy_leaves_another_on_the_node_ready(api: Api, node_daemons) -> None:
+    """Each edit of client-to-b writes a new node revision; client-to-a's part of it stays, so its
+    status is not rewritten at all (it used to flip to NodesNotEnforcing and back on every edit)."""
+    node = node_daemons(backend="fake", args=["--fake-policy"]).node
+    for i, app in enumerate(("client", "a", "b")):
+        api.create_pod(f"{app}-0", app, node, f"10.201.0.{i + 1}", [])
+
+    def ready(name: str, generation: int = 1) -> dict[str, Any] | None:
+        body = api.policy(name)
+        status = body.get("status") or {}
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        current = status.get("observedGeneration") == body["metadata"]["generation"] == generation
+        return body if current and conditions.get("Ready") == "True" else None
+
+    api.apply(client_to(api.namespace, "a", 80))
+    api.apply(client_to(api.namespace, "b", 80))
+    before = wait_for(lambda: ready("client-to-a"), 60, "client-to-a Ready")["metadata"]["resourceVersion"]
+    wait_for(lambda: ready("client-to-b"), 60, "client-to-b Ready")
+    revisions = {api.nodestate(node)["spec"]["networkPolicy"]["revision"]}
+    for generation in (2, 3, 4):
+        api.apply(client_to(api.namespace, "b", 79 + generation))
+        wait_for(lambda g=generation: ready("client-to-b", g), 60, f"client-to-b generation {generation} Ready")
+        revisions.add(api.nodestate(node)["spec"]["networkPolicy"]["revision"])
+    assert len(revisions) == 4  # every edit moved the node's revision
+    assert api.policy("client-to-a")["metadata"]["resourceVersion"] == before

@@ -6,6 +6,7 @@ from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
 from beekeeper.operator.policy_compile import PolicyOutcome
 from beekeeper.operator.policy_status import NodeEnforcement, aggregate
 
+REF = "shop/p"
 NOW = "2026-11-24T10:00:00Z"
 LATER = "2026-11-24T10:05:00Z"
 
@@ -50,14 +51,12 @@ def test_the_policy_revision_decides_not_the_generation() -> None:
     """A BpfProgram change moves the node's generation, not its policy: still enforced."""
     a, b = "a" * 64, "b" * 64
     report = {"enforcing": True, "observedGeneration": 5, "observedRevision": a}
-    assert NodeEnforcement(7, report, revision=a).enforcing
-    assert not NodeEnforcement(7, report, revision=b).enforcing
-    assert not NodeEnforcement(5, {**report, "enforcing": False}, revision=a).enforcing
+    assert NodeEnforcement(7, report, revision=a).enforces(REF)
+    assert not NodeEnforcement(7, report, revision=b).enforces(REF)
+    assert not NodeEnforcement(5, {**report, "enforcing": False}, revision=a).enforces(REF)
     older_daemon = {"enforcing": True, "observedGeneration": 5}
-    assert (
-        not NodeEnforcement(7, older_daemon, revision=a).enforcing
-        and NodeEnforcement(5, older_daemon, revision=a).enforcing
-    )
+    assert not NodeEnforcement(7, older_daemon, revision=a).enforces(REF)
+    assert NodeEnforcement(5, older_daemon, revision=a).enforces(REF)
 
 
 def test_node_write_errors_are_named() -> None:

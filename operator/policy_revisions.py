@@ -1,0 +1,100 @@
+"""Which policies each written node-state revision moved, so one policy's Ready does not dip for another's.
+
+A node's spec.networkPolicy.revision hashes the whole node: the node-wide lists (endpoints,
+addresses) and every policy's slice refs. Its daemon echoes the revision its maps hold. A
+policy is enforced on the node once the echoed revision is one written at or after the last
+write that changed what this policy needs there: its own slices, or the node-wide lists every
+policy depends on. Judged by equality with the newest revision instead, every policy on a node
+went NotReady for each edit of any other policy there: a false verdict for kstatus and two
+needless status writes per policy.
+
+The log is the operator's memory: after a restart a revision it has not seen counts as behind.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+KEEP = 32
+"""Revisions remembered per node; a daemon further behind than this waits for the newest."""
+
+
+@dataclass
+class NodeRevisions:
+    """One node's written revisions in order, and when each policy's part of them last changed."""
+
+    written: dict[str, int] = field(default_factory=dict)
+    """Revision -> sequence number of its latest write (insertion order is write order)."""
+    node_wide: int = 0
+    """Sequence number of the last write that changed the node-wide lists."""
+    policies: dict[str, int] = field(default_factory=dict)
+    """Policy ref -> sequence number of the last write that changed its slice refs."""
+    seq: int = 0
+
+    def covers(self, observed: str, ref: str) -> bool:
+        """Whether the maps at `observed` already hold what `ref` needs now."""
+        at = self.written.get(observed)
+        return at is not None and at >= max(self.node_wide, self.policies.get(ref, 0))
+
+
+def moved(old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping[str, str]) -> tuple[bool, set[str]]:
+    """(node-wide lists differ, policies whose slice refs differ) between two spec.networkPolicy.
+
+    `owners` maps slice names, old and new, to their policy ref.
+    """
+    old = old or {}
+    node_wide = any(old.get(k) != v for k, v in new.items() if k not in ("slices", "revision")) or any(
+        k not in new for k in old if k not in ("slices", "revision")
+    )
+
+    def refs(policy: Mapping[str, Any]) -> dict[str, set[tuple[str, str]]]:
+        out: dict[str, set[tuple[str, str]]] = {}
+        for ref in policy.get("slices") or []:
+            out.setdefault(owners.get(ref["name"], ""), set()).add((ref["name"], ref["contentHash"]))
+        return out
+
+    before, after = refs(old), refs(new)
+    return node_wide, {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+
+
+class RevisionLog:
+    """Per node, the revisions the operator wrote (nodes are written from several threads)."""
+
+    def __init__(self, keep: int = KEEP) -> None:
+        self._keep = keep
+        self._nodes: dict[str, NodeRevisions] = {}
+        self._lock = threading.Lock()
+
+    def record(
+        self, node: str, old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping[str, str]
+    ) -> None:
+        """Note that `new` (with its revision) replaced `old` in the node's spec."""
+        node_wide, policies = moved(old, new, owners)
+        with self._lock:
+            log = self._nodes.get(node)
+            if log is None:
+                log = self._nodes[node] = NodeRevisions()
+                if old and old.get("revision"):  # written before this process: the baseline, diffed from here
+                    log.written[old["revision"]] = 0
+            log.seq += 1
+            if node_wide:
+                log.node_wide = log.seq
+            for ref in policies:
+                log.policies[ref] = log.seq
+            log.written.pop(new["revision"], None)
+            log.written[new["revision"]] = log.seq
+            if len(log.written) > self._keep:
+                while len(log.written) > self._keep:
+                    del log.written[next(iter(log.written))]
+                oldest = next(iter(log.written.values()))  # marks at or before it cover every remembered one
+                log.policies = {ref: at for ref, at in log.policies.items() if at > oldest}
+
+    def node(self, node: str) -> NodeRevisions | None:
+        return self._nodes.get(node)
+
+    def forget(self, node: str) -> None:
+        with self._lock:
+            self._nodes.pop(node, None)
