@@ -301,6 +301,7 @@ class Bench(Harness):
         with self.recorder._cond:
             before = {n: _revision(states.get(n)) for n in nodes}
         writes = self.recorder.snapshot()
+        progress(f"  {what}")
         started = time.monotonic()
         change()
         moved = self._settle(what, nodes, before, started)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from beekeeper.crds.policyslice import slice_hash
 from beekeeper.operator.pods import slim_pod
 
 Body = dict[str, Any]
@@ -65,15 +66,34 @@ def _slim_configmap(body: Mapping[str, Any]) -> Body:
     }
 
 
-# Pods and Namespaces are kept only in the fields the policy compiler reads: a cluster has many.
+def _slim_policy_slice(body: Mapping[str, Any]) -> Body:
+    """A slice as its names and `entriesHash`, the hash of the entries it really holds.
+
+    The operator decides by hash whether a slice must be written, and checking the declared
+    contentHash against the entries means a hand-edited slice is still rewritten. 5,000
+    slices' entries as Python objects were most of the operator's memory at 10k pods.
+    """
+    if "entriesHash" in body:
+        return dict(body)
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    return {
+        "metadata": {k: meta[k] for k in ("name", "labels", "resourceVersion") if meta.get(k) is not None},
+        "spec": {k: spec[k] for k in ("nodeName", "policy", "contentHash") if spec.get(k) is not None},
+        "entriesHash": slice_hash(spec),
+    }
+
+
+# Pods, Namespaces and slices are kept only in the fields the operator reads: a cluster has many.
 _SLIM: dict[str, Callable[[Mapping[str, Any]], Body]] = {
     "Pod": slim_pod,
     "Namespace": _slim_namespace,
     "ConfigMap": _slim_configmap,
+    "BpfPolicySlice": _slim_policy_slice,
 }
 
 
-def _stored(kind: str, body: Mapping[str, Any]) -> Body:
+def stored(kind: str, body: Mapping[str, Any]) -> Body:
+    """The form the cache keeps of an object (the same when applied again)."""
     return _SLIM[kind](body) if kind in _SLIM else dict(body)
 
 
@@ -117,7 +137,7 @@ class Snapshot:
     policies: list[Body]
     identities: list[Body]
     policy_slices: dict[str, Body] = field(default_factory=dict)
-    """BpfPolicySlices by name (what the operator wrote, as the API has it)."""
+    """BpfPolicySlices by name (what the operator wrote, as the API has it), slimmed to their hashes."""
     configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
     """namespace/name -> data, for the referenced ConfigMaps that exist."""
     binary_configmaps: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -218,7 +238,7 @@ class ClusterCache:
             new, old = _version(body), _version(table.get(key))
             if key in table and new is not None and old is not None and new <= old:
                 return False
-            table[key] = _stored(kind, body)
+            table[key] = stored(kind, body)
             self._changed(kind, key, str(new))
         if kind == "BpfProgram":
             self._track_references()
@@ -238,7 +258,7 @@ class ClusterCache:
                 self._changed(kind, key, DELETED)
         for key, body in listed.items():
             if key not in table or _version(body) != _version(table[key]):
-                table[key] = _stored(kind, body)
+                table[key] = stored(kind, body)
                 self._changed(kind, key, str(_version(body)))
         self.listed.add(kind)
         if kind == "BpfProgram":
@@ -251,7 +271,7 @@ class ClusterCache:
             return
         self.unknown_configmaps.discard(key)
         if body is not None:
-            self.tables["ConfigMap"][key] = _stored("ConfigMap", body)
+            self.tables["ConfigMap"][key] = stored("ConfigMap", body)
         self.dirty.add(("ConfigMap", key, "fetched"))
         self.changed.set()
         self._update_primed()
@@ -266,7 +286,7 @@ class ClusterCache:
         key = object_key(kind, body)
         old, new = _version(table.get(key)), _version(body)
         if key not in table or old is None or (new is not None and new > old):
-            table[key] = _stored(kind, body)
+            table[key] = stored(kind, body)
 
     def take_dirty(self) -> set[tuple[str, str]]:
         """(kind, key) of the foreign changes since the last call (a pass is due when non-empty).

@@ -35,7 +35,7 @@ from beekeeper.crds.names import (
     RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
 )
-from beekeeper.operator.cache import KINDS, ClusterCache
+from beekeeper.operator.cache import KINDS, ClusterCache, stored
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class Informer:
             resp = self.lister(**kwargs, _preload_content=False, _request_timeout=(CONNECT_SECONDS, 120))
             _raise_for_status(resp)
             page = json.loads(resp.data)
-            items.extend(page.get("items") or [])
+            items.extend(stored(self.kind, b) for b in page.get("items") or [])  # slimmed page by page: a bounded peak
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items, page["metadata"]["resourceVersion"]
@@ -178,7 +178,7 @@ class Informer:
                     raise ApiException(status=obj.get("code"), reason=obj.get("reason"), body=obj.get("message"))
                 version = obj["metadata"]["resourceVersion"]
                 if kind != "BOOKMARK":
-                    self.loop.call_soon_threadsafe(self.cache.observe, self.kind, kind, obj)
+                    self.loop.call_soon_threadsafe(self.cache.observe, self.kind, kind, stored(self.kind, obj))
         finally:
             resp.release_conn()
         return version

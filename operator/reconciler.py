@@ -119,6 +119,20 @@ def _normal_programs(entries: list[Mapping[str, Any]] | None) -> list[dict[str, 
         return [dict(e) for e in entries or []]
 
 
+def _holds(stored: Mapping[str, Any] | None, content_hash: str) -> bool:
+    """Whether a cached slice (cache.stored form) declares this contentHash and its entries really hash to it."""
+    return stored is not None and stored.get("entriesHash") == content_hash == (stored.get("spec") or {}).get(
+        "contentHash"
+    )
+
+
+def _same_slice(stored: Mapping[str, Any] | None, desired: Mapping[str, Any] | None) -> bool:
+    """A slice spec is its contentHash (over policy and entries) plus the node it is for."""
+    if stored is None or desired is None:
+        return stored is desired
+    return _holds(stored, desired["contentHash"]) and stored["spec"].get("nodeName") == desired.get("nodeName")
+
+
 def _same_network_policy(stored: Mapping[str, Any] | None, desired: Mapping[str, Any] | None) -> bool:
     """Whether the stored spec.networkPolicy already is the desired one (which names every list).
 
@@ -544,7 +558,7 @@ class Reconciler:
         errors: dict[str, str] = {}
         written: set[str] = set()
         for name, spec in sorted(desired.items()):
-            if self._same(("BpfPolicySlice", name), stored.get(name), spec, lambda s, d: (s or {}).get("spec") == d):
+            if self._same(("BpfPolicySlice", name), stored.get(name), spec, _same_slice):
                 continue
             try:
                 self._put_slice(node, name, spec, node_body, exists=name in stored)
@@ -561,10 +575,7 @@ class Reconciler:
         for policy in errors:
             # The policy's previous slices, if all of them are still as listed; else none of it.
             mine = [r for r in old if (stored.get(r["name"], {}).get("spec") or {}).get("policy") == policy]
-            if all(
-                r["name"] not in written and stored[r["name"]]["spec"].get("contentHash") == r["contentHash"]
-                for r in mine
-            ):
+            if all(r["name"] not in written and _holds(stored[r["name"]], r["contentHash"]) for r in mine):
                 refs += mine
         return {**network_policy, "slices": sorted(refs, key=lambda r: r["name"])}, errors
 

@@ -19,6 +19,7 @@ from support import node_network_policy, running_pod, wait_for
 from beekeeper import kube
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
+    BPF_POLICY_SLICE_PLURAL,
     GROUP,
     NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
@@ -241,3 +242,18 @@ def test_an_edit_of_one_policy_leaves_another_on_the_node_ready(api: Api, node_d
         revisions.add(api.nodestate(node)["spec"]["networkPolicy"]["revision"])
     assert len(revisions) == 4  # every edit moved the node's revision
     assert api.policy("client-to-a")["metadata"]["resourceVersion"] == before
+
+    # A slice edited by hand, its contentHash left as it was, is written back.
+    slices = api.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
+    mine = next(s for s in slices if s["spec"]["policy"] == f"{api.namespace}/client-to-a")
+    name = mine["metadata"]["name"]
+    patch = {"spec": {"ipcache": [{"cidr": "10.201.9.9/32", "identity": mine["spec"]["ipcache"][0]["identity"]}]}}
+    api.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name, patch)
+    wait_for(
+        lambda: (
+            api.custom.get_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name)["spec"]["ipcache"]
+            == mine["spec"]["ipcache"]
+        ),
+        30,
+        "the hand-edited slice written back",
+    )

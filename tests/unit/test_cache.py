@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from beekeeper.operator.cache import KINDS, ClusterCache
+from beekeeper.crds.policyslice import slice_hash
+from beekeeper.operator.cache import KINDS, ClusterCache, stored
 from beekeeper.operator.health import Health
 
 
@@ -100,3 +101,16 @@ def test_bytecode_configmaps_are_referenced_and_keep_their_binary_data() -> None
     snapshot = cache.snapshot()
     assert snapshot.binary_configmap("ns", "objects") == {"p.o": "f0VMRg=="}
     assert snapshot.configmap("ns", "objects") == {}
+
+
+def test_slices_are_kept_as_hashes_and_a_hand_edit_shows() -> None:
+    spec = {"nodeName": "n1", "policy": "shop/a", "rules": [], "ipcache": [{"cidr": "10.0.0.1/32", "identity": 300}]}
+    spec["contentHash"] = slice_hash(spec)
+    cache = listed(ClusterCache(), BpfPolicySlice=[obj("n1.aaa-0", 1, spec=spec)])
+    kept = cache.tables["BpfPolicySlice"]["n1.aaa-0"]
+    assert kept["spec"] == {"nodeName": "n1", "policy": "shop/a", "contentHash": spec["contentHash"]}
+    assert kept["entriesHash"] == spec["contentHash"] and stored("BpfPolicySlice", kept) == kept
+    edited = {**spec, "ipcache": [{"cidr": "10.0.0.2/32", "identity": 300}]}  # contentHash left as it was
+    assert cache.observe("BpfPolicySlice", "MODIFIED", obj("n1.aaa-0", 2, spec=edited))
+    kept = cache.tables["BpfPolicySlice"]["n1.aaa-0"]
+    assert kept["spec"]["contentHash"] == spec["contentHash"] != kept["entriesHash"]
