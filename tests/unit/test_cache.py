@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from beekeeper.crds.policyslice import slice_hash
-from beekeeper.operator.cache import KINDS, ClusterCache, stored
+from beekeeper.operator import cache as cache_module
+from beekeeper.operator.cache import KINDS, OWN_WRITE_TTL_SECONDS, ClusterCache, OwnWrites, stored
 from beekeeper.operator.health import Health
 
 
@@ -114,3 +115,18 @@ def test_slices_are_kept_as_hashes_and_a_hand_edit_shows() -> None:
     assert cache.observe("BpfPolicySlice", "MODIFIED", obj("n1.aaa-0", 2, spec=edited))
     kept = cache.tables["BpfPolicySlice"]["n1.aaa-0"]
     assert kept["spec"]["contentHash"] == spec["contentHash"] != kept["entriesHash"]
+
+
+def test_own_writes_whose_events_never_came_are_forgotten_after_the_ttl(monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(cache_module.time, "monotonic", lambda: clock[0])
+    own = OwnWrites()
+    own.expect("BpfNodeState", "a", "1")
+    clock[0] += 100
+    own.expect("BpfNodeState", "b", "2")
+    clock[0] += 100
+    own.expect("BpfNodeState", "a", "1")  # written again: its time is renewed
+    clock[0] += OWN_WRITE_TTL_SECONDS - 99  # b is 1 s past the TTL, a is not
+    own.expect("BpfNodeState", "c", "3")
+    assert own.claim("BpfNodeState", "a", "1") and not own.claim("BpfNodeState", "b", "2")
+    assert own.claim("BpfNodeState", "c", "3") and not own.claim("BpfNodeState", "c", "3")
