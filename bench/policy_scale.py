@@ -40,6 +40,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client
 
 from beekeeper import kube
@@ -47,6 +48,7 @@ from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
     BPF_POLICY_SLICE_PLURAL,
     GROUP,
+    NETWORK_IDENTITY_PLURAL,
     NETWORK_IDENTITY_POLICY_PLURAL,
     VERSION,
 )
@@ -274,21 +276,26 @@ class Bench(Harness):
         result.churn_lag, self.lags = list(self.lags or []), None
         progress(f"{size} done:\n{table([result])}")  # kept in the log should the teardown or a later size fail
         progress(f"{size}: tearing down")
-        self.stop(daemons)
+        # The operator goes first: reacting to 10k pod deletes with passes and writes made the
+        # apiserver's one-worker collection delete take many minutes. What it would clean up is
+        # owned by the Nodes (node states, slices: the garbage collector) or deleted here.
+        self.stop([*daemons, operator])
         try:
-            core.delete_collection_namespaced_pod(world.namespace, grace_period_seconds=0)
-        except client.ApiException as exc:  # 10k pods can outlast the apiserver's 60 s request timeout
-            progress(f"{size}: deleting the pods: {exc.status} {exc.reason}; they are left to the namespace")
+            core.delete_collection_namespaced_pod(world.namespace, grace_period_seconds=0, _request_timeout=(10, 300))
+        except (client.ApiException, urllib3.exceptions.HTTPError) as exc:
+            progress(f"{size}: deleting the pods: {exc}; they are left to the namespace"[:300])
         for i in range(size.policies):
             custom.delete_namespaced_custom_object(
                 GROUP, VERSION, world.namespace, NETWORK_IDENTITY_POLICY_PLURAL, f"np{i}"
             )
+        custom.delete_collection_cluster_custom_object(
+            GROUP, VERSION, NETWORK_IDENTITY_PLURAL
+        )  # the next size starts clean
         core.delete_namespace(world.namespace)
         for node in world.nodes:
             core.delete_node(node)
         states = self.recorder.objects[NODESTATE]
         self.wait("node states removed", lambda: count(sum(n not in states for n in world.nodes), size.nodes, "gone"))
-        self.stop([operator])
         return result
 
     def _measure(self, what: str, nodes: list[str], change: Callable[[], object]) -> tuple[float | None, int, int]:
