@@ -130,3 +130,13 @@ def test_own_writes_whose_events_never_came_are_forgotten_after_the_ttl(monkeypa
     own.expect("BpfNodeState", "c", "3")
     assert own.claim("BpfNodeState", "a", "1") and not own.claim("BpfNodeState", "b", "2")
     assert own.claim("BpfNodeState", "c", "3") and not own.claim("BpfNodeState", "c", "3")
+
+
+def test_own_slice_writes_are_not_hashed_again() -> None:
+    spec = {"nodeName": "n1", "policy": "shop/a", "ipcache": [{"cidr": "10.0.0.1/32", "identity": 300}]}
+    spec["contentHash"] = "c" * 64  # what the operator hashed when it built the slice
+    assert stored("BpfPolicySlice", obj("s", 1, spec=spec), own=True)["entriesHash"] == "c" * 64
+    own = OwnWrites()
+    own.expect("BpfPolicySlice", "s", "1")
+    assert own.pending("BpfPolicySlice", "s", "1") and own.claim("BpfPolicySlice", "s", "1")
+    assert not own.pending("BpfPolicySlice", "s", "1")
