@@ -278,7 +278,8 @@ class Bench(Harness):
         progress(f"{size}: tearing down")
         # The operator goes first: reacting to 10k pod deletes with passes and writes made the
         # apiserver's one-worker collection delete take many minutes. What it would clean up is
-        # owned by the Nodes (node states, slices: the garbage collector) or deleted here.
+        # owned by the Nodes (node states, slices) or cluster-scoped: deleted here, so the next
+        # size starts clean and sooner than the garbage collector would.
         self.stop([*daemons, operator])
         try:
             core.delete_collection_namespaced_pod(world.namespace, grace_period_seconds=0, _request_timeout=(10, 300))
@@ -288,12 +289,12 @@ class Bench(Harness):
             custom.delete_namespaced_custom_object(
                 GROUP, VERSION, world.namespace, NETWORK_IDENTITY_POLICY_PLURAL, f"np{i}"
             )
-        custom.delete_collection_cluster_custom_object(
-            GROUP, VERSION, NETWORK_IDENTITY_PLURAL
-        )  # the next size starts clean
+        custom.delete_collection_cluster_custom_object(GROUP, VERSION, NETWORK_IDENTITY_PLURAL)
         core.delete_namespace(world.namespace)
         for node in world.nodes:
             core.delete_node(node)
+        for plural in (BPF_POLICY_SLICE_PLURAL, BPF_NODE_STATE_PLURAL):
+            custom.delete_collection_cluster_custom_object(GROUP, VERSION, plural, _request_timeout=(10, 300))
         states = self.recorder.objects[NODESTATE]
         self.wait("node states removed", lambda: count(sum(n not in states for n in world.nodes), size.nodes, "gone"))
         return result
