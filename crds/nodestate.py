@@ -332,6 +332,10 @@ def check_unique(items: Sequence[Any] | None, key: str, what: str) -> None:
         seen.add(value)
 
 
+NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "slices")
+"""spec.networkPolicy lists; the operator writes all of them (a merge patch replaces only what it names)."""
+
+
 class NodeNetworkPolicy(ApiModel):
     """Desired contents of this node's policy maps, computed by the operator.
 

@@ -72,7 +72,7 @@ def _slim_policy_slice(body: Mapping[str, Any], own: bool = False) -> Body:
     The operator decides by hash whether a slice must be written, and checking the declared
     contentHash against the entries means a hand-edited slice is still rewritten. 5,000
     slices' entries as Python objects were most of the operator's memory at 10k pods.
-    An own write (`own`: the operator's answer, or its watch event) holds what the operator
+    An own write (`own`: the operator's answer, or the watch event of it) holds what the operator
     hashed when it built it, so it is not hashed again (0.7 ms for a 16 KB slice).
     """
     if "entriesHash" in body:
@@ -253,7 +253,8 @@ class ClusterCache:
             new, old = _version(body), _version(table.get(key))
             if key in table and new is not None and old is not None and new <= old:
                 return False
-            table[key] = stored(kind, body)
+            # The echo of an own write holds what the operator built (a slice is not hashed again).
+            table[key] = stored(kind, body, self.own.pending(kind, key, str(new)))
             self._changed(kind, key, str(new))
         if kind == "BpfProgram":
             self._track_references()

@@ -35,7 +35,7 @@ from beekeeper.crds.names import (
     RUNTIME_SECURITY_POLICY_PLURAL,
     VERSION,
 )
-from beekeeper.operator.cache import KINDS, ClusterCache, object_key, stored
+from beekeeper.operator.cache import KINDS, ClusterCache, stored
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ class Informer:
                     raise ApiException(status=obj.get("code"), reason=obj.get("reason"), body=obj.get("message"))
                 version = obj["metadata"]["resourceVersion"]
                 if kind != "BOOKMARK":
-                    own = self.cache.own.pending(self.kind, object_key(self.kind, obj), version)
-                    self.loop.call_soon_threadsafe(self.cache.observe, self.kind, kind, stored(self.kind, obj, own))
+                    self.loop.call_soon_threadsafe(self.cache.observe, self.kind, kind, obj)
         finally:
             resp.release_conn()
         return version

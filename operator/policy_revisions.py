@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from beekeeper.crds.nodestate import NETWORK_POLICY_FIELDS
+
 KEEP = 32
 """Revisions remembered per node; a daemon further behind than this waits for the newest."""
 
@@ -46,9 +48,7 @@ def moved(old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping
     `owners` maps slice names, old and new, to their policy ref.
     """
     old = old or {}
-    node_wide = any(old.get(k) != v for k, v in new.items() if k not in ("slices", "revision")) or any(
-        k not in new for k in old if k not in ("slices", "revision")
-    )
+    node_wide = any((old.get(k) or []) != (new.get(k) or []) for k in NETWORK_POLICY_FIELDS if k != "slices")
 
     def refs(policy: Mapping[str, Any]) -> dict[str, set[tuple[str, str]]]:
         out: dict[str, set[tuple[str, str]]] = {}
@@ -86,9 +86,8 @@ class RevisionLog:
                 log.policies[ref] = log.seq
             log.written.pop(new["revision"], None)
             log.written[new["revision"]] = log.seq
-            if len(log.written) > self._keep:
-                while len(log.written) > self._keep:
-                    del log.written[next(iter(log.written))]
+            if len(log.written) > self._keep:  # one more than kept: the oldest goes
+                del log.written[next(iter(log.written))]
                 oldest = next(iter(log.written.values()))  # marks at or before it cover every remembered one
                 log.policies = {ref: at for ref, at in log.policies.items() if at > oldest}
 

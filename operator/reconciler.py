@@ -52,7 +52,13 @@ from beekeeper.crds.names import (
     ResourceNames,
 )
 from beekeeper.crds.networkpolicy import NetworkIdentityPolicyStatus
-from beekeeper.crds.nodestate import NodeNetworkPolicy, NodeProgram, NodeRuntimeSecurity, policy_revision
+from beekeeper.crds.nodestate import (
+    NETWORK_POLICY_FIELDS,
+    NodeNetworkPolicy,
+    NodeProgram,
+    NodeRuntimeSecurity,
+    policy_revision,
+)
 from beekeeper.crds.runtimesecurity import RuntimeSecurityPolicyStatus
 from beekeeper.operator import image_resolver, policy_status, runtime_status
 from beekeeper.operator.cache import DELETED, ClusterCache, Snapshot, object_key, program_reports
@@ -87,8 +93,6 @@ NODE_WRITERS = 8
 """Concurrent node-state writes per pass (the client's connection pool holds 10)."""
 IDENTITY_ALLOCATION_ROUNDS = 5
 """Re-plans after 409 conflicts (another writer took a number) before a pass gives up on the rest."""
-NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "slices")
-"""spec.networkPolicy lists; the operator writes all of them (a merge patch replaces only what it names)."""
 
 
 @dataclass

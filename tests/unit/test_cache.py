@@ -136,7 +136,11 @@ def test_own_slice_writes_are_not_hashed_again() -> None:
     spec = {"nodeName": "n1", "policy": "shop/a", "ipcache": [{"cidr": "10.0.0.1/32", "identity": 300}]}
     spec["contentHash"] = "c" * 64  # what the operator hashed when it built the slice
     assert stored("BpfPolicySlice", obj("s", 1, spec=spec), own=True)["entriesHash"] == "c" * 64
-    own = OwnWrites()
-    own.expect("BpfPolicySlice", "s", "1")
-    assert own.pending("BpfPolicySlice", "s", "1") and own.claim("BpfPolicySlice", "s", "1")
-    assert not own.pending("BpfPolicySlice", "s", "1")
+    cache = listed(ClusterCache())
+    cache.own.expect("BpfPolicySlice", "s", "2")
+    assert cache.own.pending("BpfPolicySlice", "s", "2")
+    assert cache.observe("BpfPolicySlice", "ADDED", obj("s", 2, spec=spec))  # the watch echo of that write
+    assert cache.tables["BpfPolicySlice"]["s"]["entriesHash"] == "c" * 64
+    assert cache.observe("BpfPolicySlice", "MODIFIED", obj("s", 3, spec=spec))  # someone else's write: hashed
+    assert cache.tables["BpfPolicySlice"]["s"]["entriesHash"] == slice_hash(spec) != "c" * 64
+    assert cache.take_dirty() == {("BpfPolicySlice", "s")} and not cache.own.pending("BpfPolicySlice", "s", "2")
