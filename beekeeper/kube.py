@@ -22,6 +22,7 @@ FIELD_MANAGER = "beekeeper"
 OPERATOR_MANAGER = "beekeeper-operator"
 NODE_DAEMON_MANAGER = "beekeeper-node-daemon"
 APPLY_PATCH = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def api_client(kubeconfig: Path | str | None = None, manager: str = FIELD_MANAGER) -> client.ApiClient:
@@ -82,10 +83,10 @@ def request_json(
     return answer
 
 
-def custom_object_path(api_version: str, plural: str, name: str, namespace: str | None = None) -> str:
-    """The REST path of one custom object."""
+def custom_object_path(api_version: str, plural: str, name: str | None, namespace: str | None = None) -> str:
+    """The REST path of one custom object (name None: of its collection)."""
     where = f"namespaces/{namespace}/" if namespace else ""
-    return f"/apis/{api_version}/{where}{plural}/{name}"
+    return f"/apis/{api_version}/{where}{plural}" + (f"/{name}" if name else "")
 
 
 def apply_custom(
@@ -108,7 +109,7 @@ def apply_custom(
     written = request_json(api, "PATCH", path, payload, query, APPLY_PATCH)  # 200 updated, 201 created
     stale = {key: None for key in written.get(part) or {} if key not in payload.get(part, {})}
     if stale:
-        written = request_json(api, "PATCH", path, {part: stale}, content_type="application/merge-patch+json")
+        written = request_json(api, "PATCH", path, {part: stale}, content_type=MERGE_PATCH)
     return written
 
 

