@@ -3,9 +3,10 @@
 A node's spec.networkPolicy.revision hashes the whole node: the node-wide lists (endpoints,
 addresses) and every policy's slice refs. Its daemon echoes the revision its maps hold. A
 policy is enforced on the node once the echoed revision is one written at or after the last
-write that changed what this policy needs there: its own slices, or the node-wide lists every
-policy depends on. Judged by equality with the newest revision instead, every policy on a node
-went NotReady for each edit of any other policy there: a false verdict for kstatus and two
+write that changed what this policy needs there: its own slices, the endpoints it selects, or
+the node's addresses every policy depends on. Judged by equality with the newest revision
+instead, every policy on a node went NotReady for each edit of any other policy there (and,
+judged by every endpoint, for each pod started there): a false verdict for kstatus and two
 needless status writes per policy.
 
 The log is the operator's memory: after a restart a revision it has not seen counts as behind.
@@ -14,7 +15,7 @@ The log is the operator's memory: after a restart a revision it has not seen cou
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,9 @@ class NodeRevisions:
     written: dict[str, int] = field(default_factory=dict)
     """Revision -> sequence number of its latest write (insertion order is write order)."""
     node_wide: int = 0
-    """Sequence number of the last write that changed the node-wide lists."""
+    """Sequence number of the last write that changed the node's own lists (its addresses)."""
     policies: dict[str, int] = field(default_factory=dict)
-    """Policy ref -> sequence number of the last write that changed its slice refs."""
+    """Policy ref -> sequence number of the last write that changed its slice refs or selected endpoints."""
     seq: int = 0
 
     def covers(self, observed: str, ref: str) -> bool:
@@ -42,13 +43,33 @@ class NodeRevisions:
         return at is not None and at >= max(self.node_wide, self.policies.get(ref, 0))
 
 
-def moved(old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping[str, str]) -> tuple[bool, set[str]]:
-    """(node-wide lists differ, policies whose slice refs differ) between two spec.networkPolicy.
+def _pods(endpoints: Iterable[Mapping[str, Any]]) -> set[str]:
+    return {f"{e.get('namespace')}/{e.get('pod')}" for e in endpoints}
 
-    `owners` maps slice names, old and new, to their policy ref.
+
+def changed_pods(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]) -> set[str]:
+    """namespace/name of the endpoints added, removed or changed (identity, address, isolation)."""
+    before = {tuple(sorted(e.items())) for e in old}
+    after = {tuple(sorted(e.items())) for e in new}
+    return _pods(dict(e) for e in before ^ after)
+
+
+def moved(
+    old: Mapping[str, Any] | None,
+    new: Mapping[str, Any],
+    owners: Mapping[str, str],
+    selected: Mapping[str, Set[str]],
+) -> tuple[bool, set[str]]:
+    """(the node's own lists differ, policies whose part differs) between two spec.networkPolicy.
+
+    A policy's part is its slice refs and the endpoints it selects (`selected`: policy ref ->
+    namespace/name of its pods): a pod starting on a node concerns the policies selecting it,
+    not every policy there. `owners` maps slice names, old and new, to their policy ref.
     """
     old = old or {}
-    node_wide = any((old.get(k) or []) != (new.get(k) or []) for k in NETWORK_POLICY_FIELDS if k != "slices")
+    node_wide = any(
+        (old.get(k) or []) != (new.get(k) or []) for k in NETWORK_POLICY_FIELDS if k not in ("slices", "endpoints")
+    )
 
     def refs(policy: Mapping[str, Any]) -> dict[str, set[tuple[str, str]]]:
         out: dict[str, set[tuple[str, str]]] = {}
@@ -57,7 +78,11 @@ def moved(old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping
         return out
 
     before, after = refs(old), refs(new)
-    return node_wide, {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    policies = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    pods = changed_pods(old.get("endpoints") or [], new.get("endpoints") or [])
+    if pods:
+        policies |= {ref for ref, chosen in selected.items() if not pods.isdisjoint(chosen)}
+    return node_wide, policies
 
 
 class RevisionLog:
@@ -69,10 +94,15 @@ class RevisionLog:
         self._lock = threading.Lock()
 
     def record(
-        self, node: str, old: Mapping[str, Any] | None, new: Mapping[str, Any], owners: Mapping[str, str]
+        self,
+        node: str,
+        old: Mapping[str, Any] | None,
+        new: Mapping[str, Any],
+        owners: Mapping[str, str],
+        selected: Mapping[str, Set[str]],
     ) -> None:
-        """Note that `new` (with its revision) replaced `old` in the node's spec."""
-        node_wide, policies = moved(old, new, owners)
+        """Note that `new` (with its revision) replaced `old` in the node's spec (moved() says what it moved)."""
+        node_wide, policies = moved(old, new, owners, selected)
         with self._lock:
             log = self._nodes.get(node)
             if log is None:

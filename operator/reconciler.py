@@ -340,6 +340,8 @@ class Reconciler:
         for name, body in snapshot.policy_slices.items():
             slices_by_node.setdefault((body.get("spec") or {}).get("nodeName", ""), {})[name] = body
 
+        selected = {ref: outcome.selected for ref, outcome in compiled.policies.items()}
+
         def sync(node: str) -> policy_status.NodeEnforcement:
             """One node's slices and node state (nodes are independent: several are written at once)."""
             existing = nodestates.get(node)
@@ -362,7 +364,7 @@ class Reconciler:
                     owners = {name: spec["policy"] for name, spec in (compiled.slices.get(node) or {}).items()}
                     for name, body in stored_slices.items():
                         owners.setdefault(name, (body.get("spec") or {}).get("policy", ""))
-                    self._revisions.record(node, old_policy, {**network_policy, "revision": revision}, owners)
+                    self._revisions.record(node, old_policy, {**network_policy, "revision": revision}, owners, selected)
                 error = None
                 self._delete_slices(
                     set(stored_slices) - {r["name"] for r in (network_policy or {}).get("slices") or []}
