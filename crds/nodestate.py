@@ -188,7 +188,7 @@ def _check_ip(value: str) -> str:
     return value
 
 
-def _check_prefix(value: str) -> str:
+def check_prefix(value: str) -> str:
     """A prefix in canonical form (network address, shortest text): one spelling per prefix, so list keys are unique."""
     network = parse_cidr(value)
     if str(network) != value:
@@ -205,7 +205,7 @@ IpAddress = Annotated[
     str, Field(min_length=2, max_length=45, json_schema_extra=validations(IP_RULE)), AfterValidator(_check_ip)
 ]
 PrefixString = Annotated[
-    str, Field(min_length=3, max_length=49, json_schema_extra=validations(PREFIX_RULE)), AfterValidator(_check_prefix)
+    str, Field(min_length=3, max_length=49, json_schema_extra=validations(PREFIX_RULE)), AfterValidator(check_prefix)
 ]
 Identity = Annotated[int, Field(ge=0, le=2**32 - 1)]
 LocalIdentity = Annotated[int, Field(ge=1, le=2**32 - 1)]
@@ -351,14 +351,14 @@ class NodeNetworkPolicy(ApiModel):
         max_length=MAX_INLINE_ENTRIES,
         description="Addresses with their identities (the operator puts the node's own here, as host); "
         "these win over the slices'.",
-        json_schema_extra=atomic_list(),
+        json_schema_extra=list_map("cidr"),
     )
     cidr_identities: list[IpcacheEntry] | None = Field(
         None,
         max_length=MAX_INLINE_ENTRIES,
         description="One identity per distinct ipBlock prefix (cidr or except); the most specific prefix "
         "containing an address (here or in a slice) gives its CIDR identity.",
-        json_schema_extra=atomic_list(),
+        json_schema_extra=list_map("cidr"),
     )
     rules: list[PolicyRule] | None = Field(
         None,

@@ -14,11 +14,11 @@ policy index naming it, a prefix the node's own identity, else the first slice's
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy
-from beekeeper.crds.policyslice import BpfPolicySliceSpec
+from beekeeper.crds.policyslice import Address, BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.policy_state import (
     ACTIONS,
@@ -109,10 +109,14 @@ def slice_entries(
                 by_peer[peer] = made
                 for key in made:
                     target[key] = value
-    for map_name, entries in ((pm.IPCACHE.name, piece.ipcache), (pm.CIDR_IDS.name, piece.cidr_identities)):
+    prefixes: tuple[tuple[str, Sequence[IpcacheEntry | Address]], ...] = (
+        (pm.IPCACHE.name, piece.addresses()),
+        (pm.CIDR_IDS.name, piece.cidr_identities or []),
+    )
+    for map_name, entries in prefixes:
         what = PREFIX_MAPS[map_name]
         target = out[map_name]
-        for entry in entries or []:
+        for entry in entries:
             cache_key = (map_name, entry.cidr, entry.identity)
             if cache_key in old.prefixes:
                 encoded = old.prefixes[cache_key]

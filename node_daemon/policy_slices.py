@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from beekeeper.crds.names import BPF_POLICY_SLICE_PLURAL
 from beekeeper.crds.nodestate import IpcacheEntry, SliceRef
-from beekeeper.crds.policyslice import BpfPolicySliceSpec
+from beekeeper.crds.policyslice import BpfPolicySliceSpec, IdentityAddresses
 from beekeeper.node_daemon.list_watch import list_watch
 
 
@@ -61,18 +61,33 @@ def watch_slices(
     list_watch(api, BPF_POLICY_SLICE_PLURAL, f"spec.nodeName={node}", listed, observed, stop, "slice watch", node)
 
 
-def reuse_entries(items: list[Any], previous: Sequence[IpcacheEntry]) -> list[Any]:
+def reuse_entries(items: list[Any], previous: Sequence[IpcacheEntry | IdentityAddresses]) -> list[Any]:
     """items, with every one equal to an entry of the version before handed over as that (validated) model:
     pydantic takes model instances as they are, so only new entries are validated again; the list's own
     checks (length, unique prefixes) still run over all of them."""
-    known: dict[tuple[object, object], IpcacheEntry] = {(e.cidr, e.identity): e for e in previous}
+    known: dict[tuple[object, object], IpcacheEntry | IdentityAddresses] = {_entry_key(e): e for e in previous}
     out: list[Any] = []
     for item in items:
         if isinstance(item, dict) and len(item) == 2 and type(item.get("identity")) is int:
-            out.append(known.get((item.get("cidr"), item["identity"]), item))
+            key = (item.get("cidr"), item["identity"]) if "cidr" in item else _group_key(item)
+            out.append(known.get(key, item) if key is not None else item)
         else:
             out.append(item)
     return out
+
+
+def _entry_key(entry: IpcacheEntry | IdentityAddresses) -> tuple[object, object]:
+    if isinstance(entry, IdentityAddresses):
+        return (tuple(entry.cidrs), entry.identity)
+    return (entry.cidr, entry.identity)
+
+
+def _group_key(item: Mapping[str, Any]) -> tuple[object, object] | None:
+    """An ipcache group's key, as _entry_key makes it (None when it is not a list of addresses)."""
+    cidrs = item.get("cidrs")
+    if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
+        return None  # left to the model's own error
+    return (tuple(cidrs), item["identity"])
 
 
 class SliceReader:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from beekeeper.crds.networkpolicy import PolicyType
 from beekeeper.crds.nodestate import Endpoint as SpecEndpoint
 from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, PolicyAction, RuleProtocol
-from beekeeper.crds.policyslice import BpfPolicySliceSpec
+from beekeeper.crds.policyslice import Address, BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
 
@@ -105,13 +105,13 @@ def map_rules(rules: Iterable[FlatRule], policy_indexes: Mapping[str, int]) -> l
 
 
 def union_prefixes(
-    own: Iterable[IpcacheEntry], pieces: Iterable[tuple[str, Iterable[IpcacheEntry]]], what: str
+    own: Iterable[IpcacheEntry], pieces: Iterable[tuple[str, Iterable[IpcacheEntry | Address]]], what: str
 ) -> tuple[list[pm.PrefixIdentity], list[str]]:
     """Node-wide entries, then each slice's that name a new prefix; conflicts are reported, not fatal."""
     chosen: dict[str, int] = {}
     problems: list[str] = []
-    for entry in own:
-        chosen.setdefault(entry.cidr, entry.identity)
+    for own_entry in own:
+        chosen.setdefault(own_entry.cidr, own_entry.identity)
     seen_from: dict[str, str] = {}
     for name, entries in pieces:
         for entry in entries:
@@ -158,9 +158,7 @@ def translate(
     pieces = sorted((slices or {}).items())
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
     place_endpoints(spec.endpoints or [], interfaces, out)
-    out.state.ipcache, problems = union_prefixes(
-        spec.ipcache or [], ((n, p.ipcache or []) for n, p in pieces), "ipcache"
-    )
+    out.state.ipcache, problems = union_prefixes(spec.ipcache or [], ((n, p.addresses()) for n, p in pieces), "ipcache")
     out.state.cidr_ids, more = union_prefixes(
         spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "cidr identity"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from beekeeper.crds.policyslice import slice_hash
+from beekeeper.crds.policyslice import address_groups, slice_hash
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
 
 POLICIES = [f"a/p{i}" for i in range(4)]
@@ -43,7 +43,7 @@ def random_slice(rng: random.Random, policy: str) -> dict[str, Any]:
     body = {
         "policy": policy,
         "rules": rules,
-        "ipcache": prefixes([300, 301, 302]),
+        "ipcache": address_groups(prefixes([300, 301, 302])),
         "cidrIdentities": prefixes([16777300, 16777301]),
     }
     return {"nodeName": "n1", **body, "contentHash": slice_hash(body)}

@@ -115,7 +115,7 @@ def flat_policy(compiled: CompiledPolicies, node: str) -> NodeNetworkPolicy:
     spec = NodeNetworkPolicy.model_validate(compiled.nodes[node])
     slices = node_slices(compiled, node)
     pieces = sorted(slices.items())
-    ipcache, _ = union_prefixes(spec.ipcache or [], ((n, p.ipcache or []) for n, p in pieces), "ipcache")
+    ipcache, _ = union_prefixes(spec.ipcache or [], ((n, p.addresses()) for n, p in pieces), "ipcache")
     cidr_ids, _ = union_prefixes(spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "")
     rules = [
         PolicyRule(

@@ -131,7 +131,7 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     listed = [
         found[r.name] for r in spec.slices or [] if r.name in found and found[r.name].content_hash == r.content_hash
     ]
-    ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.ipcache or []) for p in listed), "ipcache")
+    ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.addresses()) for p in listed), "ipcache")
     rules = [
         {
             "localIdentity": r.local_identity,

@@ -142,7 +142,7 @@ def valid_policy_slice() -> dict[str, Any]:
                     ],
                 }
             ],
-            "ipcache": [{"cidr": "10.250.6.31/32", "identity": 301}],
+            "ipcache": [{"identity": 301, "cidrs": ["10.250.6.31/32", "fd00::/64"]}],
             "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 16777216}],
         },
     }
@@ -598,6 +598,13 @@ CASES = [
         "canonical prefix",
     ),
     Case("slice-bad-policy-ref", "BpfPolicySlice", {"spec.policy": "web"}, "spec.policy"),
+    Case(
+        "slice-address-not-a-prefix",
+        "BpfPolicySlice",
+        {"spec.ipcache[0].cidrs[1]": "fd00::"},
+        "spec.ipcache[0].cidrs[1]",
+    ),
+    Case("slice-identity-without-addresses", "BpfPolicySlice", {"spec.ipcache[0].cidrs": []}, "spec.ipcache[0].cidrs"),
     # --- RuntimeSecurityPolicy ------------------------------------------------------------
     Case("rsp-relative-path", RSP, {f"{RR0}.exec.paths[0]": "bin/sh"}, f"{RR0}.exec.paths[0]", "absolute path"),
     Case("rsp-dotdot-path", RSP, {f"{RR0}.exec.paths[0]": "/usr/../bin/sh"}, f"{RR0}.exec.paths[0]", "'..'"),

@@ -247,7 +247,7 @@ def test_an_edit_of_one_policy_leaves_another_on_the_node_ready(api: Api, node_d
     slices = api.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
     mine = next(s for s in slices if s["spec"]["policy"] == f"{api.namespace}/client-to-a")
     name = mine["metadata"]["name"]
-    patch = {"spec": {"ipcache": [{"cidr": "10.201.9.9/32", "identity": mine["spec"]["ipcache"][0]["identity"]}]}}
+    patch = {"spec": {"ipcache": [{"identity": mine["spec"]["ipcache"][0]["identity"], "cidrs": ["10.201.9.9/32"]}]}}
     api.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name, patch)
     wait_for(
         lambda: (

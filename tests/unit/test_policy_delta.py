@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_changes import POLICIES, random_interfaces, random_node, random_slice
 
-from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, SliceRef
-from beekeeper.crds.policyslice import BpfPolicySliceSpec, slice_hash
+from beekeeper.crds.nodestate import NodeNetworkPolicy, SliceRef
+from beekeeper.crds.policyslice import Address, BpfPolicySliceSpec, slice_hash
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.policy_delta import NodeMaps, plan_writes
 from beekeeper.node_daemon.policy_index import PolicyIndexes
@@ -94,7 +94,7 @@ def test_incremental_maps_equal_a_from_scratch_encode(seed: int) -> None:
 def test_a_new_slice_version_reuses_unchanged_entries_and_still_checks_every_field() -> None:
     body = {
         "policy": "a/p",
-        "ipcache": [{"cidr": f"10.0.0.{i}/32", "identity": 300 + i} for i in range(4)],
+        "ipcache": [{"identity": 300 + i, "cidrs": [f"10.0.{i}.1/32", f"10.0.{i}.2/32"]} for i in range(4)],
         "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 16777300}],
     }
     spec = {"nodeName": "n1", **body, "contentHash": slice_hash(body)}
@@ -108,15 +108,20 @@ def test_a_new_slice_version_reuses_unchanged_entries_and_still_checks_every_fie
 
     first = read("1")
     assert isinstance(first, BpfPolicySliceSpec)
-    again = read("2", ipcache=[*spec["ipcache"], {"cidr": "10.0.0.9/32", "identity": 309}])
+    grown = {"identity": 303, "cidrs": ["10.0.3.1/32", "10.0.3.2/32", "10.0.3.9/32"]}
+    again = read("2", ipcache=[*spec["ipcache"][:3], grown])
     assert isinstance(again, BpfPolicySliceSpec) and again is not first
-    assert again.ipcache is not None and again.ipcache[0] is first.ipcache[0]  # type: ignore[index]  # not re-read
-    assert again.ipcache[-1] == IpcacheEntry(cidr="10.0.0.9/32", identity=309)
+    assert again.ipcache is not None and first.ipcache is not None
+    assert again.ipcache[0] is first.ipcache[0]  # an unchanged group is not read again
+    assert again.addresses()[-1] == Address("10.0.3.9/32", 303)
+    groups = spec["ipcache"]
     bad = {
-        "ipcache.4.cidr": [*spec["ipcache"], {"cidr": "10.0.0.1/8", "identity": 5}],  # not canonical
-        "ipcache.0.identity": [{"cidr": "10.0.0.0/32", "identity": -1}],  # a known prefix, a bad identity
-        "ipcache.0.extra": [{"cidr": "10.0.0.0/32", "identity": 300, "extra": 1}],
-        "ipcache: 10.0.0.0/32 is listed twice": [spec["ipcache"][0], spec["ipcache"][0]],
+        "ipcache.4.cidrs.0": [*groups, {"identity": 5, "cidrs": ["10.0.0.1/8"]}],  # not canonical
+        "ipcache.0.identity": [{"identity": -1, "cidrs": groups[0]["cidrs"]}],  # known addresses, a bad identity
+        "ipcache.0.extra": [{**groups[0], "extra": 1}],
+        "ipcache.0.cidrs": [{"identity": 300, "cidrs": []}],
+        "ipcache.0.cidrs.0": [{"identity": 300, "cidrs": [{"cidr": "10.0.0.1/32"}]}],
+        "ipcache: 10.0.0.1/32 is listed twice": [*groups, {"identity": 9, "cidrs": ["10.0.0.1/32"]}],
     }
     for version, (where, ipcache) in enumerate(bad.items(), start=3):
         read("2")  # a good version before each bad one, whose entries are reused

@@ -14,6 +14,7 @@ from beekeeper.crds.policyslice import (
     MAX_RULE_PEERS,
     MAX_RULE_PORTS,
     SLICE_BYTES,
+    Address,
     BpfPolicySliceSpec,
     pack_slices,
     slice_hash,
@@ -151,7 +152,17 @@ def test_large_entries_split_into_bounded_slices_with_the_same_product() -> None
         (p, port["portStart"]) for s in specs for r in s.get("rules", []) for p in r["peers"] for port in r["ports"]
     }
     assert len(pairs) == len(rule["peers"]) * len(rule["ports"])
-    assert sum(len(s.get("ipcache", [])) for s in specs) == len(ipcache)
+    addresses = [a for s in specs for a in BpfPolicySliceSpec.model_validate({"nodeName": "n1", **s}).addresses()]
+    assert sorted(addresses) == sorted(Address(row["cidr"], row["identity"]) for row in ipcache)
+
+
+def test_addresses_are_grouped_per_identity_on_the_wire() -> None:
+    rows = [{"cidr": f"10.0.0.{i}/32", "identity": 300 + i % 2} for i in range(4)]
+    (spec,) = pack_slices("a/p", [], rows, [])
+    assert spec["ipcache"] == [
+        {"identity": 300, "cidrs": ["10.0.0.0/32", "10.0.0.2/32"]},
+        {"identity": 301, "cidrs": ["10.0.0.1/32", "10.0.0.3/32"]},
+    ]
 
 
 def test_slice_names_are_stable_dns_subdomains() -> None:
@@ -196,7 +207,7 @@ def test_node_wide_entries_win_and_slice_conflicts_are_reported_not_fatal() -> N
             "nodeName": "n1",
             "policy": "a/p",
             "contentHash": "a" * 64,
-            "ipcache": [{"cidr": "192.168.0.1/32", "identity": 300}, {"cidr": "10.0.0.1/32", "identity": 301}],
+            "ipcache": [{"identity": 300, "cidrs": ["192.168.0.1/32"]}, {"identity": 301, "cidrs": ["10.0.0.1/32"]}],
         }
     )
     two = BpfPolicySliceSpec.model_validate(
@@ -204,7 +215,7 @@ def test_node_wide_entries_win_and_slice_conflicts_are_reported_not_fatal() -> N
             "nodeName": "n1",
             "policy": "a/q",
             "contentHash": "b" * 64,
-            "ipcache": [{"cidr": "10.0.0.1/32", "identity": 302}],
+            "ipcache": [{"identity": 302, "cidrs": ["10.0.0.1/32"]}],
         }
     )
     plan = translate(spec, {}, {"a/p": 0, "a/q": 1}, {"s1": one, "s2": two})
