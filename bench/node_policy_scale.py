@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "operator",
             [sys.executable, "-m", "beekeeper.cli", "operator"],
             workdir / "operator.log",
-            {**component_env(cluster.kubeconfig), "BEEKEEPER_LOG_LEVEL": "info"},
+            {**component_env(cluster.kubeconfig), "BEEKEEPER_LOG_LEVEL": os.environ.get("BEEKEEPER_LOG_LEVEL", "info")},
         ).start()
         daemons = NodeDaemons(cluster, workdir)
         node = daemons()

@@ -86,6 +86,10 @@ log = logging.getLogger(__name__)
 RESYNC_ENV = "BEEKEEPER_RESYNC_SECONDS"
 """Seconds between passes when nothing changes (default 60); the liveness bound is three of them."""
 DEBOUNCE_SECONDS = 0.05
+"""A change within this of the last pass's end waits until then, so a burst is coalesced into one pass."""
+SETTLE_SECONDS = 0.01
+"""A change after a quiet spell waits only this (the events of one client's few calls arrive together):
+the 50 ms of the debounce were a sixth of a policy edit's latency."""
 RETRY_MAX_SECONDS = 30.0
 FINALIZER = "beekeeper.dev/detach"
 """Holds a BpfProgram until every node has detached it (the name kopf used before, so old objects keep working)."""
@@ -245,13 +249,14 @@ class Reconciler:
     async def run(self, health: Health) -> None:
         """Wait for a foreign change (or the resync period), coalesce, reconcile once; again."""
         due_at = time.monotonic()  # a first pass as soon as the cache is primed, even in an empty cluster
+        quiet_at = 0.0
         while True:
             try:
                 await asyncio.wait_for(self.cache.changed.wait(), timeout=max(0.0, due_at - time.monotonic()))
                 due = False
             except TimeoutError:  # the resync period (or a retry back-off, or an identity's grace) passed
                 due = True
-            await asyncio.sleep(DEBOUNCE_SECONDS)
+            await asyncio.sleep(max(SETTLE_SECONDS, quiet_at - time.monotonic()))
             if not self.cache.primed.is_set():
                 log.info("waiting for the informers' listings")
                 await self.cache.primed.wait()
@@ -282,6 +287,7 @@ class Reconciler:
             for kind, key, body in result.written:  # seen by the next pass even before their watch events
                 self.cache.record_own(kind, body, key)
             health.pass_done()
+            quiet_at = time.monotonic() + DEBOUNCE_SECONDS
             self.metrics.duration.observe(time.monotonic() - started)
             self.metrics.passes.labels("success").inc()
             self.metrics.last_pass.set_to_current_time()
