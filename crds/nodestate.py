@@ -324,7 +324,7 @@ class SliceRef(ApiModel):
 
 
 def check_unique(items: Sequence[Any] | None, key: str, what: str) -> None:
-    """Unique keys in a list the CRD declares atomic (a list-map's per-item managedFields cost too much)."""
+    """Unique keys: what the apiserver checks for a list-map, and only the model for an atomic list."""
     seen: set[Any] = set()
     for item in items or []:
         value = getattr(item, key)

@@ -231,9 +231,8 @@ def pack_slices(
     """
     limits = {"rules": MAX_SLICE_RULES, "ipcache": MAX_SLICE_IPCACHE, "cidrIdentities": MAX_SLICE_CIDR_IDENTITIES}
     items = [("rules", r) for rule in rules for r in split_rule(rule)]
-    items += [
-        ("ipcache", e) for e in sorted(ipcache, key=lambda row: row["identity"])
-    ]  # stable: order kept per identity
+    # Rows of one identity together (the sort is stable: their order is kept), as one group on the wire.
+    items += [("ipcache", e) for e in sorted(ipcache, key=lambda row: row["identity"])]
     items += [("cidrIdentities", e) for e in cidr_ids]
     out: list[dict[str, list[Any]]] = []
     current: dict[str, list[Any]] = {key: [] for key in limits}
