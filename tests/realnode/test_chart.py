@@ -91,8 +91,18 @@ def _in_kernel(prog_id: int) -> bool:
 
 
 def test_install_runs_the_operator_and_a_daemon_on_the_node(release: ChartRelease, node_cluster: Cluster) -> None:
-    pods = _pods(node_cluster, NAMESPACE)
-    assert pods and all(_ready(p) for p in pods), [p["metadata"]["name"] for p in pods]
+    waiting: list[str] = []
+
+    def all_ready() -> bool:
+        pods = _pods(node_cluster, NAMESPACE)
+        waiting[:] = [p["metadata"]["name"] for p in pods if not _ready(p)] if pods else ["no pods"]
+        return not waiting
+
+    # helm's --wait counts a DaemonSet ready with maxUnavailable (1) pods not ready: on one node, none.
+    try:
+        wait_for(all_ready, 120, "every beekeeper pod Ready")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; not Ready: {waiting}") from None
     assert _daemon_pod(node_cluster) is not None
 
 
