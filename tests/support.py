@@ -431,7 +431,9 @@ class NodeDaemons:
         self.cluster = cluster
         self.workdir = workdir
         self.api = cluster.api()
-        self.test_id = uuid.uuid4().hex[:6]
+        # A label value that YAML reads as a string whatever the digits: a bare "12e456" is a number to
+        # kubectl's YAML (a fresh-clone run failed on one), and PyYAML dumps it unquoted.
+        self.test_id = "t" + uuid.uuid4().hex[:5]
         self.started: list[NodeDaemon] = []
         self._token: str | None = None
 
