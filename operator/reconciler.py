@@ -206,7 +206,6 @@ class Reconciler:
     def __init__(self, api: client.ApiClient, cache: ClusterCache, metrics: OperatorMetrics | None = None) -> None:
         self.cache = cache
         self.metrics = metrics or OperatorMetrics()
-        self.api = api
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.events = EventRecorder(self.core)
@@ -635,7 +634,8 @@ class Reconciler:
         """Every list named (None clears one a merge patch would otherwise keep)."""
         if exists:
             patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, **spec}}
-            written = kube.request_json(self.api, "PATCH", _slice_path(name), patch, content_type=kube.MERGE_PATCH)
+            api = self.custom.api_client
+            written = kube.request_json(api, "PATCH", _slice_path(name), patch, content_type=kube.MERGE_PATCH)
             self._wrote("BpfPolicySlice", written)
             self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec["policy"]})
@@ -655,7 +655,7 @@ class Reconciler:
         if not meta.get("uid"):
             del body["metadata"]["ownerReferences"]
         try:
-            written = kube.request_json(self.api, "POST", _slice_path(None), body)
+            written = kube.request_json(self.custom.api_client, "POST", _slice_path(None), body)
             self._wrote("BpfPolicySlice", written)
             self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec["policy"]})
@@ -668,7 +668,7 @@ class Reconciler:
         """After the node states stopped listing them."""
         for name in sorted(names):
             try:
-                kube.request_json(self.api, "DELETE", _slice_path(name))
+                kube.request_json(self.custom.api_client, "DELETE", _slice_path(name))
                 log.info("bpfpolicyslice deleted", extra={"slice": name})
             except ApiException as exc:
                 if exc.status != 404:
