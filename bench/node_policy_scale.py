@@ -73,7 +73,7 @@ from beekeeper.node_daemon.policy_agent import PolicyAgent
 from beekeeper.node_daemon.policy_datapath import PolicyDatapath
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
-from beekeeper.node_daemon.policy_state import translate
+from beekeeper.node_daemon.policy_state import policy_names, translate
 from beekeeper.node_daemon.routes import RouteTable
 from beekeeper.operator.identities import plan_identities
 from beekeeper.operator.pods import pod_records
@@ -274,9 +274,8 @@ class FromScratch:
         listed, waiting, unreadable = self.reader.resolve(spec.slices or [], slices)
         if waiting or unreadable:
             raise SystemExit(f"from scratch: slices {waiting} {unreadable}")
-        names = {r.policy for r in spec.rules or []} | {p.policy for p in listed.values()}
         interfaces = {ep.ip: self.routes.pod_interface(ep.ip) for ep in spec.endpoints or []}
-        plan = translate(spec, interfaces, self.indexes.assign(names), listed)
+        plan = translate(spec, interfaces, self.indexes.assign(policy_names(spec, listed.values())), listed)
         before = {a.ifindex: a.prog_ids for a in self.datapath.attached().values()}
         result = self.datapath.sync(plan.state)
         for ifindex in plan.interfaces:

@@ -1,13 +1,16 @@
-"""BpfPolicySlice: what one NetworkIdentityPolicy adds to one node's policy maps.
+"""BpfPolicySlice: a bounded piece of one node's policy maps.
 
 Node policy state comes in bounded pieces: the node-wide part stays in BpfNodeState
-(endpoints, the node's addresses), and every policy with endpoints on the node gets one or
-more slices of its own, written by the operator and watched by that node's daemon through a
-field selector on spec.nodeName. A policy's size therefore never decides whether another
-policy (or a new pod) reaches the node, and a node's total is not bounded by one etcd
-object. Rules are shipped factored, (local identity, direction, action, peer identities,
-port ranges), and the daemon expands the product locally, so the wire size grows with
-peers plus ports, not peers times ports.
+(endpoints, the node's addresses), every policy with endpoints on the node gets one or
+more slices of its own (its rules and ipBlock prefixes), and every pod identity the node's
+rules name gets one or more slices of its pods' addresses, shared by the policies naming it.
+All are written by the operator and watched by that node's daemon through a field selector
+on spec.nodeName. A policy's size therefore never decides whether another policy (or a new
+pod) reaches the node, a node's total is not bounded by one etcd object, and a pod starting
+rewrites its identity's address slice once per node, not every policy slice naming it.
+Rules are shipped factored, (local identity, direction, action, peer identities, port
+ranges), and the daemon expands the product locally, so the wire size grows with peers plus
+ports, not peers times ports.
 """
 
 from __future__ import annotations
@@ -112,14 +115,28 @@ class IdentityAddresses(ApiModel):
 
 
 class BpfPolicySliceSpec(ApiModel):
-    """One policy's entries for one node (or a size-bounded part of them); written by the operator only."""
+    """One policy's entries, or one identity's addresses, for one node (or a size-bounded part of them);
+    written by the operator only."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.policy) || (!has(self.rules) && !has(self.cidrIdentities))",
+                "rules and cidrIdentities need a policy: a slice without one holds addresses only",
+            )
+        )
+    )
 
     node_name: DnsSubdomain = Field(
         description="The node whose daemon applies this slice.",
         json_schema_extra=validations(cel("self == oldSelf", "nodeName is immutable")),
     )
-    policy: str = Field(
-        max_length=317, pattern=POLICY_REF_PATTERN, description="namespace/name of the NetworkIdentityPolicy."
+    policy: str | None = Field(
+        None,
+        max_length=317,
+        pattern=POLICY_REF_PATTERN,
+        description="namespace/name of the NetworkIdentityPolicy; absent for the addresses of an identity, which "
+        "every policy naming it on the node shares.",
     )
     content_hash: ContentHash = Field(
         description="sha256 of the entries below; BpfNodeState.spec.networkPolicy.slices pins it."
@@ -145,6 +162,8 @@ class BpfPolicySliceSpec(ApiModel):
             raise ValueError(f"ipcache: {len(addresses)} addresses, more than {MAX_SLICE_IPCACHE}")
         check_unique(addresses, "cidr", "ipcache")
         check_unique(self.cidr_identities, "cidr", "cidrIdentities")
+        if self.policy is None and (self.rules or self.cidr_identities):
+            raise ValueError("rules and cidrIdentities need a policy: a slice without one holds addresses only")
         return self
 
     def addresses(self) -> list[Address]:
@@ -153,15 +172,15 @@ class BpfPolicySliceSpec(ApiModel):
 
 
 class BpfPolicySlice(Resource):
-    """BpfPolicySlice is one NetworkIdentityPolicy's datapath entries for one node, written by the operator
-    and read by that node's daemon. Listed (with its content hash) by the node's BpfNodeState; not meant to
-    be edited by hand.
+    """BpfPolicySlice is one NetworkIdentityPolicy's datapath entries, or one identity's pod addresses, for
+    one node, written by the operator and read by that node's daemon. Listed (with its content hash) by
+    the node's BpfNodeState; not meant to be edited by hand.
     """
 
     names: ClassVar = BPF_POLICY_SLICE
     printer_columns: ClassVar = (
         PrinterColumn("Node", ".spec.nodeName", "string", "Node whose daemon applies the slice"),
-        PrinterColumn("Policy", ".spec.policy", "string", "NetworkIdentityPolicy the entries come from"),
+        PrinterColumn("Policy", ".spec.policy", "string", "NetworkIdentityPolicy of the entries (none: addresses)"),
         AGE_COLUMN,
     )
     selectable_fields: ClassVar = (".spec.nodeName",)
@@ -222,9 +241,13 @@ def address_groups(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def pack_slices(
-    policy: str, rules: Iterable[Mapping[str, Any]], ipcache: list[dict[str, Any]], cidr_ids: list[dict[str, Any]]
+    policy: str | None,
+    rules: Iterable[Mapping[str, Any]],
+    ipcache: list[dict[str, Any]],
+    cidr_ids: list[dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """One policy's entries on a node as slice specs (without nodeName) of bounded size and list lengths.
+    """One policy's entries on a node (policy None: one identity's addresses) as slice specs (without
+    nodeName) of bounded size and list lengths.
 
     Entries are independent (the maps hold their union), so any split is equivalent; the
     order is kept so equal inputs give equal slices.
@@ -251,7 +274,8 @@ def pack_slices(
     specs = []
     for part in out:
         part["ipcache"] = address_groups(part["ipcache"])
-        body: dict[str, Any] = {"policy": policy, **{k: v for k, v in part.items() if v}}
+        body: dict[str, Any] = {"policy": policy} if policy is not None else {}
+        body.update((k, v) for k, v in part.items() if v)
         body["contentHash"] = slice_hash(body)
         specs.append(body)
     return specs

@@ -30,7 +30,7 @@ from beekeeper.node_daemon.drops import DropLog, DropRecorder
 from beekeeper.node_daemon.policy_datapath import Attachment, PolicyDatapath, PolicyDatapathError, SyncResult
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
-from beekeeper.node_daemon.policy_state import Translation, pod_name
+from beekeeper.node_daemon.policy_state import Translation, pod_name, policy_names
 from beekeeper.node_daemon.routes import PodInterface, RouteTable, Unresolved
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ class PolicyAgent:
             datapath = self._load()
         except PolicyDatapathError as exc:
             return self._status(spec, None, 0, str(exc))
-        names = {r.policy for r in spec.rules or []} | {p.policy for p in listed.values()}
-        indexes = self._indexes.assign(names)
+        indexes = self._indexes.assign(policy_names(spec, listed.values()))
         try:
             plan = self._maps.update(spec, listed, indexes, self._lookup(spec, rescan))
         except ValueError as exc:

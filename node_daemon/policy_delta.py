@@ -36,6 +36,8 @@ NODE_SOURCE = ""
 
 PREFIX_MAPS = {pm.IPCACHE.name: "ipcache", pm.CIDR_IDS.name: "cidr identity"}
 POLICY_MAPS = (pm.POLICY_ALLOW.name, pm.POLICY_DENY.name)
+ADDRESSES_ONLY = 0
+"""The index an address slice is encoded with: it has no rule, so no entry carries it."""
 SYNCED = tuple(spec.name for spec in pm.SYNCED_MAPS)
 
 Entries = dict[str, dict[bytes, bytes]]
@@ -319,7 +321,7 @@ class NodeMaps:
             self._keys.pop(name, None)
             self._rule_counts.pop(name, None)
         for name, piece in slices.items():
-            index = policy_indexes[piece.policy]
+            index = ADDRESSES_ONLY if piece.policy is None else policy_indexes[piece.policy]
             cached = self._encoded.get(name)
             if cached is None or cached[0] is not piece or cached[1] != index:
                 try:

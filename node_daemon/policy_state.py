@@ -11,7 +11,7 @@ as host) win, and two slices naming one prefix differently keep the first by sli
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from beekeeper.crds.networkpolicy import PolicyType
@@ -60,8 +60,15 @@ class FlatRule:
     action: PolicyAction
 
 
+def policy_names(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> set[str]:
+    """The policies the node's entries come from (an address slice belongs to none): each needs an index."""
+    return {r.policy for r in spec.rules or []} | {p.policy for p in slices if p.policy is not None}
+
+
 def slice_rules(piece: BpfPolicySliceSpec) -> Iterable[FlatRule]:
     """One slice's product of peers and ports."""
+    if piece.policy is None:  # addresses only (the model refuses rules without a policy)
+        return
     for rule in piece.rules or []:
         for port in rule.ports:
             for peer in rule.peers:
@@ -77,7 +84,7 @@ def slice_rules(piece: BpfPolicySliceSpec) -> Iterable[FlatRule]:
                 )
 
 
-def flat_rules(spec: NodeNetworkPolicy, slices: Sequence[BpfPolicySliceSpec]) -> Iterable[FlatRule]:
+def flat_rules(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> Iterable[FlatRule]:
     """The node's inline rules and every slice's product of peers and ports."""
     for r in spec.rules or []:
         yield FlatRule(

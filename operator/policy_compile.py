@@ -28,8 +28,10 @@ Choices that keep that exact while the entries stay few and stable:
 What a node gets comes in bounded pieces, so no policy's size decides whether another one
 (or a new pod) reaches the node: spec.networkPolicy holds the endpoints, the node's own
 addresses (host) and a list of BpfPolicySlices; each policy with endpoints on the node has
-its own slices (its entries, factored as local x peers x ports, the pod addresses and the
-prefixes they name, its own blocks' prefixes). A policy whose entries on some node exceed
+its own slices (its entries, factored as local x peers x ports, the prefixes they name, its
+own blocks' prefixes), and each pod identity those entries name has slices of its pods'
+addresses, shared by the node's policies (a pod starting rewrites one slice per node, not
+one per policy naming it). A policy whose entries on some node exceed
 the expansion budget is refused (ExpansionBudgetExceeded) and ignored like an invalid one.
 Its entries include those for other policies' prefixes nested in its blocks (the datapath
 resolves one most specific prefix), so the policies over budget with their own prefixes
@@ -46,6 +48,7 @@ import functools
 import hashlib
 import ipaddress
 import os
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,18 +143,23 @@ class IdentityInfo:
     """The pods' addresses, as host prefixes."""
     ports: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     """(port name, protocol) -> numbers, over every pod of the identity."""
-    _rows: dict[tuple[int, int, int], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    _specs: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
-    def ipcache_rows(self) -> dict[tuple[int, int, int], dict[str, Any]]:
-        """The prefixes as slice ipcache entries by address order, kept until forget_rows (a slice naming
-        thousands of identities is rebuilt from these, not re-encoded)."""
-        if self._rows is None:
-            self._rows = {_net_order(p): {"cidr": str(p), "identity": self.number} for p in self.prefixes}
-        return self._rows
+    def address_specs(self) -> list[dict[str, Any]]:
+        """Its address slices' specs (without nodeName), the same list until forget_rows: every node whose
+        rules name the identity ships these, so they are packed once and a node sees them unchanged by identity."""
+        if self._specs is None:
+            self._specs = pack_slices(None, [], self.address_rows(()), [])
+        return self._specs
+
+    def address_rows(self, hosts: Iterable[Network]) -> list[dict[str, Any]]:
+        """The prefixes as slice ipcache rows in address order, without `hosts` (the node's own addresses)."""
+        rows = sorted(self.prefixes.difference(hosts), key=_net_order)
+        return [{"cidr": str(p), "identity": self.number} for p in rows]
 
     def forget_rows(self) -> None:
         """After prefixes changed."""
-        self._rows = None
+        self._specs = None
 
 
 @dataclass
@@ -189,6 +197,8 @@ class CompiledPolicies:
     """Per namespace/name."""
     slices: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """Per node, BpfPolicySlice name -> spec (nodeName included), as listed by the node's spec."""
+    readers: dict[str, dict[int, set[str]]] = field(default_factory=dict)
+    """Per node, pod identity -> the policies whose rules there name it (who its address slices concern)."""
 
 
 def _error_path(loc: Sequence[int | str]) -> str:
@@ -559,11 +569,32 @@ def _factored(rules: Mapping[_RuleKey, set[_PortKey]], identity: Callable[[int],
     ]
 
 
+def _node_prefix(node: str) -> str:
+    return node if len(node) <= 200 else hashlib.sha256(node.encode()).hexdigest()[:16]
+
+
 def slice_name(node: str, policy: str, index: int) -> str:
     """Stable per (node, policy, part), a DNS subdomain whatever the node's name length."""
-    digest = hashlib.sha256(policy.encode()).hexdigest()[:12]
-    prefix = node if len(node) <= 200 else hashlib.sha256(node.encode()).hexdigest()[:16]
-    return f"{prefix}.{digest}-{index}"
+    return f"{_node_prefix(node)}.{hashlib.sha256(policy.encode()).hexdigest()[:12]}-{index}"
+
+
+def address_slice_name(node: str, identity: int, index: int) -> str:
+    """Stable per (node, identity, part); never a policy's name (those are 12 hex digits, no "i")."""
+    return f"{_node_prefix(node)}.id{identity}-{index}"
+
+
+_ADDRESS_SLICE = re.compile(r"\.id([0-9]+)-[0-9]+$")
+
+
+def address_slice_identity(name: str) -> int | None:
+    """The identity whose addresses an address slice (by its name) holds; None for a policy's slice."""
+    found = _ADDRESS_SLICE.search(name)
+    return int(found.group(1)) if found else None
+
+
+def named_identities(rules: Iterable[_RuleKey]) -> set[int]:
+    """The pod identities among the rules' peers: the node needs their addresses."""
+    return {key[3] for key in rules if MIN_POD_IDENTITY <= key[3] < MIN_CIDR_IDENTITY}
 
 
 def _node_slices(
@@ -573,14 +604,40 @@ def _node_slices(
     infos: Mapping[int, IdentityInfo],
     cidr_ids: Mapping[Network, int],
     expansions: _Expansions,
-) -> dict[str, dict[str, Any]]:
-    """Every policy's slices on the node."""
+) -> tuple[dict[str, dict[str, Any]], dict[int, set[str]]]:
+    """Every policy's slices on the node and the address slices of the identities they name; and per such
+    identity, the policies naming it."""
     active = frozenset(ref for ref in view.items if ref in refs)
     coverage = expansions.coverage(node, view, active)
     out: dict[str, dict[str, Any]] = {}
+    readers: dict[int, set[str]] = {}
     for ref in sorted(active):
-        out.update(policy_slices(node, view, ref, expansions.rules(node, view, active, ref), coverage, infos, cidr_ids))
-    return out
+        rules = expansions.rules(node, view, active, ref)
+        out.update(policy_slices(node, view, ref, rules, coverage, cidr_ids))
+        for number in named_identities(rules):
+            readers.setdefault(number, set()).add(ref)
+    hosts = node_hosts(view.addresses)
+    for number in sorted(readers):
+        if number in infos:
+            out.update(address_slices(node, infos[number], hosts))
+    return out, readers
+
+
+def node_hosts(addresses: Iterable[str]) -> frozenset[Network]:
+    """The node's own addresses as prefixes: the node-wide ipcache says host for them, no slice repeats them."""
+    return frozenset(ipaddress.ip_network(a) for a in addresses)
+
+
+def address_slices(node: str, info: IdentityInfo, hosts: frozenset[Network]) -> dict[str, dict[str, Any]]:
+    """The identity's address slices on the node (none when it has no address but the node's own)."""
+    if hosts.isdisjoint(info.prefixes):
+        specs = info.address_specs()
+    else:
+        rows = info.address_rows(hosts)
+        specs = pack_slices(None, [], rows, []) if rows else []
+    if specs and not specs[0].get("ipcache"):
+        return {}
+    return {address_slice_name(node, info.number, i): {"nodeName": node, **spec} for i, spec in enumerate(specs)}
 
 
 def policy_slices(
@@ -589,29 +646,22 @@ def policy_slices(
     ref: str,
     rules: Mapping[_RuleKey, set[_PortKey]],
     coverage: _Coverage,
-    infos: Mapping[int, IdentityInfo],
     cidr_ids: Mapping[Network, int],
 ) -> dict[str, dict[str, Any]]:
-    """One policy's slices on the node: its factored rules, the pod addresses they name, and its prefixes
-    (its own blocks' and the other policies' prefixes nested in them, which its rules name)."""
+    """One policy's slices on the node: its factored rules and its prefixes (its own blocks' and the other
+    policies' prefixes nested in them, which its rules name). The pod addresses are in address slices."""
 
     def identity(peer: int) -> int:
         return cidr_ids[coverage.prefix(peer)] if peer < 0 else peer
 
     peers = {key[3] for key in rules}
     prefixes = set(_prefixes(view.blocks[ref])) | {coverage.prefix(p) for p in peers if p < 0}
-    ipcache: dict[tuple[int, int, int], dict[str, Any]] = {}
-    for number in sorted(p for p in peers if MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY):
-        if number in infos:
-            ipcache.update(infos[number].ipcache_rows())
-    for address in view.addresses:
-        ipcache.pop(_net_order(ipaddress.ip_network(address)), None)  # the node-wide entry says host
     if not rules and not prefixes:
         return {}
     specs = pack_slices(
         ref,
         _factored(rules, identity),
-        [row for _, row in sorted(ipcache.items())],
+        [],
         [{"cidr": str(p), "identity": cidr_ids[p]} for p in sorted(prefixes, key=_net_order)],
     )
     return {slice_name(node, ref, i): {"nodeName": node, **spec} for i, spec in enumerate(specs)}
@@ -705,8 +755,9 @@ def compile_policies(
     # and an uninstall could never leave the nodes' kernels clean.
     compiled: dict[str, dict[str, Any] | None] = dict.fromkeys(nodes)
     slices: dict[str, dict[str, dict[str, Any]]] = {node: {} for node in nodes}
+    readers: dict[str, dict[int, set[str]]] = {node: {} for node in nodes}
     for node, view in views.items():
-        slices[node] = _node_slices(node, view, refs, compiler.infos, cidr_ids, expansions)
+        slices[node], readers[node] = _node_slices(node, view, refs, compiler.infos, cidr_ids, expansions)
         if refs:
 
             def enforced(n: int, direction: PolicyType) -> bool:
@@ -717,7 +768,7 @@ def compile_policies(
                 for pod, n in view.endpoints
             ]
             compiled[node] = node_policy(endpoints, view.addresses, slices[node])
-    return CompiledPolicies(compiled, outcomes, slices)
+    return CompiledPolicies(compiled, outcomes, slices, readers)
 
 
 def node_addresses(node: Body) -> list[str]:

@@ -7,10 +7,11 @@ among 10k identities must not recompile the world. This keeps, between passes:
   per identity that appears or goes, with a version that moves when the match set does;
 - per policy, its entries per local identity, recompiled only when its spec, a selector's
   matches or (with named ports) the identities' ports changed; a version moves when its entries,
-  isolation or the addresses of the identities it names change;
+  isolation change;
 - per node, its endpoints and per policy there the entries, budget cost and slices, rebuilt
   only on the nodes that host a changed policy's identities (or whose pods or addresses changed),
-  and there only for the policies whose inputs moved.
+  and there only for the policies whose inputs moved; per identity its address slices, packed
+  once for every node that needs them and repacked only when its pods' addresses change.
 
 What did not change is returned as the very objects of the previous call (a node's
 spec.networkPolicy, its slices), so the reconciler can skip them by identity instead of
@@ -53,9 +54,11 @@ from beekeeper.operator.policy_compile import (
     _PolicyCompiler,
     _PortKey,
     _RuleKey,
+    address_slices,
     assign_cidr_identities,
     endpoint_entry,
     matches_peer,
+    node_hosts,
     node_policy,
     parse_policy,
     policy_slices,
@@ -181,7 +184,7 @@ class _Policy:
     types: frozenset[PolicyType] = frozenset()
     local: frozenset[int] = frozenset()
     named: frozenset[int] = frozenset()
-    """Pod identities its entries name (their addresses go into its slices' ipcache)."""
+    """Pod identities its entries name (the nodes it is on need their address slices)."""
     version: int = 0
 
 
@@ -193,6 +196,8 @@ class _Pair:
     items: list[tuple[int, Entry]]
     isolated: set[tuple[int, PolicyType]]
     blocks: set[Block]
+    named: frozenset[int]
+    """The pod identities its entries here name."""
     rules: dict[frozenset[Block], tuple[dict[_RuleKey, set[_PortKey]], int]] = field(default_factory=dict)
     """Per coverage (the ipBlocks active on the node): its rules and their cost."""
     slices: tuple[tuple[Any, ...], dict[str, dict[str, Any]]] | None = None
@@ -220,7 +225,10 @@ class _Node:
     """The addresses policy was built with."""
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     fragments: list[dict[str, dict[str, Any]]] = field(default_factory=list)
-    """The per-policy slice dicts node.slices was merged from (the very objects)."""
+    """The per-policy and per-identity slice dicts node.slices was merged from (the very objects)."""
+    addresses_out: dict[int, tuple[object, tuple[str, ...], dict[str, dict[str, Any]]]] = field(default_factory=dict)
+    """Per identity named here: (its packed specs, the node's addresses, its address slices here)."""
+    readers: dict[int, set[str]] = field(default_factory=dict)
 
 
 class IncrementalCompiler:
@@ -492,8 +500,8 @@ class IncrementalCompiler:
             for n in getattr(new, attr) if new else ():
                 index.setdefault(n, set()).add(ref)
 
-    def _update_policies(self, bodies: list[Body], moved: set[int]) -> set[str]:
-        """Recompile the policies whose inputs changed; returns those whose entries (or named addresses) did."""
+    def _update_policies(self, bodies: list[Body]) -> set[str]:
+        """Recompile the policies whose inputs changed; returns those whose entries or isolation did."""
         changed: set[str] = set()
         seen: set[str] = set()
         for body in bodies:
@@ -520,10 +528,6 @@ class IncrementalCompiler:
         for ref in set(self._policies) - seen:
             self._index(ref, self._policies.pop(ref), None)
             changed.add(ref)
-        for number in moved:
-            for ref in self._named_by.get(number, ()):
-                self._policies[ref].version = self._tick()
-                changed.add(ref)
         self._selections.keep({key for p in self._policies.values() for key, _ in p.deps})
         return changed
 
@@ -567,7 +571,11 @@ class IncrementalCompiler:
             return pair
         items = [(n, e) for n in ids for e in entry.entries.get(n, ())]
         isolated = {(n, d) for n in ids for d in PolicyType if (n, d) in entry.isolating}
-        return _Pair(key, items, isolated, {e.peer for _, e in items if isinstance(e.peer, Block)})
+        blocks = {e.peer for _, e in items if isinstance(e.peer, Block)}
+        named = frozenset(
+            e.peer for _, e in items if isinstance(e.peer, int) and MIN_POD_IDENTITY <= e.peer < MIN_CIDR_IDENTITY
+        )
+        return _Pair(key, items, isolated, blocks, named)
 
     def _rebuild_view(self, node: _Node, budget: int) -> None:
         """The node's policies and their entries there; their cost with every valid policy active."""
@@ -628,9 +636,27 @@ class IncrementalCompiler:
             if pair.slices is None or pair.slices[0] != key:
                 coverage = coverage or _Coverage(blocks)
                 rules = self._rules(node, ref, active)[0]
-                pair.slices = (key, policy_slices(name, node.view, ref, rules, coverage, self.infos, self._cidr_ids))
+                pair.slices = (key, policy_slices(name, node.view, ref, rules, coverage, self._cidr_ids))
             if pair.slices[1]:
                 fragments.append(pair.slices[1])
+        readers: dict[int, set[str]] = {}
+        for ref in sorted(active):
+            for n in node.pairs[ref].named:
+                readers.setdefault(n, set()).add(ref)
+        hosts = node_hosts(node.addresses)
+        kept: dict[int, tuple[object, tuple[str, ...], dict[str, dict[str, Any]]]] = {}
+        for n in sorted(readers):
+            info = self.infos.get(n)
+            if info is None:
+                continue
+            specs = info.address_specs()
+            out = node.addresses_out.get(n)
+            if out is None or out[0] is not specs or out[1] != node.addresses:
+                out = (specs, node.addresses, address_slices(name, info, hosts))
+            kept[n] = out
+            if out[2]:
+                fragments.append(out[2])
+        node.addresses_out, node.readers = kept, readers
         fresh = len(fragments) != len(node.fragments) or any(
             a is not b for a, b in zip(fragments, node.fragments, strict=True)
         )
@@ -688,10 +714,12 @@ class IncrementalCompiler:
         for name in [n for n, node in self._nodes.items() if n not in nodes and node.view is not None]:
             gone = self._nodes[name]
             gone.view, gone.pairs, gone.policy, gone.slices, gone.fragments = None, {}, None, {}, []
+            gone.addresses_out, gone.readers = {}, {}
         bodies = sorted(policies, key=lambda b: (b["metadata"]["namespace"], b["metadata"]["name"]))
         old_local = {ref: p.local for ref, p in self._policies.items()}
-        changed = self._update_policies(bodies, moved)
-        dirty |= self._hosting(changed, old_local)
+        changed = self._update_policies(bodies)
+        # Moved addresses change the address slices of the nodes whose rules name them, not the policies.
+        dirty |= self._hosting(changed | {ref for n in moved for ref in self._named_by.get(n, ())}, old_local)
         dirty = {name for name in dirty if name in nodes}
         for name in dirty:
             node = self._nodes[name]
@@ -765,8 +793,10 @@ class IncrementalCompiler:
                 self._outputs(name, self._nodes[name], valid, enforcement)
         compiled: dict[str, dict[str, Any] | None] = {}
         slices: dict[str, dict[str, dict[str, Any]]] = {}
+        readers: dict[str, dict[int, set[str]]] = {}
         for name in nodes:
             node = self._nodes[name]
             compiled[name] = node.policy if node.view is not None else None
             slices[name] = node.slices if node.view is not None else {}
-        return CompiledPolicies(compiled, outcomes, slices)
+            readers[name] = node.readers if node.view is not None else {}
+        return CompiledPolicies(compiled, outcomes, slices, readers)

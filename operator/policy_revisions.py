@@ -3,11 +3,11 @@
 A node's spec.networkPolicy.revision hashes the whole node: the node-wide lists (endpoints,
 addresses) and every policy's slice refs. Its daemon echoes the revision its maps hold. A
 policy is enforced on the node once the echoed revision is one written at or after the last
-write that changed what this policy needs there: its own slices, the endpoints it selects, or
-the node's addresses every policy depends on. Judged by equality with the newest revision
-instead, every policy on a node went NotReady for each edit of any other policy there (and,
-judged by every endpoint, for each pod started there): a false verdict for kstatus and two
-needless status writes per policy.
+write that changed what this policy needs there: its own slices, the address slices of the
+identities it names, the endpoints it selects, or the node's addresses every policy depends
+on. Judged by equality with the newest revision instead, every policy on a node went NotReady
+for each edit of any other policy there (and, judged by every endpoint, for each pod started
+there): a false verdict for kstatus and two needless status writes per policy.
 
 The log is the operator's memory: after a restart a revision it has not seen counts as behind.
 """
@@ -15,7 +15,7 @@ The log is the operator's memory: after a restart a revision it has not seen cou
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,17 +54,22 @@ def changed_pods(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, An
     return _pods(dict(e) for e in before ^ after)
 
 
+Owners = Callable[[str], Set[str]]
+"""A slice's name -> the policies it concerns: its own, or for an identity's addresses those naming it."""
+
+
 def moved(
     old: Mapping[str, Any] | None,
     new: Mapping[str, Any],
-    owners: Mapping[str, str],
+    owners: Owners,
     selected: Mapping[str, Set[str]],
 ) -> tuple[bool, set[str]]:
     """(the node's own lists differ, policies whose part differs) between two spec.networkPolicy.
 
-    A policy's part is its slice refs and the endpoints it selects (`selected`: policy ref ->
-    namespace/name of its pods): a pod starting on a node concerns the policies selecting it,
-    not every policy there. `owners` maps slice names, old and new, to their policy ref.
+    A policy's part is its slice refs (its own slices and the address slices of the identities
+    it names) and the endpoints it selects (`selected`: policy ref -> namespace/name of its
+    pods): a pod starting on a node concerns the policies selecting it or naming its identity,
+    not every policy there. `owners` answers for slice names, old and new.
     """
     old = old or {}
     node_wide = any(
@@ -74,7 +79,8 @@ def moved(
     def refs(policy: Mapping[str, Any]) -> dict[str, set[tuple[str, str]]]:
         out: dict[str, set[tuple[str, str]]] = {}
         for ref in policy.get("slices") or []:
-            out.setdefault(owners.get(ref["name"], ""), set()).add((ref["name"], ref["contentHash"]))
+            for owner in owners(ref["name"]):
+                out.setdefault(owner, set()).add((ref["name"], ref["contentHash"]))
         return out
 
     before, after = refs(old), refs(new)
@@ -98,7 +104,7 @@ class RevisionLog:
         node: str,
         old: Mapping[str, Any] | None,
         new: Mapping[str, Any],
-        owners: Mapping[str, str],
+        owners: Owners,
         selected: Mapping[str, Set[str]],
     ) -> None:
         """Note that `new` (with its revision) replaced `old` in the node's spec (moved() says what it moved)."""

@@ -75,9 +75,9 @@ from beekeeper.operator.identities import (
 )
 from beekeeper.operator.metrics import OperatorMetrics
 from beekeeper.operator.pods import PodRecord, PodRecords
-from beekeeper.operator.policy_compile import expansion_budget, node_addresses
+from beekeeper.operator.policy_compile import address_slice_identity, expansion_budget, node_addresses
 from beekeeper.operator.policy_incremental import IncrementalCompiler
-from beekeeper.operator.policy_revisions import RevisionLog
+from beekeeper.operator.policy_revisions import Owners, RevisionLog
 from beekeeper.operator.program_status import aggregate
 from beekeeper.operator.runtime_compile import compile_runtime
 
@@ -353,13 +353,25 @@ class Reconciler:
             """One node's slices and node state (nodes are independent: several are written at once)."""
             existing = nodestates.get(node)
             stored_slices = slices_by_node.get(node, {})
+            desired_slices = compiled.slices.get(node) or {}
+            readers = compiled.readers.get(node) or {}
+
+            def owners(name: str) -> set[str]:
+                """The policies a slice of this node concerns (its own; for addresses, those naming them)."""
+                spec = desired_slices.get(name) or (stored_slices.get(name) or {}).get("spec") or {}
+                if spec.get("policy"):
+                    return {spec["policy"]}
+                identity = address_slice_identity(name)
+                return readers.get(identity, set()) if identity is not None else set()
+
             network_policy, slice_errors = self._write_slices(
                 node,
                 compiled.nodes.get(node),
-                compiled.slices.get(node) or {},
+                desired_slices,
                 stored_slices,
                 existing,
                 snapshot.nodes[node],
+                owners,
             )
             try:
                 node_uid = (snapshot.nodes[node].get("metadata") or {}).get("uid")
@@ -368,9 +380,6 @@ class Reconciler:
                 )
                 old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
                 if network_policy is not None and revision != (old_policy or {}).get("revision"):
-                    owners = {name: spec["policy"] for name, spec in (compiled.slices.get(node) or {}).items()}
-                    for name, body in stored_slices.items():
-                        owners.setdefault(name, (body.get("spec") or {}).get("policy", ""))
                     self._revisions.record(node, old_policy, {**network_policy, "revision": revision}, owners, selected)
                 error = None
                 self._delete_slices(
@@ -575,14 +584,19 @@ class Reconciler:
         stored: Mapping[str, Mapping[str, Any]],
         existing: Mapping[str, Any] | None,
         node_body: Mapping[str, Any],
+        owners: Owners,
     ) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Create or update the node's BpfPolicySlices that differ, before the node state lists them.
 
-        A slice the API refuses fails only its own policy on this node (policy ref -> error):
-        the node state then keeps listing that policy's previous slices, if it had any.
+        A slice the API refuses fails only the policies it concerns on this node (policy ref ->
+        error). The node state then keeps listing the previous version of what failed, where it is
+        still stored as listed: all of a failed policy's own slices or none of them (their rules
+        together are the policy), an identity's address slices one by one (addresses are
+        independent entries).
         Returns spec.networkPolicy with the slices list as it can be written.
         """
         errors: dict[str, str] = {}
+        failed: set[str] = set()
         written: set[str] = set()
         for name, spec in sorted(desired.items()):
             if self._same(("BpfPolicySlice", name), stored.get(name), spec, _same_slice):
@@ -593,17 +607,28 @@ class Reconciler:
             except ApiException as exc:
                 if exc.status is None or not 400 <= exc.status < 500:
                     raise
-                errors[spec["policy"]] = f"BpfPolicySlice {name}: {exc.status} {exc.reason}"
+                failed.add(name)
+                for ref in owners(name):
+                    errors.setdefault(ref, f"BpfPolicySlice {name}: {exc.status} {exc.reason}")
                 log.error("bpfpolicyslice not written", extra={"node": node, "slice": name, "status": exc.status})
-        if not errors or network_policy is None:
+        if not failed or network_policy is None:
             return network_policy, errors
-        refs = [r for r in network_policy["slices"] if desired[r["name"]]["policy"] not in errors]
+        policies = {desired[name]["policy"] for name in failed if desired[name].get("policy")}
+        refs = [
+            r
+            for r in network_policy["slices"]
+            if r["name"] not in failed and desired[r["name"]].get("policy") not in policies
+        ]
         old = (((existing or {}).get("spec") or {}).get("networkPolicy") or {}).get("slices") or []
-        for policy in errors:
-            # The policy's previous slices, if all of them are still as listed; else none of it.
+
+        def kept(ref: Mapping[str, Any]) -> bool:
+            return ref["name"] not in written and _holds(stored.get(ref["name"]), ref["contentHash"])
+
+        for policy in policies:
             mine = [r for r in old if (stored.get(r["name"], {}).get("spec") or {}).get("policy") == policy]
-            if all(r["name"] not in written and _holds(stored[r["name"]], r["contentHash"]) for r in mine):
+            if all(kept(r) for r in mine):
                 refs += mine
+        refs += [r for r in old if r["name"] in failed and not desired[r["name"]].get("policy") and kept(r)]
         return {**network_policy, "slices": sorted(refs, key=lambda r: r["name"])}, errors
 
     def _same(
@@ -638,7 +663,7 @@ class Reconciler:
             written = kube.request_json(api, "PATCH", _slice_path(name), patch, content_type=kube.MERGE_PATCH)
             self._wrote("BpfPolicySlice", written)
             self._written_same(("BpfPolicySlice", name), written, spec)
-            log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec["policy"]})
+            log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec.get("policy")})
             return
         meta = node_body.get("metadata") or {}
         body: dict[str, Any] = {
@@ -658,7 +683,7 @@ class Reconciler:
             written = kube.request_json(self.custom.api_client, "POST", _slice_path(None), body)
             self._wrote("BpfPolicySlice", written)
             self._written_same(("BpfPolicySlice", name), written, spec)
-            log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec["policy"]})
+            log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec.get("policy")})
         except ApiException as exc:
             if exc.status != 409:
                 raise

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, PolicyRule
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
-from beekeeper.node_daemon.policy_state import flat_rules, translate, union_prefixes
+from beekeeper.node_daemon.policy_state import flat_rules, policy_names, translate, union_prefixes
 from beekeeper.node_daemon.routes import PodInterface
 from beekeeper.operator.policy_compile import CompiledPolicies
 
@@ -51,7 +51,7 @@ class NodeMaps:
     def encode(cls, policy: NodeNetworkPolicy, slices: Mapping[str, BpfPolicySliceSpec] | None = None) -> NodeMaps:
         """Through the daemon's own translation (slices expanded, prefixes unioned), interfaces numbered 1..n."""
         interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(policy.endpoints or [])}
-        names = sorted({r.policy for r in policy.rules or []} | {p.policy for p in (slices or {}).values()})
+        names = sorted(policy_names(policy, (slices or {}).values()))
         plan = translate(policy, interfaces, {name: i for i, name in enumerate(names)}, slices)
         encoded = pm.encode(plan.state, lambda interface: interface if isinstance(interface, int) else None)
         endpoints = {}

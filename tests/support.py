@@ -128,10 +128,12 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
         GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={node}"
     )["items"]
     found = {i["metadata"]["name"]: BpfPolicySliceSpec.model_validate(i["spec"]) for i in items}
-    listed = [
-        found[r.name] for r in spec.slices or [] if r.name in found and found[r.name].content_hash == r.content_hash
-    ]
-    ipcache, _ = union_prefixes(spec.ipcache or [], ((p.policy, p.addresses()) for p in listed), "ipcache")
+    listed = {
+        r.name: found[r.name]
+        for r in spec.slices or []
+        if r.name in found and found[r.name].content_hash == r.content_hash
+    }
+    ipcache, _ = union_prefixes(spec.ipcache or [], ((n, p.addresses()) for n, p in listed.items()), "ipcache")
     rules = [
         {
             "localIdentity": r.local_identity,
@@ -143,7 +145,7 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
             "action": r.action.value,
             "policy": r.policy,
         }
-        for r in flat_rules(spec, listed)
+        for r in flat_rules(spec, listed.values())
     ]
     return {
         **raw,

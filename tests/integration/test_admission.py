@@ -598,6 +598,7 @@ CASES = [
         "canonical prefix",
     ),
     Case("slice-bad-policy-ref", "BpfPolicySlice", {"spec.policy": "web"}, "spec.policy"),
+    Case("slice-rules-without-policy", "BpfPolicySlice", {"spec.policy": DELETE}, "spec", "need a policy"),
     Case(
         "slice-address-not-a-prefix",
         "BpfPolicySlice",
@@ -706,6 +707,19 @@ def test_valid_baselines_are_accepted(cluster: Any, policy_namespace: str, kind:
     if kind == "BpfNodeState":
         doc["spec"]["nodeName"] = doc["metadata"]["name"]
     BY_KIND[kind].model_validate(doc)
+    try:
+        result = apply(cluster, doc, policy_namespace)
+        assert result.returncode == 0, result.stderr
+    finally:
+        delete(cluster, doc, policy_namespace)
+
+
+def test_an_address_slice_without_a_policy_is_accepted(cluster: Any, policy_namespace: str) -> None:
+    """An identity's addresses, shared by the node's policies naming it, belong to no one policy."""
+    doc = valid_policy_slice()
+    doc["metadata"]["name"] = f"addresses-{uuid.uuid4().hex[:6]}"
+    doc["spec"] = {k: v for k, v in doc["spec"].items() if k not in ("policy", "rules", "cidrIdentities")}
+    BY_KIND["BpfPolicySlice"].model_validate(doc)
     try:
         result = apply(cluster, doc, policy_namespace)
         assert result.returncode == 0, result.stderr

@@ -351,7 +351,7 @@ class World:
             if (conditions.get("Ready") or {}).get("status") != "True":
                 return f"{ref} not Ready: {(conditions.get('Ready') or {}).get('message')}"
         slices = {
-            s["metadata"]["name"]: s["spec"]["policy"]
+            s["metadata"]["name"]: s["spec"].get("policy")
             for s in self.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
         }
         for state in self.nodestates():

@@ -184,7 +184,14 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
         assert api.nodestate(node)["metadata"]["resourceVersion"] == state_version
         assert api.policy("frontend-to-backend")["metadata"]["resourceVersion"] == policy_version
 
-        # A policy edit changes only rules: endpoints, ipcache and identities stay.
+        # A policy edit changes only rules: endpoints, ipcache and identities stay, and the frontend
+        # identity's address slice (shared by whatever names it) is not rewritten.
+        def address_slices() -> dict[str, str]:
+            items = api.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
+            return {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in items if "policy" not in s["spec"]}
+
+        addresses = address_slices()
+        assert len(addresses) == 1
         api.apply(frontend_to_backend(ns, 9090))
         expected_rules = {
             (backend, "Ingress", frontend, "TCP", 9090, 9090, "allow"),
@@ -193,6 +200,7 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
         wait_for(lambda: rule_tuples(api.network_policy(node)) == expected_rules, 30, "edited rule")
         after = api.network_policy(node)
         assert after["endpoints"] == spec["endpoints"] and after["ipcache"] == spec["ipcache"]
+        assert address_slices() == addresses
         assert api.identities() == ids
         st = wait_for(status, 30, "status of generation 2")
         assert st["observedGeneration"] == 2
@@ -245,14 +253,15 @@ def test_an_edit_of_one_policy_leaves_another_on_the_node_ready(api: Api, node_d
 
     # A slice edited by hand, its contentHash left as it was, is written back.
     slices = api.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
-    mine = next(s for s in slices if s["spec"]["policy"] == f"{api.namespace}/client-to-a")
+    mine = next(s for s in slices if s["spec"].get("policy") == f"{api.namespace}/client-to-a")
     name = mine["metadata"]["name"]
-    patch = {"spec": {"ipcache": [{"identity": mine["spec"]["ipcache"][0]["identity"], "cidrs": ["10.201.9.9/32"]}]}}
+    wide = [{"protocol": "TCP", "portStart": 1, "portEnd": 65535}]
+    patch = {"spec": {"rules": [{**rule, "ports": wide} for rule in mine["spec"]["rules"]]}}
     api.custom.patch_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name, patch)
     wait_for(
         lambda: (
-            api.custom.get_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name)["spec"]["ipcache"]
-            == mine["spec"]["ipcache"]
+            api.custom.get_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, name)["spec"]["rules"]
+            == mine["spec"]["rules"]
         ),
         30,
         "the hand-edited slice written back",

@@ -158,7 +158,8 @@ def test_one_tenants_oversized_policy_leaves_every_other_tenant_enforced(tenants
     slices = t.custom.list_cluster_custom_object(
         GROUP, VERSION, BPF_POLICY_SLICE_PLURAL, field_selector=f"spec.nodeName={t.node.node}"
     )["items"]
-    assert {s["spec"]["policy"] for s in slices} == {f"{t.names['b']}/servers"}
+    assert {s["spec"].get("policy") for s in slices} <= {f"{t.names['b']}/servers", None}  # None: addresses
+    assert f"{t.names['b']}/servers" in {s["spec"].get("policy") for s in slices}
     print(
         f"\noversized policy: {len(json.dumps(body['spec']))} bytes of spec, {cost} kernel entries on the node "
         f"(budget {DEFAULT_EXPANSION_BUDGET}); node state {len(json.dumps(state))} bytes, "

@@ -26,7 +26,7 @@ from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.policy_delta import NodeMaps, plan_writes
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
-from beekeeper.node_daemon.policy_state import translate
+from beekeeper.node_daemon.policy_state import policy_names, translate
 
 
 def apply(kernel: dict[str, dict[bytes, bytes]], desired: Any, touched: Any) -> None:
@@ -74,7 +74,7 @@ def test_incremental_maps_equal_a_from_scratch_encode(seed: int) -> None:
             refs = [SliceRef(name=n, content_hash=o["spec"]["contentHash"]) for n, o in sorted(objects.items())]
             slices, waiting, unreadable = reader.resolve(refs, objects)
             assert not waiting and not unreadable
-            names = {r.policy for r in spec.rules or []} | {s.policy for s in slices.values()}
+            names = policy_names(spec, slices.values())
             indexes = indexes_table.assign(names)
 
             plan = maps.update(spec, slices, indexes, interfaces)

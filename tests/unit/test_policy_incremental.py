@@ -53,6 +53,7 @@ def wire(compiled: CompiledPolicies) -> dict[str, Any]:
     return {
         "nodes": json.dumps(compiled.nodes),
         "slices": json.dumps(compiled.slices),
+        "readers": {node: {n: sorted(refs) for n, refs in r.items()} for node, r in compiled.readers.items()},
         "policies": {
             ref: (o.error, o.reason, o.warnings, sorted(o.selected), sorted(o.nodes), o.generation)
             for ref, o in compiled.policies.items()

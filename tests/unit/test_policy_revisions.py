@@ -9,7 +9,13 @@ from beekeeper.operator.policy_revisions import RevisionLog, moved
 from beekeeper.operator.policy_status import NodeEnforcement, aggregate
 
 NOW = "2026-12-03T10:00:00Z"
-OWNERS = {"n1.aaa-0": "shop/a", "n1.bbb-0": "shop/b", "n1.bbb-1": "shop/b"}
+OWNER_OF = {"n1.aaa-0": {"shop/a"}, "n1.bbb-0": {"shop/b"}, "n1.bbb-1": {"shop/b"}, "n1.id300-0": {"shop/a", "shop/b"}}
+
+
+def owners(name: str) -> set[str]:
+    return OWNER_OF.get(name, set())
+
+
 POD = {"namespace": "shop", "pod": "web-1", "ip": "10.0.0.1", "identity": 300, "ingressEnforced": True}
 OTHER = {"namespace": "shop", "pod": "db-1", "ip": "10.0.0.2", "identity": 301, "ingressEnforced": False}
 ENDPOINTS = [POD]
@@ -32,39 +38,47 @@ def ready_refs(log: RevisionLog, current: str, observed: str) -> set[str]:
 
 
 def test_moved_names_the_policies_whose_slice_refs_differ() -> None:
-    assert moved(spec("r1"), spec("r2", b="b2"), OWNERS, SELECTED) == (False, {"shop/b"})
+    assert moved(spec("r1"), spec("r2", b="b2"), owners, SELECTED) == (False, {"shop/b"})
     two_parts = {**spec("r2"), "slices": [*spec("r2")["slices"], {"name": "n1.bbb-1", "contentHash": "x"}]}
-    assert moved(spec("r1"), two_parts, OWNERS, SELECTED) == (False, {"shop/b"})
-    assert moved(spec("r1"), {**spec("r2"), "slices": spec("r2")["slices"][:1]}, OWNERS, SELECTED) == (
+    assert moved(spec("r1"), two_parts, owners, SELECTED) == (False, {"shop/b"})
+    assert moved(spec("r1"), {**spec("r2"), "slices": spec("r2")["slices"][:1]}, owners, SELECTED) == (
         False,
         {"shop/b"},
     )
-    assert moved(None, spec("r1"), OWNERS, SELECTED) == (False, {"shop/a", "shop/b"})
+    assert moved(None, spec("r1"), owners, SELECTED) == (False, {"shop/a", "shop/b"})
+
+
+def test_an_identitys_address_slice_moves_every_policy_naming_it() -> None:
+    addresses = {"name": "n1.id300-0", "contentHash": "c1"}
+    before = {**spec("r1"), "slices": [*spec("r1")["slices"], addresses]}
+    after = {**spec("r2"), "slices": [*spec("r2")["slices"], {**addresses, "contentHash": "c2"}]}
+    assert moved(before, after, owners, SELECTED) == (False, {"shop/a", "shop/b"})
+    assert moved(before, spec("r2"), owners, SELECTED) == (False, {"shop/a", "shop/b"})
 
 
 def test_an_endpoint_change_moves_the_policies_selecting_it() -> None:
-    assert moved(spec("r1"), spec("r2", endpoints=[]), OWNERS, SELECTED) == (False, {"shop/a"})
+    assert moved(spec("r1"), spec("r2", endpoints=[]), owners, SELECTED) == (False, {"shop/a"})
     absent = {k: v for k, v in spec("r2").items() if k != "endpoints"}
-    assert moved(spec("r1"), absent, OWNERS, SELECTED) == (False, {"shop/a"})
-    assert moved(spec("r1"), spec("r2", endpoints=[POD, OTHER]), OWNERS, SELECTED) == (False, {"shop/b"})
+    assert moved(spec("r1"), absent, owners, SELECTED) == (False, {"shop/a"})
+    assert moved(spec("r1"), spec("r2", endpoints=[POD, OTHER]), owners, SELECTED) == (False, {"shop/b"})
     relabelled = {**POD, "identity": 302}
-    assert moved(spec("r1"), spec("r2", endpoints=[relabelled]), OWNERS, SELECTED) == (False, {"shop/a"})
+    assert moved(spec("r1"), spec("r2", endpoints=[relabelled]), owners, SELECTED) == (False, {"shop/a"})
     unselected = {**OTHER, "pod": "cache-1"}
-    assert moved(spec("r1"), spec("r2", endpoints=[POD, unselected]), OWNERS, SELECTED) == (False, set())
+    assert moved(spec("r1"), spec("r2", endpoints=[POD, unselected]), owners, SELECTED) == (False, set())
 
 
 def test_the_nodes_addresses_concern_every_policy() -> None:
     hosts = {**spec("r2"), "ipcache": [{"cidr": "192.168.0.1/32", "identity": 1}]}
-    assert moved(spec("r1"), hosts, OWNERS, SELECTED) == (True, set())
+    assert moved(spec("r1"), hosts, owners, SELECTED) == (True, set())
 
 
 def test_an_edit_of_one_policy_leaves_the_other_enforced() -> None:
     log = RevisionLog()
-    log.record("n1", spec("r1"), spec("r2", b="b2"), OWNERS, SELECTED)
+    log.record("n1", spec("r1"), spec("r2", b="b2"), owners, SELECTED)
     # The daemon still holds r1: a is unchanged since, b waits for r2.
     assert ready_refs(log, "r2", "r1") == {"shop/a"}
     assert ready_refs(log, "r2", "r2") == {"shop/a", "shop/b"}
-    log.record("n1", spec("r2", b="b2"), spec("r3", a="a2", b="b2"), OWNERS, SELECTED)
+    log.record("n1", spec("r2", b="b2"), spec("r3", a="a2", b="b2"), owners, SELECTED)
     assert ready_refs(log, "r3", "r1") == set()
     assert ready_refs(log, "r3", "r2") == {"shop/b"}
     assert ready_refs(log, "r3", "unknown") == set()
@@ -73,14 +87,14 @@ def test_an_edit_of_one_policy_leaves_the_other_enforced() -> None:
 def test_a_node_wide_change_makes_every_policy_wait() -> None:
     log = RevisionLog()
     log.record(
-        "n1", spec("r1"), {**spec("r2"), "ipcache": [{"cidr": "192.168.0.1/32", "identity": 1}]}, OWNERS, SELECTED
+        "n1", spec("r1"), {**spec("r2"), "ipcache": [{"cidr": "192.168.0.1/32", "identity": 1}]}, owners, SELECTED
     )
     assert ready_refs(log, "r2", "r1") == set()
 
 
 def test_a_pod_starting_leaves_the_policies_not_selecting_it_ready() -> None:
     log = RevisionLog()
-    log.record("n1", spec("r1"), spec("r2", endpoints=[POD, OTHER]), OWNERS, SELECTED)
+    log.record("n1", spec("r1"), spec("r2", endpoints=[POD, OTHER]), owners, SELECTED)
     assert ready_refs(log, "r2", "r1") == {"shop/a"}
     assert ready_refs(log, "r2", "r2") == {"shop/a", "shop/b"}
 
@@ -88,8 +102,8 @@ def test_a_pod_starting_leaves_the_policies_not_selecting_it_ready() -> None:
 def test_a_revision_written_again_counts_as_the_newest() -> None:
     """Revisions are content hashes: holding r1 again means holding today's content."""
     log = RevisionLog()
-    log.record("n1", spec("r1"), spec("r2", b="b2"), OWNERS, SELECTED)
-    log.record("n1", spec("r2", b="b2"), spec("r1"), OWNERS, SELECTED)
+    log.record("n1", spec("r1"), spec("r2", b="b2"), owners, SELECTED)
+    log.record("n1", spec("r2", b="b2"), spec("r1"), owners, SELECTED)
     assert ready_refs(log, "r1", "r2") == {"shop/a"}
     assert ready_refs(log, "r1", "r1") == {"shop/a", "shop/b"}
 
@@ -97,7 +111,7 @@ def test_a_revision_written_again_counts_as_the_newest() -> None:
 def test_only_the_last_revisions_are_remembered() -> None:
     log = RevisionLog(keep=3)
     for i in range(1, 6):
-        log.record("n1", spec(f"r{i}", b=f"b{i}"), spec(f"r{i + 1}", b=f"b{i + 1}"), OWNERS, SELECTED)
+        log.record("n1", spec(f"r{i}", b=f"b{i}"), spec(f"r{i + 1}", b=f"b{i + 1}"), owners, SELECTED)
     assert ready_refs(log, "r6", "r4") == {"shop/a"}
     assert ready_refs(log, "r6", "r3") == set()  # forgotten: waits for a newer one, as after a restart
     log.forget("n1")
@@ -106,7 +120,7 @@ def test_only_the_last_revisions_are_remembered() -> None:
 
 def test_ready_does_not_dip_for_another_policys_edit() -> None:
     log = RevisionLog()
-    log.record("n1", spec("r1"), spec("r2", b="b2"), OWNERS, SELECTED)
+    log.record("n1", spec("r1"), spec("r2", b="b2"), owners, SELECTED)
     node = {
         "n1": NodeEnforcement(2, {"enforcing": True, "observedRevision": "r1"}, revision="r2", revisions=log.node("n1"))
     }

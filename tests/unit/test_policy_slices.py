@@ -27,6 +27,7 @@ from beekeeper.operator.policy_compile import (
     BUDGET_ENV,
     DEFAULT_EXPANSION_BUDGET,
     CompiledPolicies,
+    address_slice_name,
     compile_policies,
     expansion_budget,
     slice_name,
@@ -78,7 +79,8 @@ def test_an_oversized_policy_is_refused_with_its_cost_and_the_others_stay() -> N
         f"ExpansionBudgetExceeded: expands to {32 * 32 * 32 + 1} kernel entries on node n1, budget 8192"
     )  # + the host entry
     assert compiled.policies["b/servers"].error is None
-    assert {body["policy"] for body in compiled.slices["n1"].values()} == {"b/servers"}
+    # servers' slice, and the addresses of the clients its rule names
+    assert sorted(body.get("policy", "") for body in compiled.slices["n1"].values()) == ["", "b/servers"]
     web = next(e for e in compiled.nodes["n1"]["endpoints"] if e["pod"] == "web")
     assert not web["ingressEnforced"]  # refused means ignored, like an invalid spec
     maps = encode_nodes(compiled)
@@ -87,6 +89,45 @@ def test_an_oversized_policy_is_refused_with_its_cost_and_the_others_stay() -> N
     assert not datapath_allows(maps, "10.0.2.3", "10.0.2.1", "TCP", 80)
     assert not allowed(w, "10.0.2.3", "10.0.1.1", "TCP", 1000)  # the policy as written denies it ...
     assert datapath_allows(maps, "10.0.2.3", "10.0.1.1", "TCP", 1000)  # ... refused, it isolates nothing
+
+
+def test_the_policies_naming_an_identity_share_its_address_slice() -> None:
+    """A pod starting rewrites its identity's address slice on each node, not every policy slice naming it."""
+    also = policy(
+        "b",
+        "also",
+        podSelector={"matchLabels": {"app": "other"}},
+        ingress=[{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}], "ports": [{"port": 443}]}],
+    )
+    w = world(SERVERS, also)
+    before = compile_world(w)
+    by_kind = {body.get("policy"): (name, body) for name, body in before.slices["n1"].items()}
+    assert set(by_kind) == {"b/servers", "b/also", None}
+    name, addresses = by_kind[None]
+    (group,) = addresses["ipcache"]
+    assert name == address_slice_name("n1", group["identity"], 0) and group["cidrs"] == ["10.0.2.2/32"]
+    assert before.readers["n1"] == {group["identity"]: {"b/servers", "b/also"}}
+    assert all("ipcache" not in body for ref, (_, body) in by_kind.items() if ref is not None)
+
+    w.pods.append(pod("b", "client2", {"app": "client"}, node="n1", ip="10.0.2.9"))
+    after = compile_world(w)
+    moved = {
+        n
+        for n in after.slices["n1"].keys() | before.slices["n1"].keys()
+        if after.slices["n1"].get(n) != before.slices["n1"].get(n)
+    }
+    assert moved == {name}
+    assert after.slices["n1"][name]["ipcache"] == [
+        {"identity": group["identity"], "cidrs": ["10.0.2.2/32", "10.0.2.9/32"]}
+    ]
+    assert datapath_allows(encode_nodes(after), "10.0.2.9", "10.0.2.1", "TCP", 80)
+
+
+def test_an_address_slice_holds_no_rules() -> None:
+    with pytest.raises(ValueError, match="rules and cidrIdentities need a policy"):
+        BpfPolicySliceSpec.model_validate(
+            {"nodeName": "n1", "contentHash": "0" * 64, "cidrIdentities": [{"cidr": "10.0.0.0/8", "identity": 1 << 24}]}
+        )
 
 
 def test_the_budget_is_configurable_and_counts_port_blocks() -> None:
