@@ -318,7 +318,11 @@ class Bench(Harness):
         moved = self._settle(what, nodes, before, started)
         spent = self.recorder.snapshot() - writes
         latest = max((self.enforced_at[n][1] for n in moved), default=None)
-        return None if latest is None else latest - started, len(moved), sum(spent[k] for k in CONTROL_WRITES)
+        latency = None if latest is None else latest - started
+        control = sum(spent[k] for k in CONTROL_WRITES)
+        shown = "nothing moved" if latency is None else f"{1000 * latency:.0f} ms"
+        progress(f"  {what}: {shown}, {len(moved)} nodes moved, {control} writes")  # an outlier, found in the log
+        return latency, len(moved), control
 
     def _settle(
         self, what: str, nodes: list[str], before: dict[str, str | None] | None, started: float = 0.0
