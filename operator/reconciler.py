@@ -225,7 +225,11 @@ class Reconciler:
         self._written: list[tuple[str, str, dict[str, Any] | None]] = []
         """The current pass's own writes (the pass thread and its node writers)."""
         self._writers = ThreadPoolExecutor(NODE_WRITERS, thread_name_prefix="node-writer")
-        """Node states are written NODE_WRITERS at a time: a rollout is bound by round trips, not CPU."""
+        """Node states (and statuses) are written NODE_WRITERS at a time: a rollout is bound by round trips,
+        not CPU."""
+        self._announcer = ThreadPoolExecutor(1, thread_name_prefix="event-poster")
+        """Events are posted in order behind the loop, not by it: the first pass at 10k pods announces 500
+        policies Ready, 1.4 s of posts a policy edit waited behind before its pass could start."""
 
     async def supervise(self, health: Health) -> None:
         """Run the loop forever: an unexpected error restarts it (with back-off) instead of ending it."""
@@ -303,7 +307,7 @@ class Reconciler:
             wait = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
             due_at = time.monotonic() + wait
             for notice in result.notices:
-                await asyncio.to_thread(self.events.post, notice)
+                self._announcer.submit(self.events.post, notice)  # post() logs its failures, never raises
 
     def _wrote(self, kind: str, answer: object) -> None:
         """Note an own write: its watch event must not wake the loop, the next pass must see it."""
@@ -431,24 +435,23 @@ class Reconciler:
                 result.notices.append(program_notice(body, status))
 
         policy_bodies = {f"{b['metadata']['namespace']}/{b['metadata']['name']}": b for b in snapshot.policies}
+        statuses: list[tuple[dict[str, str], dict[str, Any], dict[str, Any]]] = []
         for ref, outcome in compiled.policies.items():
             previous = policy_bodies[ref].get("status") if ref in policy_bodies else None
             status = policy_status.aggregate(outcome, enforcement, previous, now)
             if _normal(NetworkIdentityPolicyStatus, status) != _normal(NetworkIdentityPolicyStatus, previous):
-                self._apply_status(
-                    NETWORK_IDENTITY_POLICY,
-                    {"name": outcome.name, "namespace": outcome.namespace},
-                    status,
-                    {
-                        "policy": ref,
-                        **_ready(status),
-                        "endpoints": status["selectedEndpoints"],
-                        "nodes": status["nodesEnforcing"],
-                    },
-                )
+                summary = {
+                    "policy": ref,
+                    **_ready(status),
+                    "endpoints": status["selectedEndpoints"],
+                    "nodes": status["nodesEnforcing"],
+                }
+                statuses.append(({"name": outcome.name, "namespace": outcome.namespace}, status, summary))
                 notice = policy_notice(policy_bodies[ref], status, previous) if ref in policy_bodies else None
                 if notice is not None:
                     result.notices.append(notice)
+        # Independent objects, written NODE_WRITERS at a time: 500 policies going Ready took 3.5 s one by one.
+        list(self._writers.map(lambda item: self._apply_status(NETWORK_IDENTITY_POLICY, *item), statuses))
 
         reported_runtime = {n: (b.get("status") or {}).get("runtimeSecurity") for n, b in nodestates.items()}
         previous_runtime_status = {
