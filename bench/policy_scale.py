@@ -269,7 +269,8 @@ class Bench(Harness):
                 result.churn_ops = self._churn(core, custom, world, pods)
                 started = time.monotonic()
                 self._settle("settling after churn", world.nodes, None)
-                result.seconds["settle after churn"] = time.monotonic() - started - SETTLE_SECONDS
+                # 0 when the nodes had caught up and gone quiet before the last op returned
+                result.seconds["settle after churn"] = max(0.0, time.monotonic() - started - SETTLE_SECONDS)
         result.rss_peak_mib = usage(operator).peak_rss_mib
         for plural in (NODESTATE, SLICE):
             with self.recorder._cond:  # the watch threads change these dicts
