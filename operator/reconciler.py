@@ -108,6 +108,8 @@ class PassResult:
     """(kind, key, the object as written or None when deleted): the pass's own writes, for the cache."""
     wake_in: float | None = None
     """Seconds until an unused identity's grace period ends and a pass should collect it."""
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds of the pass's stages (compile, nodes, statuses), for its debug log line."""
 
 
 @dataclass
@@ -302,6 +304,7 @@ class Reconciler:
                     "changes": len(dirty),
                     "changed": shown,
                     "writes": len(result.written),
+                    **{f"{stage}Seconds": round(seconds, 3) for stage, seconds in result.stages.items()},
                 },
             )
             wait = min(self.resync, result.wake_in) if result.wake_in is not None else self.resync
@@ -325,6 +328,8 @@ class Reconciler:
     def reconcile(self, snapshot: Snapshot) -> PassResult:
         """One pass; returns the Events to post and the cache updates. Runs in a worker thread (blocking client)."""
         self._written = []
+        result = PassResult()
+        began = time.monotonic()
         bpfprograms, nodestates = snapshot.bpfprograms, snapshot.nodestates
         for body in bpfprograms:
             self._hold(body)
@@ -405,7 +410,9 @@ class Reconciler:
             return [(node, sync(node)) for node in nodes]
 
         shares = [list(desired)[i::NODE_WRITERS] for i in range(NODE_WRITERS)]
+        compiled_at = time.monotonic()
         enforcement = dict(pair for pairs in self._writers.map(sync_share, shares) for pair in pairs)
+        written_at = time.monotonic()
         for node in desired:
             slices_by_node.pop(node, None)
         for node in sorted(set(nodestates) - set(node_labels)):
@@ -414,7 +421,6 @@ class Reconciler:
             self._delete_slices(set(stale))
 
         reports = {p["metadata"]["name"]: p for p in bpfprograms}
-        result = PassResult()
         now = timestamp()
         for placement in placements:
             body = reports[placement.name]
@@ -474,6 +480,11 @@ class Reconciler:
                     },
                 )
 
+        result.stages = {
+            "compile": compiled_at - began,
+            "nodes": written_at - compiled_at,
+            "statuses": time.monotonic() - written_at,
+        }
         self._collect(identities.delete)
         result.written = self._written
         if identities.next_gc is not None:
