@@ -592,9 +592,10 @@ def address_slice_identity(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def named_identities(rules: Iterable[_RuleKey]) -> set[int]:
-    """The pod identities among the rules' peers: the node needs their addresses."""
-    return {key[3] for key in rules if MIN_POD_IDENTITY <= key[3] < MIN_CIDR_IDENTITY}
+def pod_peers(peers: Iterable[PeerRef]) -> frozenset[int]:
+    """The pod identities among these peers (not ANY, host, CIDR identities or ipBlocks): whoever names
+    them needs their addresses."""
+    return frozenset(p for p in peers if isinstance(p, int) and MIN_POD_IDENTITY <= p < MIN_CIDR_IDENTITY)
 
 
 def _node_slices(
@@ -614,7 +615,7 @@ def _node_slices(
     for ref in sorted(active):
         rules = expansions.rules(node, view, active, ref)
         out.update(policy_slices(node, view, ref, rules, coverage, cidr_ids))
-        for number in named_identities(rules):
+        for number in pod_peers(key[3] for key in rules):
             readers.setdefault(number, set()).add(ref)
     hosts = node_hosts(view.addresses)
     for number in sorted(readers):
@@ -683,7 +684,7 @@ def node_policy(endpoints: list[dict[str, Any]], addresses: Sequence[str], slice
     """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
     endpoints with their isolation, the node's own addresses as host (once one is isolated), and the slices."""
     isolating = any(e["ingressEnforced"] or e["egressEnforced"] for e in endpoints)
-    hosts = sorted({ipaddress.ip_network(a) for a in addresses}, key=_net_order) if isolating else []
+    hosts = sorted(node_hosts(addresses), key=_net_order) if isolating else []
     return {
         "endpoints": endpoints,
         "ipcache": [{"cidr": str(n), "identity": HOST} for n in hosts],

@@ -37,8 +37,6 @@ from beekeeper.operator.pods import PodRecord
 from beekeeper.operator.policy_compile import (
     BUDGET_REASON,
     DEFAULT_EXPANSION_BUDGET,
-    MIN_CIDR_IDENTITY,
-    MIN_POD_IDENTITY,
     Block,
     Body,
     CompiledPolicies,
@@ -61,6 +59,7 @@ from beekeeper.operator.policy_compile import (
     node_hosts,
     node_policy,
     parse_policy,
+    pod_peers,
     policy_slices,
     selects_pods,
 )
@@ -472,12 +471,7 @@ class IncrementalCompiler:
         one.add(policy, outcome)
         versions = self._selections.versions
         entries = dict(one.entries)
-        named = {
-            e.peer
-            for es in entries.values()
-            for e in es
-            if isinstance(e.peer, int) and MIN_POD_IDENTITY <= e.peer < MIN_CIDR_IDENTITY
-        }
+        named = pod_peers(e.peer for es in entries.values() for e in es)
         return _Policy(
             fingerprint,
             outcome,
@@ -488,7 +482,7 @@ class IncrementalCompiler:
             frozenset(one.isolating),
             frozenset(policy.spec.effective_policy_types()),
             frozenset(one.selected_ids),
-            frozenset(named),
+            named,
         )
 
     def _index(self, ref: str, old: _Policy | None, new: _Policy | None) -> None:
@@ -572,10 +566,7 @@ class IncrementalCompiler:
         items = [(n, e) for n in ids for e in entry.entries.get(n, ())]
         isolated = {(n, d) for n in ids for d in PolicyType if (n, d) in entry.isolating}
         blocks = {e.peer for _, e in items if isinstance(e.peer, Block)}
-        named = frozenset(
-            e.peer for _, e in items if isinstance(e.peer, int) and MIN_POD_IDENTITY <= e.peer < MIN_CIDR_IDENTITY
-        )
-        return _Pair(key, items, isolated, blocks, named)
+        return _Pair(key, items, isolated, blocks, pod_peers(e.peer for _, e in items))
 
     def _rebuild_view(self, node: _Node, budget: int) -> None:
         """The node's policies and their entries there; their cost with every valid policy active."""
