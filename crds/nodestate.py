@@ -340,12 +340,16 @@ NETWORK_POLICY_FIELDS = ("endpoints", "ipcache", "cidrIdentities", "rules", "sli
 class NodeNetworkPolicy(ApiModel):
     """Desired contents of this node's policy maps, computed by the operator.
 
-    The node-wide part (endpoints, the node's own addresses) is inline; what each policy
-    adds lives in BpfPolicySlices listed in `slices`, so no policy's size bounds another's.
-    The maps hold the union of both.
+    The node's own addresses are inline; its endpoints and what each policy adds live in
+    BpfPolicySlices listed in `slices`, so no policy's size bounds another's, and a change
+    elsewhere rewrites a short list of refs, not the node's pods. The maps hold the union.
     """
 
-    endpoints: list[Endpoint] | None = Field(None, max_length=4096, description="Local pods and their identities.")
+    endpoints: list[Endpoint] | None = Field(
+        None,
+        max_length=4096,
+        description="Local pods and their identities, inline (the operator lists them in endpoint slices).",
+    )
     ipcache: list[IpcacheEntry] | None = Field(
         None,
         max_length=MAX_INLINE_ENTRIES,

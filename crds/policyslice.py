@@ -1,13 +1,17 @@
 """BpfPolicySlice: a bounded piece of one node's policy maps.
 
-Node policy state comes in bounded pieces: the node-wide part stays in BpfNodeState
-(endpoints, the node's addresses), every policy with endpoints on the node gets one or
-more slices of its own (its rules and ipBlock prefixes), and every pod identity the node's
-rules name gets one or more slices of its pods' addresses, shared by the policies naming it.
+Node policy state comes in bounded pieces: the node's own addresses stay in BpfNodeState,
+its endpoints (local pods) get slices of their own, every policy with endpoints on the node
+gets one or more slices of its own (its rules and ipBlock prefixes), and every pod identity
+the node's rules name gets one or more slices of its pods' addresses, shared by the policies
+naming it.
 All are written by the operator and watched by that node's daemon through a field selector
 on spec.nodeName. A policy's size therefore never decides whether another policy (or a new
 pod) reaches the node, a node's total is not bounded by one etcd object, and a pod starting
-rewrites its identity's address slice once per node, not every policy slice naming it.
+rewrites its identity's address slice once per node, not every policy slice naming it. The
+node state lists every slice by content hash: a change anywhere on the node rewrites that
+list, so the endpoints (most of a node's bytes, and most of the apiserver's work per write)
+are not in it.
 Rules are shipped factored, (local identity, direction, action, peer identities, port
 ranges), and the daemon expands the product locally, so the wire size grows with peers plus
 ports, not peers times ports.
@@ -38,6 +42,7 @@ from beekeeper.crds.networkpolicy import PolicyType
 from beekeeper.crds.nodestate import (
     POLICY_REF_PATTERN,
     ContentHash,
+    Endpoint,
     Identity,
     IpcacheEntry,
     LocalIdentity,
@@ -54,6 +59,8 @@ MAX_RULE_PEERS = 1024
 MAX_RULE_PORTS = 64
 MAX_SLICE_IPCACHE = 8192
 MAX_SLICE_CIDR_IDENTITIES = 2048
+MAX_SLICE_ENDPOINTS = 512
+"""At most ~360 bytes each (the longest names): a full part stays under SLICE_BYTES."""
 
 
 class PortRange(ApiModel):
@@ -115,15 +122,19 @@ class IdentityAddresses(ApiModel):
 
 
 class BpfPolicySliceSpec(ApiModel):
-    """One policy's entries, or one identity's addresses, for one node (or a size-bounded part of them);
-    written by the operator only."""
+    """One policy's entries, one identity's addresses or the node's endpoints, for one node (or a
+    size-bounded part of them); written by the operator only."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
             cel(
                 "has(self.policy) || (!has(self.rules) && !has(self.cidrIdentities))",
-                "rules and cidrIdentities need a policy: a slice without one holds addresses only",
-            )
+                "rules and cidrIdentities need a policy: a slice without one holds addresses or endpoints only",
+            ),
+            cel(
+                "!has(self.endpoints) || (!has(self.policy) && !has(self.ipcache))",
+                "endpoints travel in slices of their own, without a policy or addresses",
+            ),
         )
     )
 
@@ -136,7 +147,7 @@ class BpfPolicySliceSpec(ApiModel):
         max_length=317,
         pattern=POLICY_REF_PATTERN,
         description="namespace/name of the NetworkIdentityPolicy; absent for the addresses of an identity, which "
-        "every policy naming it on the node shares.",
+        "every policy naming it on the node shares, and for the node's endpoints.",
     )
     content_hash: ContentHash = Field(
         description="sha256 of the entries below; BpfNodeState.spec.networkPolicy.slices pins it."
@@ -154,6 +165,12 @@ class BpfPolicySliceSpec(ApiModel):
         description="The ipBlock prefixes the rules name, with their CIDR identities.",
         json_schema_extra=atomic_list(),
     )
+    endpoints: list[Endpoint] | None = Field(
+        None,
+        max_length=MAX_SLICE_ENDPOINTS,
+        description="Local pods of the node with their identities and isolation (the daemon applies the endpoints "
+        "of every slice its node state lists, with any listed inline).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> BpfPolicySliceSpec:
@@ -163,7 +180,11 @@ class BpfPolicySliceSpec(ApiModel):
         check_unique(addresses, "cidr", "ipcache")
         check_unique(self.cidr_identities, "cidr", "cidrIdentities")
         if self.policy is None and (self.rules or self.cidr_identities):
-            raise ValueError("rules and cidrIdentities need a policy: a slice without one holds addresses only")
+            raise ValueError(
+                "rules and cidrIdentities need a policy: a slice without one holds addresses or endpoints only"
+            )
+        if self.endpoints is not None and (self.policy is not None or self.ipcache is not None):
+            raise ValueError("endpoints travel in slices of their own, without a policy or addresses")
         return self
 
     def addresses(self) -> list[Address]:
@@ -172,15 +193,17 @@ class BpfPolicySliceSpec(ApiModel):
 
 
 class BpfPolicySlice(Resource):
-    """BpfPolicySlice is one NetworkIdentityPolicy's datapath entries, or one identity's pod addresses, for
-    one node, written by the operator and read by that node's daemon. Listed (with its content hash) by
-    the node's BpfNodeState; not meant to be edited by hand.
+    """BpfPolicySlice is one NetworkIdentityPolicy's datapath entries, one identity's pod addresses or the
+    node's endpoints, for one node, written by the operator and read by that node's daemon. Listed (with
+    its content hash) by the node's BpfNodeState; not meant to be edited by hand.
     """
 
     names: ClassVar = BPF_POLICY_SLICE
     printer_columns: ClassVar = (
         PrinterColumn("Node", ".spec.nodeName", "string", "Node whose daemon applies the slice"),
-        PrinterColumn("Policy", ".spec.policy", "string", "NetworkIdentityPolicy of the entries (none: addresses)"),
+        PrinterColumn(
+            "Policy", ".spec.policy", "string", "NetworkIdentityPolicy of the entries (none: addresses or endpoints)"
+        ),
         AGE_COLUMN,
     )
     selectable_fields: ClassVar = (".spec.nodeName",)
@@ -195,9 +218,13 @@ class BpfPolicySlice(Resource):
 
 
 def slice_hash(body: Mapping[str, Any]) -> str:
-    """sha256 over a slice's entries (rules, ipcache, cidrIdentities), canonical JSON."""
+    """sha256 over a slice's entries (rules, ipcache, cidrIdentities, endpoints), canonical JSON; endpoints
+    only where there are some, so the hashes of the other slices are what they were before endpoints moved."""
+    entries = {k: body.get(k) or [] for k in ("policy", "rules", "ipcache", "cidrIdentities")}
+    if body.get("endpoints"):
+        entries["endpoints"] = body["endpoints"]
     canonical = json.dumps(
-        {k: body.get(k) or [] for k in ("policy", "rules", "ipcache", "cidrIdentities")},
+        entries,
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -276,6 +303,16 @@ def pack_slices(
         part["ipcache"] = address_groups(part["ipcache"])
         body: dict[str, Any] = {"policy": policy} if policy is not None else {}
         body.update((k, v) for k, v in part.items() if v)
+        body["contentHash"] = slice_hash(body)
+        specs.append(body)
+    return specs
+
+
+def pack_endpoints(endpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A node's endpoints (wire form, in order) as slice specs without nodeName, MAX_SLICE_ENDPOINTS to a part."""
+    specs = []
+    for part in _chunks(endpoints, MAX_SLICE_ENDPOINTS):
+        body: dict[str, Any] = {"endpoints": part}
         body["contentHash"] = slice_hash(body)
         specs.append(body)
     return specs

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from beekeeper.crds.nodestate import Endpoint as SpecEndpoint
 from beekeeper.crds.nodestate import NetworkPolicyStatus, NodeNetworkPolicy
 from beekeeper.node_daemon import policy_delta as pd
 from beekeeper.node_daemon import policy_maps as pm
@@ -30,7 +31,7 @@ from beekeeper.node_daemon.drops import DropLog, DropRecorder
 from beekeeper.node_daemon.policy_datapath import Attachment, PolicyDatapath, PolicyDatapathError, SyncResult
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_slices import SliceReader
-from beekeeper.node_daemon.policy_state import Translation, pod_name, policy_names
+from beekeeper.node_daemon.policy_state import Translation, node_endpoints, pod_name, policy_names
 from beekeeper.node_daemon.routes import PodInterface, RouteTable, Unresolved
 
 log = logging.getLogger(__name__)
@@ -165,22 +166,23 @@ class PolicyAgent:
         if isinstance(spec, str):
             return self._status(None, None, 0, spec)
         listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
+        endpoints = node_endpoints(spec, (p for _, p in sorted(listed.items())))
         if waiting:
             shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
             # The maps keep enforcing the last complete state (pinned, also across a restart of this
             # daemon); observedGeneration says which.
             loaded = self._datapath is not None or bool((previous or {}).get("enforcing"))
             attached = self._counts[1] if self._datapath is not None else int((previous or {}).get("attached") or 0)
-            return self._status(spec, None, attached, f"waiting for policy slices: {shown}", loaded)
+            return self._status(len(endpoints), None, attached, f"waiting for policy slices: {shown}", loaded)
         try:
             datapath = self._load()
         except PolicyDatapathError as exc:
-            return self._status(spec, None, 0, str(exc))
+            return self._status(len(endpoints), None, 0, str(exc))
         indexes = self._indexes.assign(policy_names(spec, listed.values()))
         try:
-            plan = self._maps.update(spec, listed, indexes, self._lookup(spec, rescan))
+            plan = self._maps.update(spec, listed, indexes, self._lookup(endpoints, rescan))
         except ValueError as exc:
-            return self._status(spec, None, len(self._attached), f"maps not synced: {exc}")
+            return self._status(len(endpoints), None, len(self._attached), f"maps not synced: {exc}")
         plan.problems.extend(unreadable)
         rules = self._maps.rules
         with self._lock:
@@ -189,7 +191,7 @@ class PolicyAgent:
             self._synced_generation, self._synced_revision = generation, spec.revision
             self._rules = rules
         self._report_unresolved(plan.unresolved)
-        return self._status(spec, plan, attached, "; ".join(problems) or None, rules=rules)
+        return self._status(len(endpoints), plan, attached, "; ".join(problems) or None, rules=rules)
 
     def _validate(self, raw: Mapping[str, Any]) -> NodeNetworkPolicy | str:
         """spec.networkPolicy as a model (the last one again while raw is unchanged), or what is wrong with it."""
@@ -204,10 +206,10 @@ class PolicyAgent:
         self._spec = (copy.deepcopy(dict(raw)), spec)
         return spec
 
-    def _lookup(self, spec: NodeNetworkPolicy, rescan: bool) -> dict[str, PodInterface | Unresolved]:
+    def _lookup(self, endpoints: Iterable[SpecEndpoint], rescan: bool) -> dict[str, PodInterface | Unresolved]:
         """Each endpoint IP's interface: all looked up on a rescan, else only those not found yet."""
         found: dict[str, PodInterface | Unresolved] = {}
-        for ep in spec.endpoints or []:
+        for ep in endpoints:
             known = None if rescan else self._interfaces.get(ep.ip)
             if isinstance(known, PodInterface):
                 found[ep.ip] = known
@@ -294,7 +296,7 @@ class PolicyAgent:
 
     def _status(
         self,
-        spec: NodeNetworkPolicy | None,
+        endpoints: int | None,
         plan: Translation | None,
         attached: int,
         problem: str | None,
@@ -304,10 +306,10 @@ class PolicyAgent:
         missing = sorted(plan.unresolved) if plan else []
         return NetworkPolicyStatus(
             enforcing=problem is None if enforcing is None else enforcing,
-            endpoints=len(spec.endpoints or []) if spec else 0,
+            endpoints=endpoints or 0,
             attached=attached,
             missing=missing[:MAX_MISSING] or None,
-            rules=rules if rules is not None else (self._rules if spec else 0),
+            rules=rules if rules is not None else (self._rules if endpoints is not None else 0),
             observed_generation=self._synced_generation,
             observed_revision=self._synced_revision,
             last_sync_time=self._last_sync,

@@ -27,6 +27,7 @@ from beekeeper.node_daemon.policy_state import (
     FlatRule,
     Translation,
     map_rules,
+    node_endpoints,
     place_endpoints,
 )
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
@@ -269,11 +270,14 @@ class PolicyMaps:
 
 
 def endpoint_translation(
-    spec: NodeNetworkPolicy, interfaces: Mapping[str, PodInterface | Unresolved], policy_indexes: Mapping[str, int]
+    spec: NodeNetworkPolicy,
+    slices: Mapping[str, BpfPolicySliceSpec],
+    interfaces: Mapping[str, PodInterface | Unresolved],
+    policy_indexes: Mapping[str, int],
 ) -> tuple[Translation, dict[bytes, bytes]]:
     """The endpoints as translate() places them, and their endpoints-map entries."""
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
-    place_endpoints(spec.endpoints or [], interfaces, out)
+    place_endpoints(node_endpoints(spec, (p for _, p in sorted(slices.items()))), interfaces, out)
     encoded = pm.encode(pm.DatapathState(endpoints=out.state.endpoints), lambda interface: int(interface))
     return out, encoded.maps[pm.ENDPOINTS.name]
 
@@ -306,7 +310,7 @@ class NodeMaps:
         placement (state.endpoints, interfaces, unresolved) and every problem, translate()'s and unreadable
         slices'. Raises ValueError, leaving the desired maps as they were, when the node's own part is invalid.
         """
-        plan, endpoints = endpoint_translation(spec, interfaces, policy_indexes)
+        plan, endpoints = endpoint_translation(spec, slices, interfaces, policy_indexes)
         inline = {r.policy: policy_indexes[r.policy] for r in spec.rules or []}
         key = (spec.ipcache, spec.cidr_identities, spec.rules, inline)
         if self._node is None or self._node[0] != key:

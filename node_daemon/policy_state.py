@@ -1,6 +1,6 @@
 """From BpfNodeState.spec.networkPolicy and its BpfPolicySlices to the datapath's desired map contents (pure).
 
-The operator names endpoints by pod IP; the datapath keys them by interface. The
+The operator names endpoints by pod IP (in endpoint slices); the datapath keys them by interface. The
 interfaces found for each IP (node_daemon/routes.py) come in as an argument, so this
 translation is unit-tested without a kernel. Slices ship rules factored (peers x ports);
 the product is expanded here. Prefix entries are unioned: the node's own (its addresses
@@ -58,6 +58,11 @@ class FlatRule:
     port_start: int
     port_end: int
     action: PolicyAction
+
+
+def node_endpoints(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> list[SpecEndpoint]:
+    """The node's endpoints: inline, then those of its endpoint slices (in the order given)."""
+    return [*(spec.endpoints or []), *(ep for piece in slices for ep in piece.endpoints or [])]
 
 
 def policy_names(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> set[str]:
@@ -164,7 +169,7 @@ def translate(
     policy's index (from scratch; node_daemon/policy_delta.py keeps the same result up to date per change)."""
     pieces = sorted((slices or {}).items())
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
-    place_endpoints(spec.endpoints or [], interfaces, out)
+    place_endpoints(node_endpoints(spec, (p for _, p in pieces)), interfaces, out)
     out.state.ipcache, problems = union_prefixes(spec.ipcache or [], ((n, p.addresses()) for n, p in pieces), "ipcache")
     out.state.cidr_ids, more = union_prefixes(
         spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "cidr identity"

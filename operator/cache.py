@@ -71,7 +71,9 @@ def _slim_policy_slice(body: Mapping[str, Any], own: bool = False) -> Body:
 
     The operator decides by hash whether a slice must be written, and checking the declared
     contentHash against the entries means a hand-edited slice is still rewritten. 5,000
-    slices' entries as Python objects were most of the operator's memory at 10k pods.
+    slices' entries as Python objects were most of the operator's memory at 10k pods. Endpoints
+    are kept (one node's pods, as its node state held them before): which pods a new list of
+    a node's slices changes decides which policies' Ready waits for that node.
     An own write (`own`: the operator's answer, or the watch event of it) holds what the operator
     hashed when it built it, so it is not hashed again (0.7 ms for a 16 KB slice).
     """
@@ -80,7 +82,7 @@ def _slim_policy_slice(body: Mapping[str, Any], own: bool = False) -> Body:
     meta, spec = body.get("metadata") or {}, body.get("spec") or {}
     return {
         "metadata": {k: meta[k] for k in ("name", "labels", "resourceVersion") if meta.get(k) is not None},
-        "spec": {k: spec[k] for k in ("nodeName", "policy", "contentHash") if spec.get(k) is not None},
+        "spec": {k: spec[k] for k in ("nodeName", "policy", "contentHash", "endpoints") if spec.get(k) is not None},
         "entriesHash": spec.get("contentHash") if own else slice_hash(spec),
     }
 

@@ -68,7 +68,7 @@ from beekeeper.crds.networkpolicy import (
     parse_cidr,
 )
 from beekeeper.crds.nodestate import PolicyAction, RuleProtocol
-from beekeeper.crds.policyslice import pack_slices
+from beekeeper.crds.policyslice import pack_endpoints, pack_slices
 from beekeeper.node_daemon.policy_maps import port_prefixes
 from beekeeper.operator.identities import IdentityKey
 from beekeeper.operator.pods import PodRecord
@@ -583,6 +583,19 @@ def address_slice_name(node: str, identity: int, index: int) -> str:
     return f"{_node_prefix(node)}.id{identity}-{index}"
 
 
+def endpoint_slice_name(node: str, index: int) -> str:
+    """Stable per (node, part); never a policy's or an identity's slice name."""
+    return f"{_node_prefix(node)}.endpoints-{index}"
+
+
+_ENDPOINT_SLICE = re.compile(r"\.endpoints-[0-9]+$")
+
+
+def endpoint_slice(name: str) -> bool:
+    """Whether the slice of this name holds a node's endpoints."""
+    return _ENDPOINT_SLICE.search(name) is not None
+
+
 _ADDRESS_SLICE = re.compile(r"\.id([0-9]+)-[0-9]+$")
 
 
@@ -680,13 +693,24 @@ def endpoint_entry(pod: PodRecord, number: int, ingress: bool, egress: bool) -> 
     }
 
 
-def node_policy(endpoints: list[dict[str, Any]], addresses: Sequence[str], slices: Mapping[str, Any]) -> dict[str, Any]:
-    """One node's spec.networkPolicy in wire form, every list present (what a merge patch needs): the
-    endpoints with their isolation, the node's own addresses as host (once one is isolated), and the slices."""
-    isolating = any(e["ingressEnforced"] or e["egressEnforced"] for e in endpoints)
-    hosts = sorted(node_hosts(addresses), key=_net_order) if isolating else []
+def endpoint_slices(node: str, endpoints: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The node's endpoints (endpoint_entry's, in pod order) as its endpoint slices."""
     return {
-        "endpoints": endpoints,
+        endpoint_slice_name(node, i): {"nodeName": node, **spec} for i, spec in enumerate(pack_endpoints(endpoints))
+    }
+
+
+def isolating(endpoints: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether some endpoint is isolated in some direction: then the node's addresses are its host."""
+    return any(e["ingressEnforced"] or e["egressEnforced"] for e in endpoints)
+
+
+def node_policy(isolated: bool, addresses: Sequence[str], slices: Mapping[str, Any]) -> dict[str, Any]:
+    """One node's spec.networkPolicy in wire form, every list present (the inline ones empty but the
+    node's own addresses as host, once an endpoint is isolated) and every slice listed by content hash."""
+    hosts = sorted(node_hosts(addresses), key=_net_order) if isolated else []
+    return {
+        "endpoints": [],
         "ipcache": [{"cidr": str(n), "identity": HOST} for n in hosts],
         "cidrIdentities": [],
         "rules": [],
@@ -768,7 +792,8 @@ def compile_policies(
                 endpoint_entry(pod, n, enforced(n, PolicyType.INGRESS), enforced(n, PolicyType.EGRESS))
                 for pod, n in view.endpoints
             ]
-            compiled[node] = node_policy(endpoints, view.addresses, slices[node])
+            slices[node].update(endpoint_slices(node, endpoints))
+            compiled[node] = node_policy(isolating(endpoints), view.addresses, slices[node])
     return CompiledPolicies(compiled, outcomes, slices, readers)
 
 

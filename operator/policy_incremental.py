@@ -55,6 +55,8 @@ from beekeeper.operator.policy_compile import (
     address_slices,
     assign_cidr_identities,
     endpoint_entry,
+    endpoint_slices,
+    isolating,
     matches_peer,
     node_hosts,
     node_policy,
@@ -225,6 +227,10 @@ class _Node:
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     fragments: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     """The per-policy and per-identity slice dicts node.slices was merged from (the very objects)."""
+    endpoint_slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The endpoint slices of node.entries, the rest of node.slices."""
+    isolating: bool = False
+    """Whether some endpoint is isolated (then the node's addresses are in the policy as host)."""
     addresses_out: dict[int, tuple[object, tuple[str, ...], dict[str, dict[str, Any]]]] = field(default_factory=dict)
     """Per identity named here: (its packed specs, the node's addresses, its address slices here)."""
     readers: dict[int, set[str]] = field(default_factory=dict)
@@ -648,14 +654,14 @@ class IncrementalCompiler:
             if out[2]:
                 fragments.append(out[2])
         node.addresses_out, node.readers = kept, readers
-        fresh = len(fragments) != len(node.fragments) or any(
+        moved = len(fragments) != len(node.fragments) or any(
             a is not b for a, b in zip(fragments, node.fragments, strict=True)
         )
-        if fresh:
-            node.slices = {k: v for f in fragments for k, v in f.items()}
-            node.fragments = fragments
+        node.fragments = fragments
         if not refs:
-            node.policy = None
+            if moved or node.endpoint_slices:
+                node.slices = {k: v for f in fragments for k, v in f.items()}
+            node.policy, node.endpoint_slices = None, {}
             return
         # Endpoint entries: only those of pods that changed or whose identity's isolation did.
         if node.policy is None:
@@ -666,20 +672,25 @@ class IncrementalCompiler:
                 ref for n in enforcement & node.ids.keys() for ref, at in self._endpoints_of[n].items() if at == name
             }
         node.changed = set()
+        entries_moved = node.policy is None
         for ref in recheck:
             slot = node.endpoints.get(ref)
             if slot is None:
-                fresh = node.entries.pop(ref, None) is not None or fresh
+                entries_moved = node.entries.pop(ref, None) is not None or entries_moved
                 continue
             pod, n = slot
             flags = self._enforced.get(n, (False, False))
             memo = node.entries.get(ref)
             if memo is None or memo[0] is not pod or memo[1:4] != (n, *flags):
                 node.entries[ref] = (pod, n, *flags, endpoint_entry(pod, n, *flags))
-                fresh = True
-        if fresh or node.policy is None or node.addresses != node.hosts:
+                entries_moved = True
+        if entries_moved:
             endpoints = [node.entries[ref][4] for ref in node.order]
-            node.policy = node_policy(endpoints, node.addresses, node.slices)
+            node.endpoint_slices, node.isolating = endpoint_slices(name, endpoints), isolating(endpoints)
+        if moved or entries_moved:
+            node.slices = {k: v for f in [*fragments, node.endpoint_slices] for k, v in f.items()}
+        if moved or entries_moved or node.addresses != node.hosts:
+            node.policy = node_policy(node.isolating, node.addresses, node.slices)
             node.hosts = node.addresses
 
     # ----------------------------------------------------------------------------------

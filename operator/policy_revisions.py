@@ -1,7 +1,7 @@
 """Which policies each written node-state revision moved, so one policy's Ready does not dip for another's.
 
-A node's spec.networkPolicy.revision hashes the whole node: the node-wide lists (endpoints,
-addresses) and every policy's slice refs. Its daemon echoes the revision its maps hold. A
+A node's spec.networkPolicy.revision hashes the whole node: its own addresses and every slice
+ref (the endpoints', the policies' and the address slices'). Its daemon echoes the revision its maps hold. A
 policy is enforced on the node once the echoed revision is one written at or after the last
 write that changed what this policy needs there: its own slices, the address slices of the
 identities it names, the endpoints it selects, or the node's addresses every policy depends
@@ -15,11 +15,12 @@ The log is the operator's memory: after a restart a revision it has not seen cou
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 from beekeeper.crds.nodestate import NETWORK_POLICY_FIELDS
+from beekeeper.operator.policy_compile import endpoint_slice
 
 KEEP = 32
 """Revisions remembered per node; a daemon further behind than this waits for the newest."""
@@ -57,19 +58,38 @@ def changed_pods(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, An
 Owners = Callable[[str], Set[str]]
 """A slice's name -> the policies it concerns: its own, or for an identity's addresses those naming it."""
 
+Endpoints = Sequence[Mapping[str, Any]]
+
+
+def listed_endpoints(policy: Mapping[str, Any] | None, *sources: Mapping[str, Mapping[str, Any]]) -> Endpoints | None:
+    """The endpoints a spec.networkPolicy stands for: inline and in the endpoint slices it lists (each read
+    from the first source, name -> slice spec, holding it at the listed contentHash); None when one is in none."""
+    out = list((policy or {}).get("endpoints") or [])
+    for ref in (policy or {}).get("slices") or []:
+        if endpoint_slice(ref["name"]):
+            found = (s.get(ref["name"]) for s in sources)
+            spec = next((f for f in found if f is not None and f.get("contentHash") == ref["contentHash"]), None)
+            if spec is None:
+                return None
+            out += spec.get("endpoints") or []
+    return out
+
 
 def moved(
     old: Mapping[str, Any] | None,
     new: Mapping[str, Any],
     owners: Owners,
     selected: Mapping[str, Set[str]],
+    endpoints: tuple[Endpoints | None, Endpoints | None],
 ) -> tuple[bool, set[str]]:
     """(the node's own lists differ, policies whose part differs) between two spec.networkPolicy.
 
     A policy's part is its slice refs (its own slices and the address slices of the identities
     it names) and the endpoints it selects (`selected`: policy ref -> namespace/name of its
     pods): a pod starting on a node concerns the policies selecting it or naming its identity,
-    not every policy there. `owners` answers for slice names, old and new.
+    not every policy there. `owners` answers for slice names, old and new; `endpoints` are the
+    old and new ones (listed_endpoints'), where one not known makes every endpoint of the other count
+    as changed (and neither known, every policy).
     """
     old = old or {}
     node_wide = any(
@@ -85,7 +105,13 @@ def moved(
 
     before, after = refs(old), refs(new)
     policies = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
-    pods = changed_pods(old.get("endpoints") or [], new.get("endpoints") or [])
+    before_eps, after_eps = endpoints
+    if before_eps is None and after_eps is None:
+        return node_wide, policies | set(selected)
+    if before_eps is None or after_eps is None:
+        pods = _pods(before_eps or after_eps or [])
+    else:
+        pods = changed_pods(before_eps, after_eps)
     if pods:
         policies |= {ref for ref, chosen in selected.items() if not pods.isdisjoint(chosen)}
     return node_wide, policies
@@ -106,9 +132,10 @@ class RevisionLog:
         new: Mapping[str, Any],
         owners: Owners,
         selected: Mapping[str, Set[str]],
+        endpoints: tuple[Endpoints | None, Endpoints | None],
     ) -> None:
         """Note that `new` (with its revision) replaced `old` in the node's spec (moved() says what it moved)."""
-        node_wide, policies = moved(old, new, owners, selected)
+        node_wide, policies = moved(old, new, owners, selected, endpoints)
         with self._lock:
             log = self._nodes.get(node)
             if log is None:

@@ -77,7 +77,7 @@ from beekeeper.operator.metrics import OperatorMetrics
 from beekeeper.operator.pods import PodRecord, PodRecords
 from beekeeper.operator.policy_compile import address_slice_identity, expansion_budget, node_addresses
 from beekeeper.operator.policy_incremental import IncrementalCompiler
-from beekeeper.operator.policy_revisions import Owners, RevisionLog
+from beekeeper.operator.policy_revisions import Owners, RevisionLog, listed_endpoints
 from beekeeper.operator.program_status import aggregate
 from beekeeper.operator.runtime_compile import compile_runtime
 
@@ -389,7 +389,13 @@ class Reconciler:
                 )
                 old_policy = ((existing or {}).get("spec") or {}).get("networkPolicy")
                 if network_policy is not None and revision != (old_policy or {}).get("revision"):
-                    self._revisions.record(node, old_policy, {**network_policy, "revision": revision}, owners, selected)
+                    held = {n: b["spec"] for n, b in stored_slices.items() if _holds(b, b["spec"].get("contentHash"))}
+                    endpoints = (
+                        listed_endpoints(old_policy, held),
+                        listed_endpoints(network_policy, desired_slices, held),
+                    )
+                    new_policy = {**network_policy, "revision": revision}
+                    self._revisions.record(node, old_policy, new_policy, owners, selected, endpoints)
                 error = None
                 self._delete_slices(
                     set(stored_slices) - {r["name"] for r in (network_policy or {}).get("slices") or []}
@@ -672,7 +678,7 @@ class Reconciler:
     ) -> None:
         """Every list named (None clears one a merge patch would otherwise keep)."""
         if exists:
-            patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, **spec}}
+            patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, "endpoints": None, **spec}}
             api = self.custom.api_client
             written = kube.request_json(api, "PATCH", _slice_path(name), patch, content_type=kube.MERGE_PATCH)
             self._wrote("BpfPolicySlice", written)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from beekeeper.crds.nodestate import IpcacheEntry, NodeNetworkPolicy, PolicyRule
 from beekeeper.crds.policyslice import BpfPolicySliceSpec
 from beekeeper.node_daemon import policy_maps as pm
-from beekeeper.node_daemon.policy_state import flat_rules, policy_names, translate, union_prefixes
+from beekeeper.node_daemon.policy_state import flat_rules, node_endpoints, policy_names, translate, union_prefixes
 from beekeeper.node_daemon.routes import PodInterface
 from beekeeper.operator.policy_compile import CompiledPolicies
 
@@ -50,7 +50,8 @@ class NodeMaps:
     @classmethod
     def encode(cls, policy: NodeNetworkPolicy, slices: Mapping[str, BpfPolicySliceSpec] | None = None) -> NodeMaps:
         """Through the daemon's own translation (slices expanded, prefixes unioned), interfaces numbered 1..n."""
-        interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(policy.endpoints or [])}
+        pieces = [p for _, p in sorted((slices or {}).items())]
+        interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(node_endpoints(policy, pieces))}
         names = sorted(policy_names(policy, (slices or {}).values()))
         plan = translate(policy, interfaces, {name: i for i, name in enumerate(names)}, slices)
         encoded = pm.encode(plan.state, lambda interface: interface if isinstance(interface, int) else None)
@@ -111,7 +112,8 @@ def encode_nodes(compiled: CompiledPolicies) -> dict[str, NodeMaps]:
 
 
 def flat_policy(compiled: CompiledPolicies, node: str) -> NodeNetworkPolicy:
-    """A node's state with its slices folded in, as the maps see it: every rule expanded, prefixes unioned."""
+    """A node's state with its slices folded in, as the maps see it: every rule expanded, prefixes unioned,
+    the endpoint slices' endpoints inline."""
     spec = NodeNetworkPolicy.model_validate(compiled.nodes[node])
     slices = node_slices(compiled, node)
     pieces = sorted(slices.items())
@@ -132,6 +134,7 @@ def flat_policy(compiled: CompiledPolicies, node: str) -> NodeNetworkPolicy:
     ]
     return spec.model_copy(
         update={
+            "endpoints": node_endpoints(spec, [p for _, p in pieces]),
             "ipcache": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in ipcache],
             "cidr_identities": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in cidr_ids],
             "rules": sorted(

@@ -104,15 +104,15 @@ def running_pod(
 def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     """The node's spec.networkPolicy with the BpfPolicySlices it lists folded in, as its daemon reads them.
 
-    `rules` and `ipcache` are the flat union of the inline lists and the listed slices that carry the
-    listed contentHash; {} while the node has no state or no policy.
+    `endpoints`, `rules` and `ipcache` are the flat union of the inline lists and the listed slices that
+    carry the listed contentHash; {} while the node has no state or no policy.
     """
     from kubernetes import client
 
     from beekeeper.crds.names import BPF_NODE_STATE_PLURAL, BPF_POLICY_SLICE_PLURAL, GROUP, VERSION
     from beekeeper.crds.nodestate import NodeNetworkPolicy
     from beekeeper.crds.policyslice import BpfPolicySliceSpec
-    from beekeeper.node_daemon.policy_state import flat_rules, union_prefixes
+    from beekeeper.node_daemon.policy_state import flat_rules, node_endpoints, union_prefixes
 
     try:
         state = custom.get_cluster_custom_object(GROUP, VERSION, BPF_NODE_STATE_PLURAL, node)
@@ -149,6 +149,7 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     ]
     return {
         **raw,
+        "endpoints": [e.to_dict() for e in node_endpoints(spec, (p for _, p in sorted(listed.items())))],
         "ipcache": sorted(({"cidr": e.cidr, "identity": e.identity} for e in ipcache), key=lambda e: e["cidr"]),
         "rules": rules,
     }

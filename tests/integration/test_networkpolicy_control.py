@@ -147,6 +147,7 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
     }
     wait_for(lambda: rule_tuples(api.network_policy(node)) == expected_rules, 30, "named port resolved in the rules")
     spec = api.network_policy(node)
+    assert not api.nodestate(node)["spec"]["networkPolicy"]["endpoints"]  # in the node's endpoint slice
     endpoints = {e["pod"]: (e["identity"], e["ingressEnforced"], e["egressEnforced"]) for e in spec["endpoints"]}
     assert endpoints == {
         **{f"frontend-{i}": (frontend, False, False) for i in range(3)},
@@ -184,14 +185,14 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
         assert api.nodestate(node)["metadata"]["resourceVersion"] == state_version
         assert api.policy("frontend-to-backend")["metadata"]["resourceVersion"] == policy_version
 
-        # A policy edit changes only rules: endpoints, ipcache and identities stay, and the frontend
-        # identity's address slice (shared by whatever names it) is not rewritten.
-        def address_slices() -> dict[str, str]:
+        # A policy edit changes only rules: endpoints, ipcache and identities stay, and neither the frontend
+        # identity's address slice (shared by whatever names it) nor the node's endpoint slice is rewritten.
+        def shared_slices() -> dict[str, str]:
             items = api.custom.list_cluster_custom_object(GROUP, VERSION, BPF_POLICY_SLICE_PLURAL)["items"]
             return {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in items if "policy" not in s["spec"]}
 
-        addresses = address_slices()
-        assert len(addresses) == 1
+        shared = shared_slices()
+        assert len(shared) == 2
         api.apply(frontend_to_backend(ns, 9090))
         expected_rules = {
             (backend, "Ingress", frontend, "TCP", 9090, 9090, "allow"),
@@ -200,7 +201,7 @@ def test_identities_node_state_and_status(api: Api, node: str, operator_process)
         wait_for(lambda: rule_tuples(api.network_policy(node)) == expected_rules, 30, "edited rule")
         after = api.network_policy(node)
         assert after["endpoints"] == spec["endpoints"] and after["ipcache"] == spec["ipcache"]
-        assert address_slices() == addresses
+        assert shared_slices() == shared
         assert api.identities() == ids
         st = wait_for(status, 30, "status of generation 2")
         assert st["observedGeneration"] == 2

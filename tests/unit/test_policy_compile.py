@@ -596,8 +596,8 @@ def test_pods_without_a_persisted_identity_are_left_out() -> None:
     identities = plan_identities({r.key for r in records}, {}, {}, 0.0, 60.0).assigned
     del identities[records[0].key]  # x/a: its NetworkIdentity could not be created
     compiled = compile_policies(world.policies, records, identities, NODES)
-    endpoints = (compiled.nodes["n1"] or {})["endpoints"]
-    assert "a" not in {ep["pod"] for ep in endpoints if ep["namespace"] == "x"}
+    endpoints = [ep for body in compiled.slices["n1"].values() for ep in body.get("endpoints") or []]
+    assert endpoints and "a" not in {ep["pod"] for ep in endpoints if ep["namespace"] == "x"}
     assert compiled.policies["x/deny"].selected == {"x/b", "x/c"}
 
 

@@ -10,6 +10,7 @@ from kubernetes import client
 
 from beekeeper import kube
 from beekeeper.crds.nodestate import NodeNetworkPolicy
+from beekeeper.crds.policyslice import BpfPolicySliceSpec, slice_hash
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.agent import NodeAgent
 from beekeeper.node_daemon.fake_backend import FakeBackend
@@ -62,6 +63,24 @@ def test_translate_keys_endpoints_by_the_routed_interface_and_reports_the_rest()
     assert plan.state.ipcache == [pm.PrefixIdentity("10.240.0.6/32", 301)]
     assert plan.state.cidr_ids == [pm.PrefixIdentity("10.0.0.0/8", 16777300)]
     assert plan.state.policy_names == {4: "x/allow-b", 9: "x/deny"}
+
+
+def test_endpoints_of_endpoint_slices_are_placed_like_inline_ones() -> None:
+    """The operator lists a node's endpoints in slices of their own; the maps cannot tell the difference."""
+    interfaces = {"10.240.0.2": PodInterface(7, "veth-a"), "10.240.0.6": PodInterface(8, "veth-b")}
+    inline = translate(NodeNetworkPolicy.model_validate(SPEC), interfaces, {"x/allow-b": 4, "x/deny": 9})
+    first, second = ({"nodeName": "n1", "endpoints": part} for part in (SPEC["endpoints"][:1], SPEC["endpoints"][1:]))
+    pieces = {
+        name: BpfPolicySliceSpec.model_validate({**body, "contentHash": slice_hash(body)})
+        for name, body in (("n1.endpoints-0", first), ("n1.endpoints-1", second))
+    }
+    spec = NodeNetworkPolicy.model_validate({**SPEC, "endpoints": []})
+    sliced = translate(spec, interfaces, {"x/allow-b": 4, "x/deny": 9}, pieces)
+    assert sliced.state == inline.state and sliced.problems == inline.problems
+    assert sliced.state.endpoints == [
+        pm.Endpoint(7, "10.240.0.2", 300, True, False),
+        pm.Endpoint(8, "10.240.0.6", 301, False, True),
+    ]
 
 
 def test_policy_indexes_are_stable_across_restarts_and_never_reused(tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -29,6 +30,7 @@ from beekeeper.operator.policy_compile import (
     CompiledPolicies,
     address_slice_name,
     compile_policies,
+    endpoint_slice_name,
     expansion_budget,
     slice_name,
 )
@@ -79,10 +81,13 @@ def test_an_oversized_policy_is_refused_with_its_cost_and_the_others_stay() -> N
         f"ExpansionBudgetExceeded: expands to {32 * 32 * 32 + 1} kernel entries on node n1, budget 8192"
     )  # + the host entry
     assert compiled.policies["b/servers"].error is None
-    # servers' slice, and the addresses of the clients its rule names
-    assert sorted(body.get("policy", "") for body in compiled.slices["n1"].values()) == ["", "b/servers"]
-    web = next(e for e in compiled.nodes["n1"]["endpoints"] if e["pod"] == "web")
-    assert not web["ingressEnforced"]  # refused means ignored, like an invalid spec
+    # servers' slice, and the addresses of the clients its rule names (and the node's endpoints)
+    kinds = sorted(
+        body.get("policy", "endpoints" if "endpoints" in body else "") for body in compiled.slices["n1"].values()
+    )
+    assert kinds == ["", "b/servers", "endpoints"]
+    web = next(e for e in flat_policy(compiled, "n1").endpoints or [] if e.pod == "web")
+    assert not web.ingress_enforced  # refused means ignored, like an invalid spec
     maps = encode_nodes(compiled)
     w = world(huge, SERVERS)
     assert datapath_allows(maps, "10.0.2.2", "10.0.2.1", "TCP", 80)
@@ -101,7 +106,9 @@ def test_the_policies_naming_an_identity_share_its_address_slice() -> None:
     )
     w = world(SERVERS, also)
     before = compile_world(w)
-    by_kind = {body.get("policy"): (name, body) for name, body in before.slices["n1"].items()}
+    by_kind = {
+        body.get("policy"): (name, body) for name, body in before.slices["n1"].items() if "endpoints" not in body
+    }
     assert set(by_kind) == {"b/servers", "b/also", None}
     name, addresses = by_kind[None]
     (group,) = addresses["ipcache"]
@@ -116,11 +123,29 @@ def test_the_policies_naming_an_identity_share_its_address_slice() -> None:
         for n in after.slices["n1"].keys() | before.slices["n1"].keys()
         if after.slices["n1"].get(n) != before.slices["n1"].get(n)
     }
-    assert moved == {name}
+    assert moved == {name, endpoint_slice_name("n1", 0)}  # its identity's addresses, its node's endpoints
     assert after.slices["n1"][name]["ipcache"] == [
         {"identity": group["identity"], "cidrs": ["10.0.2.2/32", "10.0.2.9/32"]}
     ]
     assert datapath_allows(encode_nodes(after), "10.0.2.9", "10.0.2.1", "TCP", 80)
+
+
+def test_a_nodes_endpoints_travel_in_slices_of_their_own() -> None:
+    """The node state lists slices and the node's addresses: a change elsewhere rewrites a short list of refs,
+    not the node's pods (which were most of its bytes and of the apiserver's work per write)."""
+    w = world(copy.deepcopy(SERVERS))
+    before = compile_world(w)
+    spec = before.nodes["n1"]
+    assert spec is not None and spec["endpoints"] == []
+    endpoints = before.slices["n1"][endpoint_slice_name("n1", 0)]
+    assert "policy" not in endpoints and "ipcache" not in endpoints
+    assert {e["pod"] for e in endpoints["endpoints"]} == {p["metadata"]["name"] for p in w.pods}
+    assert {r["name"] for r in spec["slices"]} == set(before.slices["n1"])
+    w.policies[0]["spec"]["ingress"][0]["ports"] = [{"port": 8080}]
+    after = compile_world(w)
+    assert after.slices["n1"][endpoint_slice_name("n1", 0)] == endpoints  # a rule edit leaves the pods alone
+    with pytest.raises(ValueError, match="endpoints travel in slices of their own"):
+        BpfPolicySliceSpec.model_validate({**endpoints, "policy": "b/servers"})
 
 
 def test_an_address_slice_holds_no_rules() -> None:
@@ -169,7 +194,7 @@ def test_rules_are_factored_so_the_wire_grows_with_peers_plus_ports() -> None:
     big = policy("a", "big", podSelector={"matchLabels": {"app": "web"}}, ingress=blocks("198.18", 32, 32, 7))
     compiled = compile_world(world(big))
     assert compiled.policies["a/big"].error is None
-    (body,) = compiled.slices["n1"].values()
+    (body,) = [b for b in compiled.slices["n1"].values() if "endpoints" not in b]
     assert len(json.dumps(body)) < 40_000  # 7169 entries
     assert len(flat_policy(compiled, "n1").rules or []) == 7 * 32 * 32 + 1
 
