@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ OPERATOR_MANAGER = "beekeeper-operator"
 NODE_DAEMON_MANAGER = "beekeeper-node-daemon"
 APPLY_PATCH = "application/apply-patch+yaml"
 MERGE_PATCH = "application/merge-patch+json"
+REQUEST_TIMEOUT = (10.0, 75.0)
+"""(connect, read) seconds for a request that names no timeout of its own: the apiserver answers every
+request within its own 60 s (--request-timeout), so silence beyond that is a dead connection (a
+partition, a vanished load balancer), which would otherwise block the caller for good."""
 
 
 def api_client(kubeconfig: Path | str | None = None, manager: str = FIELD_MANAGER) -> client.ApiClient:
@@ -42,6 +47,18 @@ def api_client(kubeconfig: Path | str | None = None, manager: str = FIELD_MANAGE
             # The client reads $KUBECONFIG once, at import; `beekeeper operator --kubeconfig` sets it later.
             api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
     api.user_agent = f"{manager}/{beekeeper_version()}"
+    return bounded(api)
+
+
+def bounded(api: client.ApiClient) -> client.ApiClient:
+    """api, its requests without a timeout of their own given REQUEST_TIMEOUT (watches name a longer one)."""
+    request: Callable[..., Any] = api.rest_client.request
+
+    @functools.wraps(request)
+    def call(*args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        return request(*args, _request_timeout=_request_timeout or REQUEST_TIMEOUT, **kwargs)
+
+    api.rest_client.request = call  # type: ignore[method-assign]
     return api
 
 

@@ -15,11 +15,14 @@ from typing import Any, cast
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from beekeeper import kube
 from beekeeper.crds.names import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT_SECONDS = 300
+WATCH_READ_SECONDS = WATCH_TIMEOUT_SECONDS + 30
+"""A watch silent for longer than the server's own timeout is on a dead connection: relist."""
 RETRY_SECONDS = 2.0
 
 
@@ -50,6 +53,7 @@ def list_watch(
                 resource_version=listing["metadata"]["resourceVersion"],
                 timeout_seconds=WATCH_TIMEOUT_SECONDS,
                 allow_watch_bookmarks=True,
+                _request_timeout=(kube.REQUEST_TIMEOUT[0], WATCH_READ_SECONDS),
             ):
                 if stop.is_set():
                     stream.stop()

@@ -25,6 +25,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from beekeeper import kube
 from beekeeper.crds.names import (
     BPF_NODE_STATE_PLURAL,
     BPF_POLICY_SLICE_PLURAL,
@@ -228,7 +229,7 @@ def start(api: client.ApiClient, cache: ClusterCache, loop: asyncio.AbstractEven
     configuration = copy.deepcopy(api.configuration)
     configuration.connection_pool_maxsize = len(KINDS) + 2
     user_agent = api.user_agent
-    api = client.ApiClient(configuration)
+    api = kube.bounded(client.ApiClient(configuration))
     api.user_agent = user_agent
     fetcher = ConfigMapFetcher(client.CoreV1Api(api), loop, cache)
     cache.on_unknown_configmap = fetcher.wanted.put
