@@ -40,12 +40,31 @@ def workdir(cluster: Cluster) -> Path:
     return path
 
 
+_SESSION_OPERATOR: list[OperatorProcess] = []
+"""The session's operator once some test has started it (it then runs until the session ends)."""
+
+
 @pytest.fixture(scope="session")
 def operator_process(cluster: Cluster, workdir: Path) -> Iterator[OperatorProcess]:
     """The operator, running for the whole session (tests may restart it)."""
     proc = OperatorProcess.create(cluster.kubeconfig, workdir / "operator.log").start()
+    _SESSION_OPERATOR.append(proc)
     yield proc
+    _SESSION_OPERATOR.remove(proc)
     proc.stop()
+
+
+@pytest.fixture(scope="module")
+def without_operator() -> Iterator[None]:
+    """No operator while the module's tests run, whatever ran before them: they write objects by hand that
+    the operator owns (a BpfNodeState of no Node it deletes, statuses it rewrites). Restarted afterwards."""
+    paused = [proc for proc in _SESSION_OPERATOR if proc.alive()]
+    for proc in paused:
+        proc.stop()
+    yield
+    for proc in paused:
+        proc.start()
+        proc.wait_ready()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from beekeeper.crds.names import API_VERSION
 from beekeeper.crds.nodestate import content_hash
 from beekeeper.crds.resources import BY_KIND
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("without_operator")]
 
 DELETE = object()
 SOURCE = "int fn(void *ctx) { return 0; }"
