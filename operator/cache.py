@@ -87,9 +87,31 @@ def _slim_policy_slice(body: Mapping[str, Any], own: bool = False) -> Body:
     }
 
 
-# Pods and Namespaces (and slices, above) are kept only in the fields the operator reads: a cluster has many.
+def _slim_node(body: Mapping[str, Any]) -> Body:
+    """A Node as its labels (placement), uid (owner of its slices) and addresses (the host identity): a real
+    Node's status (images, conditions, capacity) is tens of KiB."""
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {
+            k: meta[k] for k in ("name", "uid", "labels", "resourceVersion", "deletionTimestamp") if meta.get(k)
+        },
+        "status": {"addresses": list((body.get("status") or {}).get("addresses") or [])},
+    }
+
+
+def _without_managed_fields(body: Mapping[str, Any]) -> Body:
+    """The object without metadata.managedFields, which nothing here reads (about half of a small object)."""
+    meta = body.get("metadata")
+    if not isinstance(meta, Mapping) or "managedFields" not in meta:
+        return dict(body)
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+# Pods, Nodes and Namespaces (and slices, above) are kept only in the fields the operator reads: a cluster
+# has many.
 _SLIM: dict[str, Callable[[Mapping[str, Any]], Body]] = {
     "Pod": slim_pod,
+    "Node": _slim_node,
     "Namespace": _slim_namespace,
     "ConfigMap": _slim_configmap,
 }
@@ -99,7 +121,7 @@ def stored(kind: str, body: Mapping[str, Any], own: bool = False) -> Body:
     """The form the cache keeps of an object (the same when applied again); `own`: the operator wrote it."""
     if kind == "BpfPolicySlice":
         return _slim_policy_slice(body, own)
-    return _SLIM[kind](body) if kind in _SLIM else dict(body)
+    return _SLIM[kind](body) if kind in _SLIM else _without_managed_fields(body)
 
 
 def program_reports(nodestates: Mapping[str, Mapping[str, Any]], bpfprogram: str) -> dict[str, list[Mapping[str, Any]]]:

@@ -144,3 +144,23 @@ def test_own_slice_writes_are_not_hashed_again() -> None:
     assert cache.observe("BpfPolicySlice", "MODIFIED", obj("s", 3, spec=spec))  # someone else's write: hashed
     assert cache.tables["BpfPolicySlice"]["s"]["entriesHash"] == slice_hash(spec) != "c" * 64
     assert cache.take_dirty() == {("BpfPolicySlice", "s")} and not cache.own.pending("BpfPolicySlice", "s", "2")
+
+
+def test_nodes_are_kept_as_labels_uid_and_addresses_and_nothing_keeps_managed_fields() -> None:
+    """A real Node's status (images, conditions, capacity) and every object's managedFields are large and
+    read by nothing here: the cache holds what placement, slice ownership and the host identity need."""
+    managed = [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {"f:images": {}}}}]
+    node = obj("n1", 3)
+    node["metadata"].update(uid="u1", labels={"zone": "a"}, managedFields=managed)
+    addresses = [{"type": "InternalIP", "address": "192.168.0.1"}]
+    node["status"] = {"addresses": addresses, "images": [{"names": ["x" * 200]}] * 50, "nodeInfo": {"os": "linux"}}
+    kept = stored("Node", node)
+    assert kept == {
+        "metadata": {"name": "n1", "uid": "u1", "labels": {"zone": "a"}, "resourceVersion": "3"},
+        "status": {"addresses": addresses},
+    }
+    program = obj("p", 2, spec={"source": {"inline": "int f() { return 0; }"}})
+    program["metadata"].update(managedFields=managed, finalizers=["beekeeper.dev/detach"])
+    kept = stored("BpfProgram", program)
+    assert "managedFields" not in kept["metadata"] and kept["metadata"]["finalizers"] == ["beekeeper.dev/detach"]
+    assert kept["spec"] == program["spec"] and "managedFields" in program["metadata"]  # the event is left as it was
