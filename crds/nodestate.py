@@ -558,7 +558,12 @@ class NetworkPolicyStatus(ApiModel):
     """How this node's policy datapath matches spec.networkPolicy."""
 
     enforcing: bool = Field(False, description="The datapath is loaded and every resolvable endpoint is attached.")
-    endpoints: int = Field(0, ge=0, description="Local endpoints in spec.")
+    endpoints: int = Field(
+        0,
+        ge=0,
+        description="Local endpoints in spec and its endpoint slices (only the inline ones where the datapath is "
+        "disabled: that daemon reads no slices).",
+    )
     attached: int = Field(0, ge=0, description="Endpoints whose host-side interface carries the policy programs.")
     missing: list[Annotated[str, Field(max_length=64)]] | None = Field(
         None, max_length=64, description="Endpoint IPs with no host route to an interface yet (up to 64)."
