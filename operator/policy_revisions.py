@@ -1,10 +1,10 @@
 """Which policies each written node-state revision moved, so one policy's Ready does not dip for another's.
 
 A node's spec.networkPolicy.revision hashes the whole node: its own addresses and every slice
-ref (the endpoints', the policies' and the address slices'). Its daemon echoes the revision its maps hold. A
-policy is enforced on the node once the echoed revision is one written at or after the last
-write that changed what this policy needs there: its own slices, the address slices of the
-identities it names, the endpoints it selects, or the node's addresses every policy depends
+ref (the endpoints', the policies' and the address slices'). Its daemon echoes the revision its
+maps hold. A policy is enforced on the node once the echoed revision is one written at or after
+the last write that changed what this policy needs there: its own slices, the address slices of
+the identities it names, the endpoints it selects, or the node's addresses every policy depends
 on. Judged by equality with the newest revision instead, every policy on a node went NotReady
 for each edit of any other policy there (and, judged by every endpoint, for each pod started
 there): a false verdict for kstatus and two needless status writes per policy.
