@@ -80,6 +80,12 @@ class Routes(Protocol):
     def close(self) -> None: ...
 
 
+def _holds_endpoints(obj: Mapping[str, Any] | None) -> bool:
+    """Whether a watched slice object carries endpoints (read without the model, which may refuse it)."""
+    spec = (obj or {}).get("spec")
+    return isinstance(spec, Mapping) and "endpoints" in spec
+
+
 class PolicyAgent:
     """Converges this node's policy datapath to spec.networkPolicy."""
 
@@ -148,7 +154,8 @@ class PolicyAgent:
         keeps lastSyncTime and observedGeneration). No spec removes the datapath. Until every
         listed slice has arrived with the listed content hash the maps stay as they are (a
         partial set could isolate a pod before its allows arrive); a slice this daemon cannot
-        read is left out and reported, and the rest is applied. The work follows the change:
+        read is left out and reported, and the rest is applied, but for an endpoint slice, which
+        holds the maps as they are (left out, its pods would lose enforcement). The work follows the change:
         only new or changed slices are validated and encoded, only the map entries they
         touch are compared and written. rescan looks every endpoint's interface up again and
         checks every link (host changes, resyncs); without it only endpoints not placed yet are.
@@ -167,13 +174,22 @@ class PolicyAgent:
             return self._status(None, None, 0, spec)
         listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
         endpoints = node_endpoints(spec, (p for _, p in sorted(listed.items())))
-        if waiting:
-            shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        # Without an endpoint slice its pods would be detached (unenforced): hold, as for an unreadable spec.
+        unread = [
+            r.name for r in spec.slices or [] if r.name not in listed and _holds_endpoints((slices or {}).get(r.name))
+        ]
+        if waiting or unread:
+            if waiting:
+                shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+                problem = f"waiting for policy slices: {shown}"
+            else:
+                problem = f"{'; '.join(unreadable)}; the maps keep the last state with its endpoints"
             # The maps keep enforcing the last complete state (pinned, also across a restart of this
             # daemon); observedGeneration says which.
             loaded = self._datapath is not None or bool((previous or {}).get("enforcing"))
-            attached = self._counts[1] if self._datapath is not None else int((previous or {}).get("attached") or 0)
-            return self._status(len(endpoints), None, attached, f"waiting for policy slices: {shown}", loaded)
+            held = self._counts[:2] if self._datapath is not None else None
+            endpoints_held, attached = held or (int((previous or {}).get(k) or 0) for k in ("endpoints", "attached"))
+            return self._status(endpoints_held, None, attached, problem, loaded)
         try:
             datapath = self._load()
         except PolicyDatapathError as exc:

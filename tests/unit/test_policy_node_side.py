@@ -13,8 +13,11 @@ from beekeeper.crds.nodestate import NodeNetworkPolicy
 from beekeeper.crds.policyslice import BpfPolicySliceSpec, slice_hash
 from beekeeper.node_daemon import policy_maps as pm
 from beekeeper.node_daemon.agent import NodeAgent
+from beekeeper.node_daemon.drops import DropLog
 from beekeeper.node_daemon.fake_backend import FakeBackend
+from beekeeper.node_daemon.fake_policy import FakePolicyDatapath, FakeRoutes
 from beekeeper.node_daemon.metrics import BpfCollector
+from beekeeper.node_daemon.policy_agent import PolicyAgent
 from beekeeper.node_daemon.policy_index import PolicyIndexes
 from beekeeper.node_daemon.policy_state import translate
 from beekeeper.node_daemon.routes import PodInterface, Unresolved
@@ -81,6 +84,27 @@ def test_endpoints_of_endpoint_slices_are_placed_like_inline_ones() -> None:
         pm.Endpoint(7, "10.240.0.2", 300, True, False),
         pm.Endpoint(8, "10.240.0.6", 301, False, True),
     ]
+
+
+def test_an_endpoint_slice_the_daemon_cannot_read_holds_the_maps(tmp_path) -> None:
+    """Left out like an unreadable policy slice, its pods would be detached and unenforced; instead the
+    maps keep the last state with its endpoints, and the status says why."""
+    agent = PolicyAgent("n1", tmp_path / "bpf", tmp_path / "state", DropLog(), FakePolicyDatapath, FakeRoutes())
+    endpoint = {"namespace": "x", "pod": "a", "ip": "10.240.0.2", "identity": 300, "ingressEnforced": True}
+
+    def state(endpoints: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        spec = {"nodeName": "n1", "endpoints": endpoints}
+        spec["contentHash"] = slice_hash(spec)
+        raw = {"slices": [{"name": "n1.endpoints-0", "contentHash": spec["contentHash"]}]}
+        return raw, {"n1.endpoints-0": {"metadata": {"resourceVersion": spec["contentHash"][:8]}, "spec": spec}}
+
+    first = agent.reconcile(*state([endpoint])[:1], 1, None, state([endpoint])[1])
+    assert first is not None and first["enforcing"] and (first["endpoints"], first["attached"]) == (1, 1), first
+    raw, slices = state([{**endpoint, "podUid": "from a newer operator"}])
+    held = agent.reconcile(raw, 2, first, slices)
+    assert held is not None and held["enforcing"] and (held["endpoints"], held["attached"]) == (1, 1), held
+    assert "n1.endpoints-0 not understood by this daemon" in held["message"]
+    assert "keep the last state" in held["message"] and held["observedGeneration"] == 1
 
 
 def test_policy_indexes_are_stable_across_restarts_and_never_reused(tmp_path) -> None:
