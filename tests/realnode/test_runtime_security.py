@@ -148,8 +148,8 @@ def test_the_block_is_an_event_on_the_pod(node_cluster: Cluster, apps: str, poli
     if DESCRIBE_OUTPUT:
         Path(DESCRIBE_OUTPUT).write_text(f"$ kubectl get rsp\n{listed}$ kubectl describe pod backend\n{out}")
     print(listed, out)
-    status = wait_for(lambda: (s := _policy(node_cluster, apps).get("status") or {}).get("matches") and s, 60, "")
-    assert status["matches"] >= 5, status
+    # Every block so far (4 in the test before, 1 here) is counted, as the node's reports reach the operator.
+    wait_for(lambda: ((_policy(node_cluster, apps).get("status") or {}).get("matches") or 0) >= 5, 60, "matches >= 5")
 
 
 def test_relabelling_turns_enforcement_on_and_off(node_cluster: Cluster, apps: str, policy: dict) -> None:
