@@ -173,7 +173,7 @@ class PolicyAgent:
         if isinstance(spec, str):
             return self._status(None, None, 0, spec)
         listed, waiting, unreadable = self._slices.resolve(spec.slices or [], slices or {})
-        endpoints = node_endpoints(spec, (p for _, p in sorted(listed.items())))
+        endpoints = node_endpoints(spec, listed)
         # Without an endpoint slice its pods would be detached (unenforced): hold, as for an unreadable spec.
         unread = [
             r.name for r in spec.slices or [] if r.name not in listed and _holds_endpoints((slices or {}).get(r.name))
@@ -187,9 +187,11 @@ class PolicyAgent:
             # The maps keep enforcing the last complete state (pinned, also across a restart of this
             # daemon); observedGeneration says which.
             loaded = self._datapath is not None or bool((previous or {}).get("enforcing"))
-            held = self._counts[:2] if self._datapath is not None else None
-            endpoints_held, attached = held or (int((previous or {}).get(k) or 0) for k in ("endpoints", "attached"))
-            return self._status(endpoints_held, None, attached, problem, loaded)
+            if self._datapath is not None:
+                held, attached = self._counts[0], self._counts[1]
+            else:
+                held, attached = (int((previous or {}).get(k) or 0) for k in ("endpoints", "attached"))
+            return self._status(held, None, attached, problem, loaded)
         try:
             datapath = self._load()
         except PolicyDatapathError as exc:

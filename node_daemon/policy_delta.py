@@ -277,7 +277,7 @@ def endpoint_translation(
 ) -> tuple[Translation, dict[bytes, bytes]]:
     """The endpoints as translate() places them, and their endpoints-map entries."""
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
-    place_endpoints(node_endpoints(spec, (p for _, p in sorted(slices.items()))), interfaces, out)
+    place_endpoints(node_endpoints(spec, slices), interfaces, out)
     encoded = pm.encode(pm.DatapathState(endpoints=out.state.endpoints), lambda interface: int(interface))
     return out, encoded.maps[pm.ENDPOINTS.name]
 

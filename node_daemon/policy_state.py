@@ -60,9 +60,9 @@ class FlatRule:
     action: PolicyAction
 
 
-def node_endpoints(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> list[SpecEndpoint]:
-    """The node's endpoints: inline, then those of its endpoint slices (in the order given)."""
-    return [*(spec.endpoints or []), *(ep for piece in slices for ep in piece.endpoints or [])]
+def node_endpoints(spec: NodeNetworkPolicy, slices: Mapping[str, BpfPolicySliceSpec]) -> list[SpecEndpoint]:
+    """The node's endpoints: inline, then those of its endpoint slices by slice name."""
+    return [*(spec.endpoints or []), *(ep for _, piece in sorted(slices.items()) for ep in piece.endpoints or [])]
 
 
 def policy_names(spec: NodeNetworkPolicy, slices: Iterable[BpfPolicySliceSpec]) -> set[str]:
@@ -169,7 +169,7 @@ def translate(
     policy's index (from scratch; node_daemon/policy_delta.py keeps the same result up to date per change)."""
     pieces = sorted((slices or {}).items())
     out = Translation(pm.DatapathState(policy_names={index: name for name, index in policy_indexes.items()}))
-    place_endpoints(node_endpoints(spec, (p for _, p in pieces)), interfaces, out)
+    place_endpoints(node_endpoints(spec, slices or {}), interfaces, out)
     out.state.ipcache, problems = union_prefixes(spec.ipcache or [], ((n, p.addresses()) for n, p in pieces), "ipcache")
     out.state.cidr_ids, more = union_prefixes(
         spec.cidr_identities or [], ((n, p.cidr_identities or []) for n, p in pieces), "cidr identity"

@@ -50,8 +50,7 @@ class NodeMaps:
     @classmethod
     def encode(cls, policy: NodeNetworkPolicy, slices: Mapping[str, BpfPolicySliceSpec] | None = None) -> NodeMaps:
         """Through the daemon's own translation (slices expanded, prefixes unioned), interfaces numbered 1..n."""
-        pieces = [p for _, p in sorted((slices or {}).items())]
-        interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(node_endpoints(policy, pieces))}
+        interfaces = {e.ip: PodInterface(i + 1, f"veth{i}") for i, e in enumerate(node_endpoints(policy, slices or {}))}
         names = sorted(policy_names(policy, (slices or {}).values()))
         plan = translate(policy, interfaces, {name: i for i, name in enumerate(names)}, slices)
         encoded = pm.encode(plan.state, lambda interface: interface if isinstance(interface, int) else None)
@@ -134,7 +133,7 @@ def flat_policy(compiled: CompiledPolicies, node: str) -> NodeNetworkPolicy:
     ]
     return spec.model_copy(
         update={
-            "endpoints": node_endpoints(spec, [p for _, p in pieces]),
+            "endpoints": node_endpoints(spec, slices),
             "ipcache": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in ipcache],
             "cidr_identities": [IpcacheEntry(cidr=e.cidr, identity=e.identity) for e in cidr_ids],
             "rules": sorted(

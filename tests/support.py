@@ -149,7 +149,7 @@ def node_network_policy(custom: Any, node: str) -> dict[str, Any]:
     ]
     return {
         **raw,
-        "endpoints": [e.to_dict() for e in node_endpoints(spec, (p for _, p in sorted(listed.items())))],
+        "endpoints": [e.to_dict() for e in node_endpoints(spec, listed)],
         "ipcache": sorted(({"cidr": e.cidr, "identity": e.identity} for e in ipcache), key=lambda e: e["cidr"]),
         "rules": rules,
     }
