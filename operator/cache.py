@@ -328,7 +328,9 @@ class ClusterCache:
             return
         key = object_key(kind, body)
         old, new = _version(table.get(key)), _version(body)
-        if key not in table or old is None or (new is not None and new > old):
+        # At the same version too: the watch event of this write may have come first, and the operator's
+        # own form shares its objects with the compiler's.
+        if key not in table or old is None or (new is not None and new >= old):
             table[key] = stored(kind, body, own=True)
 
     def take_dirty(self) -> set[tuple[str, str]]:

@@ -312,14 +312,18 @@ class Reconciler:
             for notice in result.notices:
                 self._announcer.submit(self.events.post, notice)  # post() logs its failures, never raises
 
-    def _wrote(self, kind: str, answer: object) -> None:
-        """Note an own write: its watch event must not wake the loop, the next pass must see it."""
+    def _wrote(self, kind: str, answer: object, spec: Mapping[str, Any] | None = None) -> None:
+        """Note an own write: its watch event must not wake the loop, the next pass must see it.
+
+        spec: what was written, kept in place of the answer's copy of it (a slice's endpoints are the
+        compiler's very objects then, not a second copy of every node's pods)."""
         body = cast(Mapping[str, Any], answer)  # the client types its JSON answers `object`
         key = object_key(kind, body)
         self.cache.own.expect(kind, key, str(body["metadata"]["resourceVersion"]))
         # Kept as the cache will store it: a first pass at 10k pods writes 5,000 slices, whose answers
         # held whole until the pass ended were the operator's peak memory.
-        self._written.append((kind, key, stored(kind, body, own=True)))
+        kept = body if spec is None else {"metadata": body["metadata"], "spec": spec}
+        self._written.append((kind, key, stored(kind, kept, own=True)))
 
     def _deleted(self, kind: str, key: str) -> None:
         self.cache.own.expect(kind, key, DELETED)
@@ -681,7 +685,7 @@ class Reconciler:
             patch = {"spec": {"rules": None, "ipcache": None, "cidrIdentities": None, "endpoints": None, **spec}}
             api = self.custom.api_client
             written = kube.request_json(api, "PATCH", _slice_path(name), patch, content_type=kube.MERGE_PATCH)
-            self._wrote("BpfPolicySlice", written)
+            self._wrote("BpfPolicySlice", written, spec)
             self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice updated", extra={"node": node, "slice": name, "policy": spec.get("policy")})
             return
@@ -701,7 +705,7 @@ class Reconciler:
             del body["metadata"]["ownerReferences"]
         try:
             written = kube.request_json(self.custom.api_client, "POST", _slice_path(None), body)
-            self._wrote("BpfPolicySlice", written)
+            self._wrote("BpfPolicySlice", written, spec)
             self._written_same(("BpfPolicySlice", name), written, spec)
             log.info("bpfpolicyslice created", extra={"node": node, "slice": name, "policy": spec.get("policy")})
         except ApiException as exc:
