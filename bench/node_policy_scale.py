@@ -212,10 +212,12 @@ def measure(
             seen = ((current.get("status") or {}).get("networkPolicy") or {}).get("observedGeneration") or 0
             return seen > generation
 
-        epoch = kernel_epoch(node.bpffs_root)
+        def epoch_moved(epoch: int = kernel_epoch(node.bpffs_root)) -> bool:
+            return kernel_epoch(node.bpffs_root) != epoch
+
         started = time.monotonic()
         kube.apply(api, big_policy(namespace, 0, edited=k % 2 == 0))
-        wait_for(lambda epoch=epoch: kernel_epoch(node.bpffs_root) != epoch, 300, "edit in the kernel", interval=0.001)
+        wait_for(epoch_moved, 300, "edit in the kernel", interval=0.001)
         to_kernel.append(time.monotonic() - started)
         wait_for(synced, 300, "edit synced", interval=0.005)
         to_synced.append(time.monotonic() - started)
