@@ -164,3 +164,23 @@ def test_nodes_are_kept_as_labels_uid_and_addresses_and_nothing_keeps_managed_fi
     kept = stored("BpfProgram", program)
     assert "managedFields" not in kept["metadata"] and kept["metadata"]["finalizers"] == ["beekeeper.dev/detach"]
     assert kept["spec"] == program["spec"] and "managedFields" in program["metadata"]  # the event is left as it was
+
+
+def test_an_own_write_replaces_its_echo_with_the_spec_the_operator_sent() -> None:
+    """The write's watch event often comes before the pass records the write; the entry kept is then
+    the operator's own (sharing the compiler's objects), not the event's decoded copy."""
+    endpoints = [{"namespace": "ns", "pod": "p", "ip": "10.0.0.1", "identity": 300}]
+    sent = {"nodeName": "n1", "endpoints": endpoints, "contentHash": "e" * 64}
+    echo = obj("n1.endpoints-0", 2, spec={**sent, "endpoints": [dict(endpoints[0])]})
+    echo["metadata"]["labels"] = {"app.kubernetes.io/managed-by": "beekeeper"}
+    cache = listed(ClusterCache())
+    cache.own.expect("BpfPolicySlice", "n1.endpoints-0", "2")
+    cache.observe("BpfPolicySlice", "ADDED", echo)
+    assert cache.tables["BpfPolicySlice"]["n1.endpoints-0"]["spec"]["endpoints"] is not endpoints
+    cache.record_own("BpfPolicySlice", stored("BpfPolicySlice", obj("n1.endpoints-0", 2, spec=sent), own=True))
+    kept = cache.tables["BpfPolicySlice"]["n1.endpoints-0"]
+    assert kept["spec"]["endpoints"] is endpoints and kept["entriesHash"] == "e" * 64
+    assert kept["metadata"] == {"name": "n1.endpoints-0", "resourceVersion": "2"}  # no labels: nothing reads them
+    cache.observe("BpfPolicySlice", "MODIFIED", obj("n1.endpoints-0", 3, spec=sent))  # someone else's write
+    cache.record_own("BpfPolicySlice", stored("BpfPolicySlice", obj("n1.endpoints-0", 2, spec=sent), own=True))
+    assert cache.tables["BpfPolicySlice"]["n1.endpoints-0"]["metadata"]["resourceVersion"] == "3"

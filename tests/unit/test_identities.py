@@ -15,7 +15,7 @@ from beekeeper.operator.identities import (
     parse_identity,
     plan_identities,
 )
-from beekeeper.operator.pods import NamedPort, pod_records, slim_pod
+from beekeeper.operator.pods import NamedPort, PodRecords, pod_records, slim_pod
 
 FRONTEND = IdentityKey.of("shop", {"app": "frontend"}, {"kubernetes.io/metadata.name": "shop"})
 BACKEND = IdentityKey.of("shop", {"app": "backend"}, {"kubernetes.io/metadata.name": "shop"})
@@ -170,3 +170,39 @@ def test_dual_stack_addresses_and_named_ports() -> None:
         NamedPort("metrics", "TCP", 9090),
     }
     assert pod_records([slim_pod(body)], NAMESPACES) == [record]  # the cache keeps what is read
+
+
+def test_the_cached_pod_is_what_pod_records_reads_and_the_same_when_slimmed_again() -> None:
+    body = pod("shop", "a", {"app": "web"}, ip="10.0.0.7", spec__hostNetwork=False)
+    body["metadata"].update(uid="u1", creationTimestamp="2026-01-03T00:00:00Z", managedFields=[{"manager": "x"}])
+    body["status"]["containerStatuses"] = [{"name": "c", "containerID": "containerd://1", "ready": True}]
+    kept = slim_pod(body)
+    assert kept == {
+        "metadata": {
+            "name": "a",
+            "uid": "u1",
+            "resourceVersion": "1",
+            "namespace": "shop",
+            "creationTimestamp": "2026-01-03T00:00:00Z",
+            "labels": {"app": "web"},
+        },
+        "spec": {"nodeName": "n1"},  # no named ports, not hostNetwork: nothing else is read
+        "status": {
+            "phase": "Running",
+            "podIPs": [{"ip": "10.0.0.7"}],  # podIP is podIPs[0]
+            "containerStatuses": [{"name": "c", "containerID": "containerd://1"}],
+        },
+    }
+    assert slim_pod(kept) == kept and pod_records([kept], NAMESPACES) == pod_records([body], NAMESPACES)
+    only_pod_ip = pod("shop", "b", ip="10.0.0.8")
+    del only_pod_ip["status"]["podIPs"]
+    assert slim_pod(only_pod_ip)["status"] == {"phase": "Running", "podIP": "10.0.0.8"}
+    assert pod_records([slim_pod(only_pod_ip)], NAMESPACES)[0].ips == ("10.0.0.8",)
+
+
+def test_pods_of_one_label_set_share_one_identity_key_object() -> None:
+    records = PodRecords()
+    bodies = [pod("shop", f"p{i}", {"app": "web"}, ip=f"10.0.0.{i + 1}") for i in range(3)]
+    first, second, third = records(bodies, NAMESPACES)
+    assert first.key is second.key is third.key and first.named_ports is second.named_ports
+    assert first.ref == "shop/p0" and first.ipv4 == "10.0.0.1"
