@@ -102,7 +102,11 @@ class Bench(Harness):
         progress(f"N={n}: starting {n} fake-backend node daemons")
         started = time.monotonic()
         daemons = [
-            self.spawn(f"node-daemon-{node}", "node-daemon", "--node-name", node, "--backend", "fake", *NO_METRICS)
+            self.spawn(
+                f"node-daemon-{node}",
+                *("node-daemon", "--node-name", node, "--backend", "fake", *NO_METRICS),
+                *("--state-dir", str(self.root / "nodes" / node)),  # removed with the run, not left in /tmp
+            )
             for node in nodes
         ]
 

@@ -201,6 +201,8 @@ class _Pair:
     """The pod identities its entries here name."""
     rules: dict[frozenset[Block], tuple[dict[_RuleKey, set[_PortKey]], int]] = field(default_factory=dict)
     """Per coverage (the ipBlocks active on the node): its rules and their cost."""
+    own_cost: int | None = None
+    """Its cost over its own ipBlocks alone (whether an over-budget cost is its own fault), once asked."""
     slices: tuple[tuple[Any, ...], dict[str, dict[str, Any]]] | None = None
 
 
@@ -589,7 +591,16 @@ class IncrementalCompiler:
         for ref in sorted(active):
             cost = self._rules(node, ref, active)[1]
             if cost > budget:
-                node.over[ref] = (cost, _cost(_policy_rules(view, ref, _Coverage(view.blocks[ref]))) > budget)
+                node.over[ref] = (cost, self._own_cost(node, ref) > budget)
+
+    def _own_cost(self, node: _Node, ref: str) -> int:
+        """What the policy expands to on the node with only its own ipBlocks (kept on its pair, which is
+        rebuilt when its entries there or the node's addresses move)."""
+        pair = node.pairs[ref]
+        if pair.own_cost is None:
+            assert node.view is not None
+            pair.own_cost = _cost(_policy_rules(node.view, ref, _Coverage(pair.blocks)))
+        return pair.own_cost
 
     def _coverage_key(self, node: _Node, active: frozenset[str]) -> frozenset[Block]:
         return frozenset(b for ref in active for b in node.pairs[ref].blocks)
@@ -614,8 +625,7 @@ class IncrementalCompiler:
                 cost = self._rules(node, ref, active)[1]
                 if cost <= budget:
                     continue
-                view = node.view
-                own = _cost(_policy_rules(view, ref, _Coverage(view.blocks[ref])))
+                own = self._own_cost(node, ref)
                 if ref not in over or (own > budget, cost) > (over[ref][2], over[ref][0]):
                     over[ref] = (cost, name, own > budget)
         return over
