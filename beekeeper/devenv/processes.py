@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,12 +17,38 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeGuard
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nobody uses right now, from below the kernel's ephemeral range.
+
+    A port bind(0) hands out is an ephemeral one: between this check and the caller's bind, any
+    outgoing connection on the machine (a watch, an apiserver client) may take it as its source
+    port, and a fresh-clone run lost a node daemon to EADDRINUSE so. Below the range only explicit
+    binds take a port, and this process does not hand out one port twice.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 below {low}")
 
 
 def spawn(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> int:
