@@ -229,7 +229,8 @@ class PodRecords:
 
 
 def shared(value: Any) -> Any:
-    """One string object for a value many pods repeat (a watch event's JSON brings its own copy each)."""
+    """One string object for a value many cached objects repeat (pods' namespaces, nodes and labels, slices'
+    node and policy names): a watch event's JSON brings its own copy each."""
     return sys.intern(value) if isinstance(value, str) else value
 
 
@@ -260,9 +261,10 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
             slim_spec[key] = serving
     slim_status = {"phase": shared(status["phase"])} if status.get("phase") is not None else {}
     # podIP is podIPs[0] whenever podIPs is set (_addresses reads podIPs first).
-    address = ("podIPs", status["podIPs"]) if status.get("podIPs") else ("podIP", status.get("podIP"))
-    if address[1] is not None:
-        slim_status[address[0]] = address[1]
+    if status.get("podIPs"):
+        slim_status["podIPs"] = status["podIPs"]
+    elif status.get("podIP") is not None:
+        slim_status["podIP"] = status["podIP"]
     # Runtime security finds each container's cgroup by its id.
     for key in ("containerStatuses", "initContainerStatuses", "ephemeralContainerStatuses"):
         if status.get(key):
